@@ -1,0 +1,194 @@
+"""One config schema for the whole system, validated before any work starts.
+
+A run's config is a YAML file (see `configs/`) plus dotted command-line overrides such as
+`trainer.total_steps=20`. Each role folder owns its section (`docvqa.config.DataConfig`,
+`retriever.config.RetrieverConfig`, ...); this module composes them, adds the cross-section rules
+(impossible combinations), and turns every validation failure into a message that names the full
+key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from cluster.schema import Section
+from deploy.config import ServeConfig
+from docvqa.config import DataConfig
+from learner.config import AlgorithmConfig, LearnerConfig
+from retriever.config import RetrieverConfig
+from reward.config import RewardConfig
+from rollout.config import RolloutConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message lists every offending key with its full path."""
+
+
+class RunConfig(Section):
+    name: str = "docrl"
+    output_dir: str = "runs/docrl"
+    seed: int = 0
+    models_dir: str = "artifacts/tiny-models"  # where "tiny" models are built (once, then reused)
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster on 127.0.0.1
+    num_cpus: int | None = Field(None, ge=1)  # local cluster only
+    num_gpus: int | None = Field(None, ge=0)  # local cluster only; may be fake (scheduling only)
+    include_dashboard: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    actor_start_timeout_s: float = Field(600.0, gt=0.0)
+
+
+class TrainerConfig(Section):
+    total_steps: int = Field(10, ge=0)
+    prompts_per_step: int = Field(8, ge=1)
+    mode: Literal["sync", "async"] = "sync"
+    eval_every: int = Field(5, ge=0)  # 0: only before and after training
+    save_every: int = Field(5, ge=0)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    num_eval_examples_logged: int = Field(8, ge=0)
+    warm_start_sft_steps: int = Field(0, ge=0)  # supervised warm start on part of the train split
+
+
+class DocRLConfig(Section):
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+    retriever: RetrieverConfig = RetrieverConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    learner: LearnerConfig = LearnerConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> DocRLConfig:
+        errors = []
+        n = self.rollout.sampling.n
+        if self.algorithm.advantage in ("grpo", "rloo") and n < 2:
+            errors.append(
+                f"algorithm.advantage={self.algorithm.advantage!r} compares answers within a group: "
+                f"rollout.sampling.n must be >= 2 (got {n})"
+            )
+        if self.algorithm.advantage == "gae" and self.learner.value_model == "none":
+            errors.append("algorithm.advantage='gae' needs a critic: learner.value_model must be 'head' or 'separate'")
+        batch = self.trainer.prompts_per_step * n
+        mb = self.algorithm.minibatch_size
+        if mb % self.learner.num_ranks:
+            errors.append(f"algorithm.minibatch_size={mb} must be divisible by learner.num_ranks={self.learner.num_ranks}")
+        if batch % mb:
+            errors.append(
+                f"algorithm.minibatch_size={mb} must divide the step batch "
+                f"trainer.prompts_per_step * rollout.sampling.n = {batch}"
+            )
+        if self.retriever.top_k > self.rollout.max_images_per_prompt and self.rollout.on_too_many_images == "refuse":
+            errors.append(
+                f"retriever.top_k={self.retriever.top_k} pages exceed rollout.max_images_per_prompt="
+                f"{self.rollout.max_images_per_prompt} and rollout.on_too_many_images is 'refuse'"
+            )
+        if self.ray.address is None and self.ray.num_gpus is not None:
+            wanted = {
+                "rollout": self.rollout.num_workers * self.rollout.num_gpus_per_worker,
+                "learner": self.learner.num_ranks * self.learner.num_gpus_per_rank,
+                "retriever": self.retriever.num_actors * self.retriever.num_gpus_per_actor,
+            }
+            for role, gpus in wanted.items():
+                if gpus > self.ray.num_gpus:
+                    errors.append(f"{role} needs {gpus:g} GPUs but the local cluster has ray.num_gpus={self.ray.num_gpus}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> validated config, with messages that name the key path
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`trainer.total_steps=20` -> (["trainer", "total_steps"], 20). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. trainer.total_steps=20")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty component in key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+    return parts, value
+
+
+def apply_override(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _known_keys(model: type[Section], loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (for 'did you mean' hints)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, Section)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(DocRLConfig, tuple(e["loc"][:-1]))
+            hint = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            msg = "unknown key" + (f" (did you mean {'.'.join([*map(str, e['loc'][:-1]), hint[0]])}?)" if hint else "")
+            if known:
+                msg += f"; known keys here: {', '.join(known)}"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DocRLConfig:
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    try:
+        return DocRLConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def dump_config(config: DocRLConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,301 @@
+"""DocVQA loaders: the official annotation JSON and the Hugging Face (lmms-lab/DocVQA) layout.
+
+Both produce a `DocVQADataset`: samples plus the page corpus. Pages that share a
+`ucsf_document_id` form one document; every page of every loaded record is in the corpus.
+
+Bad records never crash a worker later: each is either skipped and counted by reason (with the
+first few named) or stops the load with an error naming the record and file, as
+`data.on_bad_sample` says.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from docvqa.sample import DocVQADataset, DocVQASample, Page, documents_of, make_page_id
+
+OnBad = Literal["skip", "stop"]
+UNLABELLED_SPLITS = {"test"}  # DocVQA's test split ships without answers
+MAX_NAMED_SKIPS = 20
+
+
+class DataError(ValueError):
+    """A record that cannot be used, named by its question id, record index and file."""
+
+
+class _BadRecords:
+    """Collects skipped records by reason, or raises on the first one under the 'stop' policy."""
+
+    def __init__(self, on_bad: OnBad, source: str):
+        self.on_bad, self.source = on_bad, source
+        self.counts: Counter[str] = Counter()
+        self.examples: list[str] = []
+
+    def report(self, reason: str, where: str, detail: str) -> None:
+        message = f"{self.source}: {where}: {detail}"
+        if self.on_bad == "stop":
+            raise DataError(message + " (data.on_bad_sample=stop; set it to 'skip' to skip and count such records)")
+        self.counts[reason] += 1
+        if len(self.examples) < MAX_NAMED_SKIPS:
+            self.examples.append(message)
+
+
+def _check_image_file(path: Path) -> str | None:
+    """None when the file exists and has a readable image header, else why not (cheap: no decode)."""
+    if not path.is_file():
+        return f"image file not found: {path}"
+    try:
+        with Image.open(path) as im:
+            im.size  # noqa: B018 - forces the header parse
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return f"unreadable image {path}: {e}"
+    return None
+
+
+def _check_image_bytes(data: bytes | None) -> str | None:
+    if not data:
+        return "record has no image bytes"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.size  # noqa: B018
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return f"unreadable embedded image: {e}"
+    return None
+
+
+def _parse_record(rec: Any, split: str, require_answers: bool) -> tuple[str, str, tuple[str, ...], tuple[str, ...], str, int]:
+    """Validate the fields common to both layouts. Raises ValueError with what is wrong."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"record is a {type(rec).__name__}, not a mapping")
+    missing = [k for k in ("questionId", "question", "ucsf_document_id", "ucsf_document_page_no") if rec.get(k) in (None, "")]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)}")
+    qid = str(rec["questionId"])
+    question = rec["question"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question is not a non-empty string")
+    answers = rec.get("answers") or []
+    if not isinstance(answers, (list, tuple)) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"answers is not a list of strings (got {answers!r:.80})")
+    answers = tuple(a for a in answers if a.strip())
+    if require_answers and not answers:
+        raise ValueError("no answers (a training/evaluation sample needs at least one gold answer)")
+    qtypes = rec.get("question_types") or []
+    if not isinstance(qtypes, (list, tuple)):
+        raise ValueError("question_types is not a list")
+    try:
+        page_no = int(rec["ucsf_document_page_no"])
+    except (TypeError, ValueError):
+        raise ValueError(f"ucsf_document_page_no is not an integer (got {rec['ucsf_document_page_no']!r})") from None
+    return qid, question.strip(), answers, tuple(str(t) for t in qtypes), str(rec["ucsf_document_id"]), page_no
+
+
+def _assemble(samples: list[tuple[str, str, tuple[str, ...], tuple[str, ...], str, str, str]],
+              pages: dict[str, Page], source: str, bad: _BadRecords) -> DocVQADataset:
+    """Attach each sample to its document's page list, in page order."""
+    doc_pages = documents_of(pages.values())
+    out = [
+        DocVQASample(question_id=qid, question=q, answers=a, doc_id=doc, gold_page=page_id,
+                     doc_pages=doc_pages[doc], question_types=qt, split=split)
+        for qid, q, a, qt, doc, page_id, split in samples
+    ]
+    return DocVQADataset(samples=out, pages=pages, source=source, skipped=dict(bad.counts), skipped_examples=bad.examples)
+
+
+def load_docvqa_json(annotation_path: str | Path, image_root: str | Path | None = None,
+                     on_bad: OnBad = "skip", require_answers: bool | None = None) -> DocVQADataset:
+    """Load an official DocVQA annotation file (`{"data": [{questionId, question, image, ...}]}`).
+
+    `image` paths are relative to `image_root` (default: the annotation file's folder). A top-level
+    `pages` list (written by docrl's synthetic generator and feedback export) adds pages that no
+    question refers to, so that they are in the retrieval corpus too.
+    """
+    path = Path(annotation_path)
+    root = Path(image_root) if image_root is not None else path.parent
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"annotation file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise DataError(f"{path}: expected an object with a 'data' list (the official DocVQA layout)")
+    split = str(doc.get("dataset_split", path.stem.split("_")[0]))
+    if require_answers is None:
+        require_answers = split not in UNLABELLED_SPLITS
+    bad = _BadRecords(on_bad, str(path))
+    pages: dict[str, Page] = {}
+    page_errors: dict[str, str | None] = {}
+
+    def add_page(doc_id: str, page_no: int, rel_image: Any) -> tuple[str, str | None]:
+        page_id = make_page_id(doc_id, page_no)
+        if page_id not in page_errors:
+            if not isinstance(rel_image, str) or not rel_image:
+                page_errors[page_id] = "record has no image path"
+            else:
+                image_path = root / rel_image
+                page_errors[page_id] = _check_image_file(image_path)
+                if page_errors[page_id] is None:
+                    pages[page_id] = Page(page_id=page_id, doc_id=doc_id, page_no=page_no, image_path=str(image_path))
+        return page_id, page_errors[page_id]
+
+    for i, extra in enumerate(doc.get("pages") or []):
+        try:
+            doc_id, page_no = str(extra["ucsf_document_id"]), int(extra["ucsf_document_page_no"])
+        except (KeyError, TypeError, ValueError) as e:
+            bad.report("malformed_page", f"pages[{i}]", f"malformed page entry: {e!r}")
+            continue
+        _, err = add_page(doc_id, page_no, extra.get("image"))
+        if err:
+            bad.report("bad_image", f"pages[{i}] ({make_page_id(doc_id, page_no)})", err)
+
+    samples = []
+    seen: dict[str, int] = {}
+    for i, rec in enumerate(doc["data"]):
+        qid = str(rec.get("questionId")) if isinstance(rec, dict) else "?"
+        where = f"record #{i} (questionId={qid})"
+        try:
+            qid, question, answers, qtypes, doc_id, page_no = _parse_record(rec, split, require_answers)
+        except ValueError as e:
+            bad.report("no_answers" if "no answers" in str(e) else "malformed", where, str(e))
+            continue
+        if qid in seen:
+            bad.report("duplicate_id", where, f"duplicate questionId (first seen at record #{seen[qid]})")
+            continue
+        page_id, err = add_page(doc_id, page_no, rec.get("image"))
+        if err:
+            bad.report("bad_image", where, err)
+            continue
+        seen[qid] = i
+        samples.append((qid, question, answers, qtypes, doc_id, page_id, str(rec.get("data_split") or split)))
+    return _assemble(samples, pages, str(path), bad)
+
+
+def _hf_records(path_or_id: str, split: str, config_name: str | None) -> Iterator[dict]:
+    """Rows of a DocVQA split in the lmms-lab layout, images undecoded ({'bytes', 'path'})."""
+    import datasets
+
+    local = Path(path_or_id)
+    if local.exists():
+        if (local / "dataset_info.json").exists() or (local / "state.json").exists():
+            ds = datasets.load_from_disk(str(local))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            files = sorted(str(p) for p in local.rglob("*.parquet") if split in p.name or split in p.parent.name)
+            if not files:
+                raise DataError(f"{local}: no parquet files for split {split!r} (looked for *{split}*.parquet)")
+            ds = datasets.load_dataset("parquet", data_files={split: files}, split=split)
+    else:
+        ds = datasets.load_dataset(path_or_id, config_name, split=split)
+    if "image" in ds.column_names:
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+    yield from ds
+
+
+def load_hf_docvqa(path_or_id: str, split: str, config_name: str | None = "DocVQA", on_bad: OnBad = "skip",
+                   require_answers: bool | None = None) -> DocVQADataset:
+    """Load the Hugging Face DocVQA layout (lmms-lab/DocVQA): a hub id on a cluster, or a local
+    parquet/arrow directory. Page images stay encoded in memory until a worker decodes them."""
+    source = f"{path_or_id}[{split}]"
+    if require_answers is None:
+        require_answers = split not in UNLABELLED_SPLITS
+    bad = _BadRecords(on_bad, source)
+    pages: dict[str, Page] = {}
+    samples = []
+    seen: dict[str, int] = {}
+    for i, rec in enumerate(_hf_records(path_or_id, split, config_name)):
+        where = f"row {i} (questionId={rec.get('questionId')})"
+        try:
+            qid, question, answers, qtypes, doc_id, page_no = _parse_record(rec, split, require_answers)
+        except ValueError as e:
+            bad.report("no_answers" if "no answers" in str(e) else "malformed", where, str(e))
+            continue
+        if qid in seen:
+            bad.report("duplicate_id", where, f"duplicate questionId (first seen at row {seen[qid]})")
+            continue
+        page_id = make_page_id(doc_id, page_no)
+        if page_id not in pages:
+            image = rec.get("image") or {}
+            data = image.get("bytes") if isinstance(image, dict) else None
+            err = _check_image_bytes(data)
+            if err:
+                bad.report("bad_image", where, err)
+                continue
+            pages[page_id] = Page(page_id=page_id, doc_id=doc_id, page_no=page_no, image_bytes=data)
+        seen[qid] = i
+        samples.append((qid, question, answers, qtypes, doc_id, page_id, str(rec.get("data_split") or split)))
+    return _assemble(samples, pages, source, bad)
+
+
+def write_hf_layout(dataset: DocVQADataset, out_dir: str | Path, split: str) -> Path:
+    """Write a dataset as lmms-lab/DocVQA-style parquet (`<split>-00000-of-00001.parquet`).
+
+    Used to convert local data (synthetic, feedback exports) to the hub layout, and by the tests.
+    """
+    import datasets
+
+    rows: dict[str, list] = {k: [] for k in ("questionId", "question", "question_types", "image", "docId",
+                                             "ucsf_document_id", "ucsf_document_page_no", "answers", "data_split")}
+    doc_numbers = {d: i for i, d in enumerate(sorted({s.doc_id for s in dataset.samples}))}
+    for s in dataset.samples:
+        page = dataset.pages[s.gold_page]
+        data = page.image_bytes if page.image_bytes is not None else Path(page.image_path).read_bytes()
+        rows["questionId"].append(s.question_id)
+        rows["question"].append(s.question)
+        rows["question_types"].append(list(s.question_types))
+        rows["image"].append({"bytes": data, "path": None})
+        rows["docId"].append(doc_numbers[s.doc_id])
+        rows["ucsf_document_id"].append(s.doc_id)
+        rows["ucsf_document_page_no"].append(str(page.page_no))
+        rows["answers"].append(list(s.answers))
+        rows["data_split"].append(split)
+    features = datasets.Features({
+        "questionId": datasets.Value("string"), "question": datasets.Value("string"),
+        "question_types": datasets.Sequence(datasets.Value("string")), "image": datasets.Image(),
+        "docId": datasets.Value("int64"), "ucsf_document_id": datasets.Value("string"),
+        "ucsf_document_page_no": datasets.Value("string"), "answers": datasets.Sequence(datasets.Value("string")),
+        "data_split": datasets.Value("string"),
+    })
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{split}-00000-of-00001.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(target))
+    return target
+
+
+def split_by_document(dataset: DocVQADataset, fraction: float, seed: int) -> tuple[DocVQADataset, DocVQADataset]:
+    """Hold out a fraction of whole documents (never a page of a document seen in training)."""
+    docs = sorted({s.doc_id for s in dataset.samples})
+    random.Random(seed).shuffle(docs)
+    held = set(docs[: max(1, round(len(docs) * fraction))]) if fraction > 0 else set()
+    train = [s for s in dataset.samples if s.doc_id not in held]
+    held_out = [replace(s, split=s.split + "-holdout") for s in dataset.samples if s.doc_id in held]
+    common = dict(pages=dataset.pages, source=dataset.source, skipped=dataset.skipped,
+                  skipped_examples=dataset.skipped_examples)
+    return DocVQADataset(samples=train, **common), DocVQADataset(samples=held_out, **common)
+
+
+def merge_datasets(parts: Iterable[DocVQADataset]) -> DocVQADataset:
+    """Concatenate datasets (e.g. two splits for one corpus); question ids must stay unique."""
+    parts = list(parts)
+    samples, pages, skipped, examples, seen = [], {}, Counter(), [], {}
+    for part in parts:
+        for s in part.samples:
+            if s.question_id in seen:
+                raise DataError(f"questionId {s.question_id} appears in both {seen[s.question_id]} and {part.source}")
+            seen[s.question_id] = part.source
+            samples.append(s)
+        pages.update(part.pages)
+        skipped.update(part.skipped)
+        examples += part.skipped_examples
+    return DocVQADataset(samples=samples, pages=pages, source=" + ".join(p.source for p in parts),
+                         skipped=dict(skipped), skipped_examples=examples[:MAX_NAMED_SKIPS])

@@ -1,0 +1,58 @@
+"""The `learner` (DeepSpeed ranks, model, LoRA, optimizer) and `algorithm` (PPO/GRPO) sections."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from cluster.schema import Section
+
+
+class LoraConfig(Section):
+    enabled: bool = True
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LearnerConfig(Section):
+    policy: str = "tiny"  # "tiny" (built locally), a local path, or a hub id such as Qwen/Qwen2-VL-2B-Instruct
+    num_ranks: int = Field(1, ge=1)
+    num_gpus_per_rank: float = Field(0.0, ge=0.0)
+    num_cpus_per_rank: float = Field(1.0, gt=0.0)
+    zero_stage: Literal[2, 3] = 2
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lora: LoraConfig = LoraConfig()
+    freeze_vision_tower: bool = True
+    value_model: Literal["head", "separate", "none"] = "head"
+    learning_rate: float = Field(1e-5, gt=0.0)
+    value_learning_rate: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    micro_batch_size: int = Field(4, ge=1)
+    gradient_checkpointing: bool = False
+    collective_timeout_s: float = Field(600.0, gt=0.0)
+
+
+class AlgorithmConfig(Section):
+    advantage: Literal["gae", "grpo", "rloo"] = "grpo"
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    ppo_epochs: int = Field(1, ge=1)
+    minibatch_size: int = Field(16, ge=1)  # sequences per optimizer step, over all ranks
+    clip_low: float = Field(0.2, gt=0.0, lt=1.0)
+    clip_high: float = Field(0.2, gt=0.0)
+    dual_clip: float | None = Field(None, gt=1.0)
+    value_clip: float | None = Field(0.2, gt=0.0)
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    kl_coef: float = Field(0.01, ge=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in: Literal["reward", "loss"] = "loss"
+    entropy_coef: float = Field(0.0, ge=0.0)
+    whiten_advantages: bool = True
+    tis_cap: float | None = Field(2.0, gt=0.0)  # truncated importance sampling in async mode
+

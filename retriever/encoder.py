@@ -1,0 +1,83 @@
+"""Page and query embedding with a ColPali-family model through colpali-engine.
+
+Embeddings leave this module as one [num_tokens, dim] tensor per item with padding removed: the
+processors pad on the left and SDPA on CPU writes NaN at padded positions (DESIGN.md), so padded
+rows are dropped by the attention mask before anything else sees them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+# model_class -> (colpali-engine model class, processor class)
+MODEL_CLASSES = {
+    "colqwen2": ("ColQwen2", "ColQwen2Processor"),
+    "colqwen2_5": ("ColQwen2_5", "ColQwen2_5_Processor"),
+    "colpali": ("ColPali", "ColPaliProcessor"),
+}
+_MODEL_TYPE_TO_CLASS = {"qwen2_vl": "colqwen2", "qwen2_5_vl": "colqwen2_5", "paligemma": "colpali"}
+
+
+def infer_model_class(model: str) -> str:
+    """Pick the colpali-engine family from a local config.json, else from the hub id's name."""
+    config = Path(model) / "config.json"
+    if config.exists():
+        model_type = json.loads(config.read_text()).get("model_type", "")
+        if model_type in _MODEL_TYPE_TO_CLASS:
+            return _MODEL_TYPE_TO_CLASS[model_type]
+    name = model.lower().replace(".", "_").replace("-", "_")
+    for key in ("colqwen2_5", "colqwen2", "colpali"):
+        if key in name:
+            return key
+    raise ValueError(f"retriever.model={model!r}: cannot tell the model family; set retriever.model_class "
+                     f"to one of {', '.join(MODEL_CLASSES)}")
+
+
+class PageEncoder:
+    """Embeds page images and query texts as L2-normalized multi-vectors."""
+
+    def __init__(self, model: str, model_class: str = "auto", dtype: str = "float32", device: str = "cpu",
+                 max_visual_tokens: int | None = None):
+        import colpali_engine.models as cem
+
+        family = infer_model_class(model) if model_class == "auto" else model_class
+        model_cls, proc_cls = (getattr(cem, name) for name in MODEL_CLASSES[family])
+        self.model_id, self.family, self.device = model, family, torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        proc_kwargs = {"max_num_visual_tokens": max_visual_tokens} if max_visual_tokens else {}
+        self.processor = proc_cls.from_pretrained(model, **proc_kwargs)
+        self.model = model_cls.from_pretrained(model, dtype=self.dtype).to(self.device).eval()
+        self.dim = int(self.model.dim)
+
+    def settings(self) -> dict:
+        """What an index records so that searching it with another model is refused."""
+        ip = getattr(self.processor, "image_processor", None)
+        return {"model": self.model_id, "family": self.family, "dim": self.dim, "dtype": str(self.dtype).removeprefix("torch."),
+                "max_pixels": getattr(ip, "max_pixels", None), "min_pixels": getattr(ip, "min_pixels", None)}
+
+    @torch.inference_mode()
+    def _embed(self, batch) -> list[torch.Tensor]:
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        out = self.model(**batch)
+        mask = batch["attention_mask"].bool()
+        return [row[m].float().cpu() for row, m in zip(out, mask)]
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 8) -> list[torch.Tensor]:
+        vectors: list[torch.Tensor] = []
+        for i in range(0, len(images), batch_size):
+            vectors += self._embed(self.processor.process_images(list(images[i:i + batch_size])))
+        return vectors
+
+    def embed_queries(self, queries: Sequence[str], batch_size: int = 32) -> list[torch.Tensor]:
+        for i, q in enumerate(queries):
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"query #{i} is empty: a retrieval query needs text")
+        vectors: list[torch.Tensor] = []
+        for i in range(0, len(queries), batch_size):
+            vectors += self._embed(self.processor.process_texts(list(queries[i:i + batch_size])))
+        return vectors

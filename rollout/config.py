@@ -1,0 +1,56 @@
+"""The `rollout` config section: vLLM workers, sampling, and the prompt they are given."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cluster.schema import Section
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that answers questions about document pages."
+DEFAULT_INSTRUCTION = "Answer the question using a single word or phrase from the page."
+
+
+class SamplingConfig(Section):
+    n: int = Field(4, ge=1)  # answers sampled per question (the GRPO/RLOO group size)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(16, ge=1)
+    stop: list[str] = []
+    seed: int | None = 0
+
+    @model_validator(mode="after")
+    def _greedy_needs_one(self) -> SamplingConfig:
+        if self.temperature == 0.0 and self.n > 1:
+            raise ValueError(f"rollout.sampling.n={self.n} needs temperature > 0: greedy decoding gives n identical answers")
+        return self
+
+
+class RolloutConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    num_gpus_per_worker: float = Field(0.0, ge=0.0)
+    num_cpus_per_worker: float = Field(1.0, gt=0.0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int = Field(2048, ge=64)
+    kv_cache_gb: float = Field(1.0, gt=0.0)  # VLLM_CPU_KVCACHE_SPACE on CPU
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    max_images_per_prompt: int = Field(1, ge=1)
+    max_image_pixels: int | None = Field(None, ge=28 * 28)  # larger pages are resized down
+    on_too_many_images: Literal["truncate", "refuse"] = "truncate"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    instruction: str = DEFAULT_INSTRUCTION
+    sampling: SamplingConfig = SamplingConfig()
+    eval_sampling: SamplingConfig = SamplingConfig(n=1, temperature=0.0)
+    weight_sync_timeout_s: float = Field(300.0, gt=0.0)
+    generate_timeout_s: float = Field(1800.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _tp_needs_gpus(self) -> RolloutConfig:
+        if self.tensor_parallel_size > 1 and self.num_gpus_per_worker < self.tensor_parallel_size:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={self.tensor_parallel_size} needs "
+                f"rollout.num_gpus_per_worker >= {self.tensor_parallel_size} (got {self.num_gpus_per_worker})"
+            )
+        return self

@@ -1,0 +1,38 @@
+"""Prompt building, in one place for the rollout workers, the learner and the Serve endpoint.
+
+The chat text carries exactly ONE `<|image_pad|>` per image: vLLM expands it itself, and an
+already-expanded prompt gets its placeholders added a second time, silently (DESIGN.md). The
+learner rebuilds the same input by passing this text and the same images through the model's own
+processor, which expands each pad to the image's token count.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from rollout.config import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
+
+
+def build_messages(question: str, num_images: int, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                   instruction: str = DEFAULT_INSTRUCTION) -> list[dict]:
+    """Chat messages in the transformers multimodal format: system, then images, then the question."""
+    user_text = question.strip() if not instruction else f"{question.strip()}\n{instruction}"
+    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt else []
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": user_text}]
+    return messages + [{"role": "user", "content": content}]
+
+
+def build_chat_text(processor, question: str, num_images: int, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                    instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """The model's own chat template applied to `build_messages`, with the generation prompt."""
+    messages = build_messages(question, num_images, system_prompt, instruction)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def fit_image(image: Image.Image, max_pixels: int | None) -> Image.Image:
+    """Downscale (keeping aspect) so that width*height <= max_pixels; never upscale."""
+    if max_pixels is None or image.width * image.height <= max_pixels:
+        return image
+    scale = (max_pixels / (image.width * image.height)) ** 0.5
+    size = (max(28, int(image.width * scale)), max(28, int(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)

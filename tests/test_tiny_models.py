@@ -1,0 +1,142 @@
+"""Tiny models: deterministic, ids consistent with the tokenizer, loadable in transformers,
+colpali-engine and vLLM (in a Ray actor), and vLLM agrees with transformers on logprobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from docvqa.tiny_models import SIZES, SPECIAL_TOKENS, build_policy, build_retriever, train_tokenizer
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tokenizer_training_is_deterministic_and_carries_specials():
+    a, b = train_tokenizer(512), train_tokenizer(512)
+    assert a.to_str() == b.to_str()
+    ids = [a.token_to_id(t) for t in SPECIAL_TOKENS]
+    assert None not in ids and len(set(ids)) == len(SPECIAL_TOKENS)
+    # byte-level: any text round-trips, including characters never seen in training
+    text = "Total: $1,250.00 — Café 東京 🙂"
+    assert a.decode(a.encode(text).ids) == text
+
+
+def test_build_is_deterministic(tmp_path):
+    for build in (build_policy, build_retriever):
+        a, b = build(tmp_path / f"{build.__name__}-a"), build(tmp_path / f"{build.__name__}-b")
+        for name in ("model.safetensors", "tokenizer.json", "config.json"):
+            assert _digest(a / name) == _digest(b / name), f"{build.__name__}: {name} differs between builds"
+
+
+def test_config_ids_match_the_tokenizer(tiny_models):
+    from transformers import AutoTokenizer
+
+    for role in ("policy", "retriever"):
+        tok = AutoTokenizer.from_pretrained(tiny_models[role])
+        cfg = json.loads((tiny_models[role] / "config.json").read_text())
+        assert cfg["image_token_id"] == tok.convert_tokens_to_ids("<|image_pad|>")
+        assert cfg["video_token_id"] == tok.convert_tokens_to_ids("<|video_pad|>")
+        assert cfg["vision_start_token_id"] == tok.convert_tokens_to_ids("<|vision_start|>")
+        assert cfg["vision_end_token_id"] == tok.convert_tokens_to_ids("<|vision_end|>")
+        assert cfg["text_config"]["eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
+        assert cfg["text_config"]["vocab_size"] >= len(tok)
+    gen = json.loads((tiny_models["policy"] / "generation_config.json").read_text())
+    assert tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
+
+
+def test_100m_size_has_about_100m_parameters():
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from docvqa.tiny_models import _qwen2vl_config
+
+    ids = {t: 8000 + i for i, t in enumerate(SPECIAL_TOKENS)}
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(_qwen2vl_config(SIZES["100m"], ids, 8064))
+    n = sum(p.numel() for p in model.parameters())
+    assert 80e6 < n < 150e6, n
+
+
+def _page():
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", (224, 224), "white")
+    ImageDraw.Draw(img).text((40, 100), "INVOICE 1234", fill="black")
+    return img
+
+
+def test_policy_generates_from_an_image_in_transformers(tiny_models):
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from rollout.prompts import build_chat_text
+
+    proc = AutoProcessor.from_pretrained(tiny_models["policy"])
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_models["policy"], dtype=torch.float32).eval()
+    text = build_chat_text(proc, "What is the invoice number?", 1)
+    assert text.count("<|image_pad|>") == 1
+    inputs = proc(text=[text], images=[_page()], return_tensors="pt")
+    n_image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n_image_tokens == int(inputs["image_grid_thw"].prod()) // 4  # 2x2 patch merge
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    assert 1 <= len(new) <= 6 and int(new.max()) < model.config.text_config.vocab_size
+
+
+def test_retriever_embeds_pages_and_queries_in_colpali_engine(tiny_models):
+    from retriever.encoder import PageEncoder
+
+    enc = PageEncoder(str(tiny_models["retriever"]))
+    pages = enc.embed_images([_page(), _page().resize((300, 420))], batch_size=2)
+    queries = enc.embed_queries(["what is the invoice number", "total"])
+    assert enc.family == "colqwen2" and enc.dim == 128
+    for v in pages + queries:
+        assert v.ndim == 2 and v.shape[1] == 128 and torch.isfinite(v).all()
+        torch.testing.assert_close(v.norm(dim=-1), torch.ones(v.shape[0]), atol=1e-4, rtol=0)
+    assert pages[0].shape[0] < pages[1].shape[0]  # the larger page has more visual tokens, padding removed
+    with pytest.raises(ValueError, match="query #1 is empty"):
+        enc.embed_queries(["ok", "  "])
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_vllm_worker_matches_transformers_logprobs(ray_cluster, tiny_models, tmp_path):
+    """vLLM loads the tiny policy in a Ray actor, samples from an image, and its token logprobs
+    equal the transformers model's (teacher-forced, 3-D mrope positions) to < 1e-3."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from cluster.ray_setup import get_with_timeout
+    from docvqa.sample import Page
+    from rollout.config import RolloutConfig, SamplingConfig
+    from rollout.types import RolloutRequest
+    from rollout.worker import start_rollout_workers
+
+    _page().save(tmp_path / "page.png")
+    page = Page("doc/p1", "doc", 1, image_path=str(tmp_path / "page.png"))
+    cfg = RolloutConfig(num_cpus_per_worker=1, max_model_len=1024)
+    (worker,) = start_rollout_workers(str(tiny_models["policy"]), cfg, seed=0)
+    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=8, seed=7)
+    (result,) = get_with_timeout(worker.generate.remote([RolloutRequest("q1", "What is the number?", (page,))], sampling),
+                                 300, "rollout worker")
+    ray_cluster.kill(worker)
+
+    proc = AutoProcessor.from_pretrained(tiny_models["policy"])
+    inputs = proc(text=[result.prompt_text], images=[page.load_image()], return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == result.prompt_ids  # vLLM expanded the single pad exactly once
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_models["policy"], dtype=torch.float32).eval()
+    assert len(result.answers) == 2
+    for ans in result.answers:
+        assert len(ans.token_ids) == len(ans.logprobs) >= 1 and ans.finish_reason in ("stop", "length")
+        ids = torch.tensor([result.prompt_ids + ans.token_ids])
+        mm = torch.zeros_like(ids)
+        mm[0, : len(result.prompt_ids)] = (inputs["input_ids"][0] == model.config.image_token_id).long()
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                           pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]).logits
+        p = len(result.prompt_ids)
+        hf = torch.log_softmax(logits[0, p - 1:-1].float(), -1).gather(-1, torch.tensor(ans.token_ids)[:, None])[:, 0]
+        assert (hf - torch.tensor(ans.logprobs)).abs().max() < 1e-3
