@@ -21,7 +21,7 @@ def run_demo(cfg: DocRLConfig, num_questions: int = 4) -> list[dict]:
     import ray
 
     from retriever.actor import RetrieverActor
-    from reward.scoring import anls_score
+    from reward.metrics import anls_score
     from rollout.types import RolloutRequest
     from rollout.worker import start_rollout_workers
 
