@@ -4,6 +4,9 @@
     docrl make-tiny-models artifacts/tiny-models [--size 100m]
     docrl make-synthetic OUT [--num-documents 40 --seed 0 --level easy]
     docrl demo --config configs/tiny.yaml [KEY=VALUE ...]
+    docrl index --config configs/tiny.yaml [--folder DIR | --split train|eval|all] [--out DIR]
+    docrl search --config configs/tiny.yaml [--index DIR] [-k 3] -q "question" [-q ...]
+    docrl retrieval-eval --config configs/tiny.yaml [--index DIR] [--split eval] [--ks 1 3 5]
 
 Every command that takes a config validates it (with the overrides) before doing any work.
 """
@@ -62,6 +65,76 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _index_dir(cfg, args) -> str:
+    from pathlib import Path
+
+    return args.index or cfg.retriever.index_dir or str(Path(cfg.run.output_dir) / "index")
+
+
+def _retriever_group(cfg):
+    from cluster.ray_setup import init_ray
+    from docvqa.tiny_models import resolve_model
+    from retriever.group import RetrieverGroup
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
+    model = resolve_model(cfg.retriever.model, "retriever", cfg.run.models_dir)
+    return RetrieverGroup(model, cfg.retriever, timeout_s=cfg.ray.actor_start_timeout_s)
+
+
+def cmd_index(args) -> int:
+    import time
+
+    from docvqa.data import load_train_eval
+    from retriever.ingest import ingest_folder
+
+    cfg = _load(args)
+    out = _index_dir(cfg, args)
+    if args.folder:
+        report = ingest_folder(args.folder)
+        pages, skipped = report.pages, report.skipped
+    else:
+        train, evaluation, corpus = load_train_eval(cfg.data, cfg.run.output_dir)
+        chosen = {"train": train, "eval": evaluation, "all": corpus}[args.split]
+        wanted = {pid for s in chosen.samples for pid in s.doc_pages} if args.split != "all" else set(corpus.pages)
+        pages, skipped = [p for pid, p in corpus.pages.items() if pid in wanted], []
+    group = _retriever_group(cfg)
+    group.ready()  # model loading is not indexing time
+    t0 = time.time()
+    result = group.build(pages, out)
+    elapsed = time.time() - t0
+    for line in skipped + result["skipped"]:
+        print(f"skipped: {line}")
+    print(f"indexed {result['indexed']} pages into {out} in {elapsed:.1f}s ({result['indexed'] / max(elapsed, 1e-9):.1f} pages/s), "
+          f"skipped {len(skipped) + len(result['skipped'])}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    cfg = _load(args)
+    group = _retriever_group(cfg)
+    group.load(_index_dir(cfg, args))
+    for question, hits in zip(args.question, group.search(args.question, args.k)):
+        print(f"{question}")
+        for rank, (pid, score) in enumerate(hits, start=1):
+            print(f"  {rank}. {pid}  {score:.4f}")
+    return 0
+
+
+def cmd_retrieval_eval(args) -> int:
+    import json
+
+    from docvqa.data import load_train_eval
+    from retriever.evaluate import evaluate_retrieval
+
+    cfg = _load(args)
+    train, evaluation, _ = load_train_eval(cfg.data, cfg.run.output_dir)
+    group = _retriever_group(cfg)
+    group.load(_index_dir(cfg, args))
+    report = evaluate_retrieval(group, (train if args.split == "train" else evaluation).samples, args.ks)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="docrl", description="RL fine-tuning for retrieval-augmented document QA on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,18 +162,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--num-questions", type=int, default=4)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("index", help="embed pages (a data split or a folder of images/PDFs) into a page index")
+    _add_config_args(p)
+    p.add_argument("--folder", help="index every image and PDF under this folder instead of the config's data")
+    p.add_argument("--split", default="all", choices=["train", "eval", "all"], help="which documents of the data to index")
+    p.add_argument("--out", dest="index", help="index directory (default: retriever.index_dir or <run.output_dir>/index)")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search a page index from the command line")
+    _add_config_args(p)
+    p.add_argument("--index", help="index directory (default: retriever.index_dir or <run.output_dir>/index)")
+    p.add_argument("-k", type=int, default=3)
+    p.add_argument("--question", "-q", action="append", required=True, help="a question (repeatable)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("retrieval-eval", help="recall@k, MRR and NDCG@k of an index against a split's gold pages")
+    _add_config_args(p)
+    p.add_argument("--index", help="index directory (default: retriever.index_dir or <run.output_dir>/index)")
+    p.add_argument("--split", default="eval", choices=["train", "eval"])
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5])
+    p.set_defaults(func=cmd_retrieval_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from cluster.config import ConfigError
     from docvqa.loaders import DataError
+    from retriever.index import IndexLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after options (`demo a.b=1 --config x`): argparse leaves the
+    # ones after an option unparsed, so collect every KEY=VALUE left over.
+    args, rest = parser.parse_known_args(argv)
+    extra = [r for r in rest if "=" in r and not r.startswith("-")]
+    if len(extra) != len(rest) or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(r for r in rest if r not in extra) or ' '.join(extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, IndexLoadError) as e:
         print(f"docrl: {e}", file=sys.stderr)
         return 2
 

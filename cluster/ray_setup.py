@@ -43,5 +43,6 @@ def get_with_timeout(refs, timeout_s: float, what: str):
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"{what} did not finish within {timeout_s:g}s (see the actor logs in the Ray dashboard "
-                           f"or /tmp/ray/session_latest/logs)") from None
+        raise TimeoutError(f"{what} did not finish within {timeout_s:g}s; an actor may be waiting for resources "
+                           f"(`ray status` lists pending demands) or stuck (see its log in the Ray dashboard or "
+                           f"/tmp/ray/session_latest/logs)") from None

@@ -1,8 +1,6 @@
-"""RetrieverActor: a Ray actor holding one shard of the page index and the encoder (thin shell)."""
+"""RetrieverActor: one shard of the page index and its encoder, as a thin Ray actor."""
 
 from __future__ import annotations
-
-import os
 
 import ray
 
@@ -23,22 +21,49 @@ class RetrieverActor:
         self.cfg = cfg
         self.encoder = PageEncoder(model_path, cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens)
         self.index = PageIndex(self.encoder.settings())
+        self.search_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
 
-    def add_pages(self, pages: list[Page]) -> int:
-        images = [p.load_image() for p in pages]
-        vectors = self.encoder.embed_images(images, batch_size=self.cfg.embed_batch_size)
-        self.index.add([p.page_id for p in pages], vectors)
-        return len(self.index)
+    def settings(self) -> dict:
+        return self.encoder.settings()
+
+    def add_pages(self, pages: list[Page], segment_dir: str | None = None, segment_name: str | None = None) -> dict:
+        """Embed pages into this shard (and into a new segment file when `segment_dir` is given).
+
+        Returns {"added": n, "skipped": ["page id: reason", ...], "segment": manifest entry or None,
+        "meta": {page_id: metadata}}. Unreadable pages are skipped and named, never fatal.
+        """
+        from retriever.index import write_segment
+
+        images, kept, skipped = [], [], []
+        for page in pages:
+            try:
+                images.append(page.load_image())
+                kept.append(page)
+            except OSError as e:
+                skipped.append(f"{page.page_id}: {e}")
+        vectors = self.encoder.embed_images(images, batch_size=self.cfg.embed_batch_size, names=[p.page_id for p in kept])
+        meta = [{"doc_id": p.doc_id, "page_no": p.page_no, "source": p.source} for p in kept]
+        self.index.add([p.page_id for p in kept], vectors, meta)
+        segment = None
+        if segment_dir is not None and kept:
+            segment = write_segment(segment_dir, segment_name, [p.page_id for p in kept], vectors)
+        return {"added": len(kept), "skipped": skipped, "segment": segment,
+                "meta": {p.page_id: m for p, m in zip(kept, meta)}}
+
+    def load_shard(self, index_dir: str, page_range: tuple[int, int]) -> int:
+        from retriever.index import load_index
+
+        index = load_index(index_dir, page_range)
+        index.check_compatible(self.encoder.settings(), where=index_dir)
+        self.index = index
+        return len(index)
+
+    def delete_pages(self, page_ids: list[str]) -> list[str]:
+        return self.index.delete(page_ids)
 
     def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
-        import torch
-
         vectors = self.encoder.embed_queries(queries, batch_size=self.cfg.query_batch_size)
-        dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
-        return self.index.search(vectors, k, dtype=dtype)
+        return self.index.search(vectors, k, dtype=self.search_dtype)
 
-    def size(self) -> int:
-        return len(self.index)
-
-    def pid(self) -> int:
-        return os.getpid()
+    def page_ids(self) -> list[str]:
+        return list(self.index.page_ids)

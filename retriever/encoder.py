@@ -67,10 +67,25 @@ class PageEncoder:
         mask = batch["attention_mask"].bool()
         return [row[m].float().cpu() for row, m in zip(out, mask)]
 
-    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 8) -> list[torch.Tensor]:
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 8, names: Sequence[str] | None = None,
+                     progress: bool = True) -> list[torch.Tensor]:
+        """One multi-vector per page. A page whose input holds no image token is refused by name."""
+        from tqdm.auto import tqdm
+
+        names = list(names) if names is not None else [f"image #{i}" for i in range(len(images))]
+        image_token_id = getattr(self.processor, "image_token_id", None)
         vectors: list[torch.Tensor] = []
+        bar = tqdm(total=len(images), desc="embedding pages", unit="page", disable=not progress or len(images) < 2 * batch_size)
         for i in range(0, len(images), batch_size):
-            vectors += self._embed(self.processor.process_images(list(images[i:i + batch_size])))
+            batch = self.processor.process_images(list(images[i:i + batch_size]))
+            if image_token_id is not None:
+                counts = (batch["input_ids"] == image_token_id).sum(dim=1).tolist()
+                empty = [names[i + j] for j, c in enumerate(counts) if c == 0]
+                if empty:
+                    raise ValueError(f"page(s) {', '.join(empty)} produced no image tokens: refusing to index them")
+            vectors += self._embed(batch)
+            bar.update(len(batch["input_ids"]))
+        bar.close()
         return vectors
 
     def embed_queries(self, queries: Sequence[str], batch_size: int = 32) -> list[torch.Tensor]:

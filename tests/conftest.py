@@ -19,7 +19,7 @@ def ray_cluster():
 
     from cluster.ray_setup import init_ray
 
-    init_ray(num_cpus=4, num_gpus=2)
+    init_ray(num_cpus=8, num_gpus=2)
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,16 @@
+"""Retrieval quality of an index against the gold pages of a split (recall@k, MRR, NDCG@k)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from docvqa.sample import DocVQASample
+from retriever.metrics import retrieval_report
+
+
+def evaluate_retrieval(group, samples: Sequence[DocVQASample], ks: Sequence[int] = (1, 3, 5)) -> dict[str, float]:
+    """Search every question of `samples` with a RetrieverGroup and score the ranking."""
+    runs = group.search([s.question for s in samples], max(ks))
+    report = retrieval_report([[pid for pid, _ in r] for r in runs], [s.gold_page for s in samples], ks)
+    report["num_questions"] = len(samples)
+    return report

@@ -1,0 +1,176 @@
+"""Page index persistence, ingestion, ranking metrics, and the sharded retriever group on Ray."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from retriever.index import (IndexLoadError, PageIndex, compact_index, load_index, read_manifest, save_index)
+from retriever.metrics import hit_at_k, ndcg_at_k, reciprocal_rank, retrieval_report
+
+SETTINGS = {"model": "m", "family": "colqwen2", "dim": 8, "max_pixels": 100, "min_pixels": 10}
+
+
+def _random_index(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    index = PageIndex(SETTINGS)
+    vecs = [torch.nn.functional.normalize(torch.randn(int(torch.randint(3, 9, (1,), generator=g)), 8, generator=g), dim=-1)
+            for _ in range(n)]
+    index.add([f"d{i // 3}/p{i % 3 + 1}" for i in range(n)], vecs, [{"doc_id": f"d{i // 3}", "page_no": i % 3 + 1} for i in range(n)])
+    return index
+
+
+def _queries(seed=1, n=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1) for _ in range(n)]
+
+
+def test_persistence_round_trip_gives_identical_search(tmp_path):
+    index = _random_index()
+    save_index(index, tmp_path / "idx")
+    loaded = load_index(tmp_path / "idx")
+    assert loaded.page_ids == index.page_ids and loaded.meta == index.meta and loaded.settings == SETTINGS
+    for a, b in zip(index.vectors, loaded.vectors):
+        assert torch.equal(a, b)
+    assert loaded.search(_queries(), k=4) == index.search(_queries(), k=4)
+    with pytest.raises(FileExistsError):
+        save_index(index, tmp_path / "idx")
+
+
+def test_k_larger_than_corpus_returns_corpus_and_bad_input_is_refused():
+    index = _random_index(n=5)
+    (res,) = index.search(_queries(n=1), k=50)
+    assert sorted(p for p, _ in res) == sorted(index.page_ids)
+    assert [s for _, s in res] == sorted((s for _, s in res), reverse=True)
+    with pytest.raises(ValueError, match="already in the index"):
+        index.add(["d0/p1"], [torch.ones(2, 8)])
+    with pytest.raises(ValueError, match="at least one token"):
+        index.add(["new"], [torch.ones(0, 8)])
+    with pytest.raises(ValueError, match="dim 4 != index dim 8"):
+        index.add(["new"], [torch.ones(2, 4)])
+
+
+def test_shard_loading_and_compaction(tmp_path):
+    index = _random_index()
+    save_index(index, tmp_path / "idx")
+    shard = load_index(tmp_path / "idx", page_range=(4, 9))
+    assert shard.page_ids == index.page_ids[4:9]
+    compact_index(tmp_path / "idx")
+    assert len(read_manifest(tmp_path / "idx").segments) == 1
+    assert load_index(tmp_path / "idx").page_ids == index.page_ids
+
+
+def test_missing_pieces_and_other_model_are_refused(tmp_path):
+    index = _random_index()
+    save_index(index, tmp_path / "idx")
+    with pytest.raises(IndexLoadError, match="manifest.json is missing"):
+        load_index(tmp_path)
+    (tmp_path / "idx" / "segment-00000.safetensors").unlink()
+    with pytest.raises(IndexLoadError, match="missing pieces: segment file segment-00000.safetensors"):
+        load_index(tmp_path / "idx")
+    with pytest.raises(IndexLoadError, match=r"other embedding settings.*model: index 'm' vs encoder 'other'"):
+        index.check_compatible({**SETTINGS, "model": "other"})
+
+
+def test_ranking_metrics_hand_worked():
+    retrieved = ["a", "b", "c", "d"]
+    assert hit_at_k(retrieved, "c", 2) == 0.0 and hit_at_k(retrieved, "c", 3) == 1.0
+    assert reciprocal_rank(retrieved, "c") == pytest.approx(1 / 3)
+    assert reciprocal_rank(retrieved, "z") == 0.0
+    # one relevant page at rank 3: DCG = 1/log2(4) = 0.5, ideal DCG = 1
+    assert ndcg_at_k(retrieved, "c", 5) == pytest.approx(0.5)
+    assert ndcg_at_k(retrieved, "c", 2) == 0.0
+    report = retrieval_report([retrieved, ["c"]], ["c", "c"], ks=(1, 3))
+    assert report["recall@1"] == 0.5 and report["recall@3"] == 1.0
+    assert report["mrr"] == pytest.approx((1 / 3 + 1) / 2)
+    assert report["ndcg@3"] == pytest.approx((0.5 + 1) / 2)
+    # the straightforward definition, recomputed
+    ndcg = sum(1 / math.log2(r + 1) for r, p in enumerate(retrieved[:4], 1) if p in {"b", "d"}) / (1 + 1 / math.log2(3))
+    assert ndcg_at_k(retrieved, {"b", "d"}, 4) == pytest.approx(ndcg)
+
+
+def test_folder_ingestion_renders_pdfs_and_skips_corrupt_files(tmp_path):
+    from docvqa.synthetic import generate_pdf
+    from retriever.ingest import ingest_folder
+
+    pages = [Image.new("RGB", (200, 260), c) for c in ("white", "gray", "black")]
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    generate_pdf(tmp_path / "docs" / "report.pdf", pages)
+    pages[0].save(tmp_path / "docs" / "sub" / "scan.png")
+    (tmp_path / "docs" / "broken.pdf").write_bytes(b"%PDF-1.4 garbage")
+    (tmp_path / "docs" / "broken.png").write_bytes(b"garbage")
+    (tmp_path / "docs" / "notes.txt").write_text("ignored")
+    report = ingest_folder(tmp_path / "docs", pdf_dpi=72)
+    assert [p.page_id for p in report.pages] == ["report/p1", "report/p2", "report/p3", "sub/scan/p1"]
+    assert report.pages[1].load_image().size == (200, 260)
+    assert report.pages[2].load_image().getpixel((5, 5)) == (0, 0, 0)
+    assert len(report.skipped) == 2 and any("broken.pdf" in s for s in report.skipped)
+    assert any("broken.png" in s for s in report.skipped)
+
+
+def _assert_same_ranking(got, expected):
+    """Same pages in the same order; scores equal up to float32 GEMM rounding (query batches and
+    chunk shapes may differ between groups, see retriever/maxsim.py)."""
+    assert [[p for p, _ in r] for r in got] == [[p for p, _ in r] for r in expected]
+    torch.testing.assert_close(torch.tensor([[s for _, s in r] for r in got]),
+                               torch.tensor([[s for _, s in r] for r in expected]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.ray
+def test_sharded_group_equals_single_actor_and_persists(ray_cluster, tiny_models, synthetic_corpus, tmp_path):
+    from docvqa.loaders import load_docvqa_json
+    from docvqa.sample import Page
+    from retriever.config import RetrieverConfig
+    from retriever.group import RetrieverGroup
+
+    ds = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
+    pages = list(ds.pages.values())
+    questions = [s.question for s in ds.samples[:6]]
+    bad = Page("bad/p1", "bad", 1, image_path=str(tmp_path / "nope.png"))
+
+    single = RetrieverGroup(str(tiny_models["retriever"]), RetrieverConfig(num_actors=1, embed_batch_size=4, num_cpus_per_actor=0.5))
+    report = single.build(pages + [bad], tmp_path / "idx")
+    assert report["indexed"] == len(pages) and report["skipped"] == [f"bad/p1: page bad/p1: cannot read image {tmp_path / 'nope.png'}: "
+                                                                     f"[Errno 2] No such file or directory: '{tmp_path / 'nope.png'}'"]
+    expected = single.search(questions, k=3)
+    single.shutdown()
+    assert all(len(r) == 3 for r in expected)
+    assert all(p in ds.pages for r in expected for p, _ in r)
+
+    sharded = RetrieverGroup(str(tiny_models["retriever"]), RetrieverConfig(num_actors=3, query_batch_size=4, num_cpus_per_actor=0.5))
+    assert sharded.load(tmp_path / "idx") == len(pages)
+    assert sharded.shard_sizes == [len(pages) // 3 + (i < len(pages) % 3) for i in range(3)]
+    _assert_same_ranking(sharded.search(questions, k=3), expected)
+    everything = sharded.search(questions[:1], k=10_000)[0]
+    assert len(everything) == len(pages)
+
+    # incremental add and delete persist; a reload sees the same corpus
+    removed = sharded.delete([pages[0].page_id, "not/there"])
+    assert removed == [pages[0].page_id]
+    sharded.add([pages[0]])
+    reloaded = RetrieverGroup(str(tiny_models["retriever"]), RetrieverConfig(num_actors=2, num_cpus_per_actor=0.5))
+    assert reloaded.load(tmp_path / "idx") == len(pages)
+    _assert_same_ranking(reloaded.search(questions, k=2), sharded.search(questions, k=2))
+    with pytest.raises(ValueError, match="query #1 is empty"):
+        reloaded.search(["fine", ""], k=1)
+    for g in (sharded, reloaded):
+        g.shutdown()
+
+
+def test_delete_then_readd_lives_in_the_new_segment_only(tmp_path):
+    from retriever.index import next_segment_name, write_manifest, write_segment
+
+    index = _random_index(n=4)
+    save_index(index, tmp_path / "idx")
+    manifest = read_manifest(tmp_path / "idx")
+    manifest.delete({"d0/p1"})
+    new_vec = torch.ones(2, 8) / math.sqrt(8)
+    seg = write_segment(tmp_path / "idx", next_segment_name(tmp_path / "idx"), ["d0/p1"], [new_vec])
+    manifest.add_segment(seg, {"d0/p1": {"doc_id": "d0", "page_no": 1}})
+    write_manifest(tmp_path / "idx", manifest)
+    loaded = load_index(tmp_path / "idx")
+    assert loaded.page_ids == index.page_ids[1:] + ["d0/p1"]
+    assert torch.equal(loaded.vectors[-1], new_vec)
