@@ -140,3 +140,22 @@ def test_vllm_worker_matches_transformers_logprobs(ray_cluster, tiny_models, tmp
         p = len(result.prompt_ids)
         hf = torch.log_softmax(logits[0, p - 1:-1].float(), -1).gather(-1, torch.tensor(ans.token_ids)[:, None])[:, 0]
         assert (hf - torch.tensor(ans.logprobs)).abs().max() < 1e-3
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_demo_retrieves_and_answers_on_ray(ray_cluster, tiny_models, tmp_path, capsys):
+    """The embedded default end to end: synthetic corpus, retriever actor, vLLM worker, ANLS."""
+    from cluster.config import load_config
+    from cluster.demo import run_demo
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", f"run.models_dir={tiny_models['policy'].parent}",
+                             "data.synthetic.num_documents=6", "rollout.max_model_len=1024"])
+    rows = run_demo(cfg, num_questions=3)
+    out = capsys.readouterr().out
+    assert len(rows) == 3
+    for r in rows:
+        assert len(r["retrieved"]) == 1 and r["retrieved"][0][0].count("/p") == 1
+        assert 0.0 <= r["anls"] <= 1.0 and isinstance(r["answer"], str)
+        assert f"Q{r['question_id']}" in out
+    assert "retriever: indexed" in out and "vLLM answer" in out
