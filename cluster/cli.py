@@ -7,6 +7,7 @@
     docrl index --config configs/tiny.yaml [--folder DIR | --split train|eval|all] [--out DIR]
     docrl search --config configs/tiny.yaml [--index DIR] [-k 3] -q "question" [-q ...]
     docrl retrieval-eval --config configs/tiny.yaml [--index DIR] [--split eval] [--ks 1 3 5]
+    docrl doctor --config configs/tiny.yaml      (rollout-vs-reference logprob parity)
 
 Every command that takes a config validates it (with the overrides) before doing any work.
 """
@@ -135,6 +136,29 @@ def cmd_retrieval_eval(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    """Rollout-vs-reference logprob parity: base weights, after a full push, after a LoRA push."""
+    from cluster.ray_setup import init_ray
+    from docvqa.tiny_models import resolve_model
+    from rollout.parity import run_doctor
+
+    cfg = _load(args)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
+    policy = resolve_model(cfg.learner.policy, "policy", cfg.run.models_dir)
+    report = run_doctor(policy, cfg.rollout, lora_rank=cfg.learner.lora.r, timeout_s=cfg.ray.actor_start_timeout_s)
+    ok = True
+    print(f"docrl doctor: {policy} ({cfg.rollout.dtype})")
+    for label in ("base", "full_push", "lora_push"):
+        r = report[label]
+        ok &= r["max_abs_dlogprob"] < args.tolerance and r["greedy_tokens_identical"]
+        print(f"  {label:10s} max |dlogprob| {r['max_abs_dlogprob']:.2e}  mean {r['mean_abs_dlogprob']:.2e}  "
+              f"over {r['tokens']} tokens  greedy tokens identical: {r['greedy_tokens_identical']}  "
+              f"(weights v{r['weights_version']})")
+    print(f"  push time: full {report['full_push_seconds']:.2f}s, LoRA {report['lora_push_seconds']:.2f}s")
+    print("  PASS" if ok else f"  FAIL: a figure exceeds {args.tolerance:g} or greedy tokens differ")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="docrl", description="RL fine-tuning for retrieval-augmented document QA on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="eval", choices=["train", "eval"])
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5])
     p.set_defaults(func=cmd_retrieval_eval)
+
+    p = sub.add_parser("doctor", help="measure rollout-vs-reference logprob parity (base, full push, LoRA push)")
+    _add_config_args(p)
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max |dlogprob| to pass (fp32 target: 1e-3)")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -2,24 +2,34 @@
 
 In-process vLLM (VLLM_ENABLE_V1_MULTIPROCESSING=0) starts in seconds and suits one actor per
 engine; it changes thread settings of its process, so each engine lives in its own actor
-(DESIGN.md). `configure_vllm_env` must run before `vllm` is imported.
+(DESIGN.md). `vllm_env` must be in the environment before `vllm` is imported.
+
+Weights are versioned. A full push goes through vLLM's in-place `reload_weights` (the only path
+that works on CPU) and then both the encoder and the prefix cache are reset: without the resets
+vLLM serves stale outputs, and resetting only the prefix cache crashes the engine. A LoRA push
+registers the adapter under a fresh integer id every time: reusing an id with a new path silently
+serves the old adapter.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
+import torch
+
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.prompts import build_chat_text, fit_image
-from rollout.types import RolloutRequest, RolloutResult, SampledAnswer
+from rollout.types import GenerateOutput, RolloutRequest, RolloutResult, SampledAnswer
+from rollout.weights import check_full_weights, check_lora_adapter, checkpoint_shapes, local_model_dir
 
 
 def vllm_env(cfg: RolloutConfig, num_threads: int) -> dict[str, str]:
     """Environment for a vLLM worker process: in-process engine, bounded KV cache, own threads."""
     return {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(cfg.kv_cache_gb)))),
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(math.ceil(cfg.kv_cache_gb)))),
         # Auto binding pins every engine on a node to the same cores; let the OS spread them.
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "OMP_NUM_THREADS": str(max(1, num_threads)),
@@ -37,13 +47,16 @@ def to_sampling_params(s: SamplingConfig):
 class RolloutEngine:
     """vLLM over the policy: turns (question, pages) into sampled answers with token logprobs."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0):
+    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0, max_lora_rank: int | None = None,
+                 name: str = "rollout worker"):
         from transformers import AutoProcessor
         from vllm import LLM
 
-        self.cfg = cfg
-        self.model_path = model_path
+        self.cfg, self.model_path, self.name = cfg, model_path, name
         self.processor = AutoProcessor.from_pretrained(model_path)
+        self.tokenizer = self.processor.tokenizer
+        self.max_lora_rank = max_lora_rank
+        lora_kwargs = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=2) if max_lora_rank else {}
         self.llm = LLM(
             model=model_path,
             dtype=cfg.dtype,
@@ -53,10 +66,30 @@ class RolloutEngine:
             enforce_eager=True,
             limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
             seed=seed,
+            worker_extension_cls="rollout.vllm_extension.DocRLWorkerExtension",
+            **lora_kwargs,
         )
+        self.expected_shapes = checkpoint_shapes(local_model_dir(model_path))
         self.weights_version = 0
+        self.lora_request = None
+        self._next_lora_id = 1
 
-    def _prompt(self, req: RolloutRequest) -> tuple[dict, str, tuple, tuple]:
+    # -- prompts -------------------------------------------------------------------------------
+
+    def _image_tokens(self, image) -> int:
+        """Visual tokens Qwen2-VL's processor gives an image (its smart_resize, then 2x2 merge)."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        ip = self.processor.image_processor
+        factor = ip.patch_size * ip.merge_size
+        size = getattr(ip, "size", None) or {}
+        min_pixels = getattr(ip, "min_pixels", None) or size.get("shortest_edge")
+        max_pixels = getattr(ip, "max_pixels", None) or size.get("longest_edge")
+        h, w = smart_resize(image.height, image.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        return (h // factor) * (w // factor)
+
+    def prepare(self, req: RolloutRequest) -> tuple[dict, str, tuple, tuple, int]:
+        """The vLLM prompt (chat text with one pad per image), and its length once expanded."""
         pages = req.pages
         if len(pages) > self.cfg.max_images_per_prompt:
             if self.cfg.on_too_many_images == "refuse":
@@ -65,27 +98,100 @@ class RolloutEngine:
             pages = pages[: self.cfg.max_images_per_prompt]
         images = [fit_image(p.load_image(), self.cfg.max_image_pixels) for p in pages]
         text = build_chat_text(self.processor, req.question, len(images), self.cfg.system_prompt, self.cfg.instruction)
+        length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + sum(self._image_tokens(im) - 1 for im in images)
         prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
-        return prompt, text, tuple(p.page_id for p in pages), tuple(im.size for im in images)
+        return prompt, text, tuple(p.page_id for p in pages), tuple(im.size for im in images), length
 
-    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:
-        prepared = [self._prompt(r) for r in requests]
-        outputs = self.llm.generate([p[0] for p in prepared], to_sampling_params(sampling), use_tqdm=False)
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> GenerateOutput:
+        """Sample answers. A request whose prompt does not fit max_model_len, or whose page cannot
+        be read, is skipped and named in `skipped` (never fails the batch)."""
+        prepared, kept, skipped = [], [], {}
+        for req in requests:
+            try:
+                p = self.prepare(req)
+            except (OSError, ValueError) as e:
+                skipped[req.request_id] = str(e)
+                continue
+            if p[4] >= self.cfg.max_model_len:
+                skipped[req.request_id] = (f"prompt of {p[4]} tokens (images expanded) does not fit "
+                                           f"rollout.max_model_len={self.cfg.max_model_len}")
+                continue
+            prepared.append(p)
+            kept.append(req)
         results = []
-        for req, (_, text, page_ids, sizes), out in zip(requests, prepared, outputs):
-            answers = [
-                SampledAnswer(
-                    token_ids=list(c.token_ids),
-                    logprobs=[lp[tok].logprob for lp, tok in zip(c.logprobs or [], c.token_ids)],
-                    text=c.text,
-                    finish_reason=str(c.finish_reason),
-                )
-                for c in out.outputs
-            ]
-            results.append(RolloutResult(request_id=req.request_id, prompt_text=text, prompt_ids=list(out.prompt_token_ids),
-                                         page_ids=page_ids, image_sizes=sizes, answers=answers,
-                                         weights_version=self.weights_version))
-        return results
+        if prepared:
+            outputs = self.llm.generate([p[0] for p in prepared], to_sampling_params(sampling), use_tqdm=False,
+                                        lora_request=self.lora_request)
+            for req, (_, text, page_ids, sizes, _), out in zip(kept, prepared, outputs):
+                answers = [
+                    SampledAnswer(token_ids=list(c.token_ids),
+                                  logprobs=[lp[tok].logprob for lp, tok in zip(c.logprobs or [], c.token_ids)],
+                                  text=c.text, finish_reason=str(c.finish_reason))
+                    for c in out.outputs
+                ]
+                results.append(RolloutResult(request_id=req.request_id, prompt_text=text, prompt_ids=list(out.prompt_token_ids),
+                                             page_ids=page_ids, image_sizes=sizes, answers=answers,
+                                             weights_version=self.weights_version))
+        return GenerateOutput(results=results, skipped=skipped)
+
+    def score(self, prompt_text: str, images: Sequence, response_ids: Sequence[int]) -> tuple[list[int], list[float]]:
+        """Logprobs of fixed response tokens after a prompt (the parity probe). Returns the
+        expanded prompt ids as vLLM saw them and one logprob per response token."""
+        from vllm import SamplingParams
+
+        ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"] + list(response_ids)
+        prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": list(images)}} if images else {"prompt_token_ids": ids}
+        (out,) = self.llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
+                                   use_tqdm=False, lora_request=self.lora_request)
+        full = list(out.prompt_token_ids)
+        n = len(response_ids)
+        logprobs = [out.prompt_logprobs[i][full[i]].logprob for i in range(len(full) - n, len(full))]
+        return full[: len(full) - n], logprobs
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def _check_version(self, version: int) -> None:
+        if version <= self.weights_version:
+            raise ValueError(f"{self.name}: weight push refused: version {version} is not newer than the "
+                             f"current version {self.weights_version} (a stale or duplicate push)")
+
+    def _reset_caches(self) -> None:
+        # Both, in this order: stale encoder outputs otherwise survive a reload (DESIGN.md).
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+
+    def load_full_weights(self, named: dict[str, torch.Tensor], version: int) -> int:
+        """Replace every weight (HF checkpoint names) in place; checked before the engine changes."""
+        self._check_version(version)
+        check_full_weights(named, self.expected_shapes, self.name)
+        self.llm.collective_rpc("docrl_reload_weights", args=(list(named.items()),))
+        self._reset_caches()
+        if self.lora_request is not None:  # full weights already include any merged adapter
+            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+            self.lora_request = None
+        self.weights_version = version
+        return version
+
+    def load_lora(self, adapter_dir: str, version: int) -> int:
+        """Serve a new adapter version on the base weights, under a fresh LoRA id."""
+        from vllm.lora.request import LoRARequest
+
+        self._check_version(version)
+        check_lora_adapter(adapter_dir, self.max_lora_rank, self.name)
+        request = LoRARequest(f"docrl-v{version}", self._next_lora_id, str(adapter_dir))
+        try:
+            self.llm.llm_engine.add_lora(request)  # loads now: a bad adapter fails here, old one kept
+        except Exception as e:  # noqa: BLE001 - vLLM raises several types; report and keep serving
+            raise ValueError(f"{self.name}: LoRA push refused: vLLM could not load {adapter_dir}: {e}") from e
+        old, self.lora_request = self.lora_request, request
+        self._next_lora_id += 1
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+        self.llm.reset_prefix_cache()
+        self.weights_version = version
+        return version
 
     def shutdown(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()

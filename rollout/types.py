@@ -36,3 +36,9 @@ class RolloutResult:
     answers: list[SampledAnswer]
     weights_version: int = 0
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class GenerateOutput:
+    results: list[RolloutResult]
+    skipped: dict[str, str] = field(default_factory=dict)  # request id -> why it was skipped

@@ -8,38 +8,55 @@ import ray
 
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.engine import vllm_env
-from rollout.types import RolloutRequest, RolloutResult
+from rollout.types import GenerateOutput, RolloutRequest
 
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0):
+    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0, max_lora_rank: int | None = None,
+                 index: int = 0):
         os.environ.update(vllm_env(cfg, num_threads=max(1, int(cfg.num_cpus_per_worker))))
         from rollout.engine import RolloutEngine  # imports vllm: after the environment is set
 
-        self.engine = RolloutEngine(model_path, cfg, seed=seed)
+        self.name = f"rollout worker {index}"
+        self.engine = RolloutEngine(model_path, cfg, seed=seed, max_lora_rank=max_lora_rank, name=self.name)
+        self.sync = None
 
-    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> GenerateOutput:
         return self.engine.generate(requests, sampling)
+
+    def score(self, prompt_text: str, pages: list, response_ids: list[int]) -> tuple[list[int], list[float]]:
+        from rollout.prompts import fit_image
+
+        images = [fit_image(p.load_image(), self.engine.cfg.max_image_pixels) for p in pages]
+        return self.engine.score(prompt_text, images, response_ids)
 
     def weights_version(self) -> int:
         return self.engine.weights_version
 
+    # -- weight updates ------------------------------------------------------------------------
+
+    def load_full_weights(self, arrays: dict, version: int) -> int:
+        """Object-store transport: `arrays` from `weight_sync.to_numpy` (already fetched by Ray)."""
+        from rollout.weight_sync import from_numpy
+
+        return self.engine.load_full_weights(from_numpy(arrays), version)
+
+    def load_lora(self, adapter_dir: str, version: int) -> int:
+        return self.engine.load_lora(adapter_dir, version)
+
+    def join_weight_sync(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> bool:
+        from rollout.weight_sync import WeightSyncGroup
+
+        self.sync = WeightSyncGroup(host, port, rank, world_size, timeout_s, self.name)
+        return True
+
+    def receive_full_weights(self, metas: list, version: int) -> int:
+        """Collective transport: take part in the broadcast, then load (checked first)."""
+        if self.sync is None:
+            raise RuntimeError(f"{self.name}: join_weight_sync was never called")
+        self.engine._check_version(version)  # refuse before the transfer, not after
+        return self.engine.load_full_weights(self.sync.receive(metas), version)
+
     def shutdown(self) -> None:
         self.engine.shutdown()
-
-
-def start_rollout_workers(model_path: str, cfg: RolloutConfig, seed: int = 0) -> list:
-    """One actor per worker, each with its own CPU/GPU share; seeds differ so samples differ."""
-    workers = []
-    for i in range(cfg.num_workers):
-        env = vllm_env(cfg, num_threads=max(1, int(cfg.num_cpus_per_worker)))
-        workers.append(
-            RolloutWorker.options(
-                num_cpus=cfg.num_cpus_per_worker,
-                num_gpus=cfg.num_gpus_per_worker,
-                name=None,
-                runtime_env={"env_vars": env},
-            ).remote(model_path, cfg, seed + i)
-        )
-    return workers

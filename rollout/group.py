@@ -1,0 +1,155 @@
+"""RolloutGroup: the rollout workers, seen from the driver.
+
+It splits generation over the workers, pushes versioned weights to all of them, and heals: a
+worker that died is restarted by Ray (max_restarts) and gets the current weights version again
+before it serves; its share of the batch is retried, not lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Sequence
+
+import ray
+import torch
+
+from cluster.ray_setup import get_with_timeout
+from rollout.config import RolloutConfig, SamplingConfig
+from rollout.types import GenerateOutput, RolloutRequest
+from rollout.weight_sync import WeightSyncGroup, metas_of, to_numpy
+from rollout.worker import RolloutWorker
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RolloutGroup:
+    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0, max_lora_rank: int | None = None,
+                 max_restarts: int = 3, scheduling: Sequence | None = None):
+        """`scheduling[i]`, when given, is a Ray scheduling strategy for worker i (placement group bundle)."""
+        from rollout.engine import vllm_env
+
+        self.cfg = cfg
+        env = vllm_env(cfg, num_threads=max(1, int(cfg.num_cpus_per_worker)))
+        self.workers = [
+            RolloutWorker.options(
+                num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker * cfg.tensor_parallel_size,
+                max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": env},
+                scheduling_strategy=scheduling[i] if scheduling else None,
+            ).remote(model_path, cfg, seed + i, max_lora_rank, i)
+            for i in range(cfg.num_workers)
+        ]
+        self.version = 0
+        self._latest: tuple[str, object] | None = None  # ("full", object ref) or ("lora", adapter dir)
+        self.restarts = 0
+        self.sync_ready = False
+
+    def _get(self, refs, what: str, timeout_s: float | None = None):
+        return get_with_timeout(refs, timeout_s or self.cfg.weight_sync_timeout_s, f"rollout group: {what}")
+
+    def ready(self) -> list[int]:
+        return self._get([w.weights_version.remote() for w in self.workers], "starting the rollout workers",
+                         self.cfg.generate_timeout_s)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> GenerateOutput:
+        """Contiguous shares per worker, results in request order. A dead worker's share is retried
+        once after Ray restarts it and it has the current weights."""
+        n = len(self.workers)
+        bounds = [round(i * len(requests) / n) for i in range(n + 1)]
+        shares = [list(requests[bounds[i]:bounds[i + 1]]) for i in range(n)]
+        refs = {i: self.workers[i].generate.remote(shares[i], sampling) for i in range(n) if shares[i]}
+        out = GenerateOutput(results=[], skipped={})
+        for i in sorted(refs):
+            try:
+                part = self._get(refs[i], f"generation on worker {i}", self.cfg.generate_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                log.warning("rollout worker %d died (%s); waiting for its restart, re-syncing, retrying", i, type(e).__name__)
+                self.restarts += 1
+                self.resync(i)
+                part = self._get(self.workers[i].generate.remote(shares[i], sampling), f"retried generation on worker {i}",
+                                 self.cfg.generate_timeout_s)
+            out.results += part.results
+            out.skipped.update(part.skipped)
+        return out
+
+    def _wait_alive(self, i: int) -> int:
+        """Poll worker i until Ray has restarted it; returns its weights version."""
+        deadline = time.monotonic() + self.cfg.generate_timeout_s
+        while True:
+            try:
+                return ray.get(self.workers[i].weights_version.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError) as e:
+                if isinstance(e, ray.exceptions.ActorDiedError) or time.monotonic() > deadline:
+                    raise RuntimeError(f"rollout group: worker {i} did not come back after dying ({e})") from e
+                time.sleep(1.0)
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(f"rollout group: worker {i} did not restart within {self.cfg.generate_timeout_s:g}s") from None
+
+    def resync(self, i: int) -> None:
+        """Bring worker i (e.g. just restarted with base weights) to the group's current version."""
+        have = self._wait_alive(i)
+        if have == self.version or self._latest is None:
+            return
+        kind, payload = self._latest
+        if have > self.version:
+            raise RuntimeError(f"rollout worker {i} reports weights version {have}, newer than the group's {self.version}")
+        method = self.workers[i].load_full_weights if kind == "full" else self.workers[i].load_lora
+        self._get(method.remote(payload, self.version), f"re-syncing worker {i} to version {self.version}")
+
+    def versions(self) -> list[int]:
+        return self._get([w.weights_version.remote() for w in self.workers], "reading weight versions")
+
+    # -- weight pushes -------------------------------------------------------------------------
+
+    def _check_newer(self, version: int) -> None:
+        if version <= self.version:
+            raise ValueError(f"rollout group: weight push refused: version {version} is not newer than {self.version}")
+
+    def push_full(self, named: dict[str, torch.Tensor], version: int) -> None:
+        """Object-store transport: one copy into the object store, every worker loads it."""
+        self._check_newer(version)
+        ref = ray.put(to_numpy(named))
+        # Ray resolves a top-level ObjectRef argument to its value inside each worker.
+        self._get([w.load_full_weights.remote(ref, version) for w in self.workers], f"full weight push v{version}")
+        self.version, self._latest = version, ("full", ref)
+
+    def push_lora(self, adapter_dir: str, version: int) -> None:
+        """The adapter directory must be readable by every worker (shared storage on a cluster)."""
+        self._check_newer(version)
+        self._get([w.load_lora.remote(str(adapter_dir), version) for w in self.workers], f"LoRA push v{version}")
+        self.version, self._latest = version, ("lora", str(adapter_dir))
+
+    def init_collective(self, host: str = "127.0.0.1", port: int | None = None) -> WeightSyncGroup:
+        """Form the weight-sync process group with this process as sender (rank 0)."""
+        port = port or free_port()
+        world = len(self.workers) + 1
+        refs = [w.join_weight_sync.remote(host, port, i + 1, world, self.cfg.weight_sync_timeout_s)
+                for i, w in enumerate(self.workers)]
+        sender = WeightSyncGroup(host, port, 0, world, self.cfg.weight_sync_timeout_s, "weight sender")
+        self._get(refs, "joining the weight-sync group")
+        self.sync_ready = True
+        return sender
+
+    def push_full_collective(self, sender: WeightSyncGroup, named: dict[str, torch.Tensor], version: int) -> None:
+        """Collective transport: per-tensor broadcast from `sender` to every worker."""
+        self._check_newer(version)
+        if not self.sync_ready:
+            raise RuntimeError("rollout group: init_collective() first")
+        refs = [w.receive_full_weights.remote(metas_of(named), version) for w in self.workers]
+        sender.send(named)
+        self._get(refs, f"collective weight push v{version}")
+        # keep a copy for re-syncing a restarted worker, which cannot join the broadcast later
+        self.version, self._latest = version, ("full", ray.put(to_numpy(named)))
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w, no_restart=True)

@@ -1,0 +1,144 @@
+"""Rollout-vs-reference logprob parity: the check that weights really reached vLLM and that the
+learner scores exactly what vLLM sampled.
+
+`reference_logprobs` is the plain-transformers computation (teacher forcing with Qwen2-VL's
+3-D mrope positions, which need `mm_token_type_ids`: without them transformers silently falls
+back to 1-D positions, DESIGN.md). `run_doctor` measures max |Δlogprob| between a rollout worker
+and the reference for the base weights, after a full push of perturbed weights, and after a LoRA
+push, plus whether greedy decoding picks the same tokens.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def reference_logprobs(model, processor, prompt_text: str, images: Sequence, response_ids: Sequence[int],
+                       expect_prompt_ids: Sequence[int] | None = None) -> torch.Tensor:
+    """Logprob of each response token under `model` (a Qwen2-VL, possibly peft-wrapped)."""
+    inputs = processor(text=[prompt_text], images=list(images) or None, return_tensors="pt")
+    prompt_ids = inputs["input_ids"][0].tolist()
+    if expect_prompt_ids is not None and prompt_ids != list(expect_prompt_ids):
+        raise ValueError(f"the processor's prompt ({len(prompt_ids)} tokens) differs from the rollout's "
+                         f"({len(expect_prompt_ids)} tokens): image placeholders were expanded differently")
+    ids = torch.tensor([prompt_ids + list(response_ids)])
+    image_token_id = model.config.image_token_id
+    mm = (ids == image_token_id).long()
+    kwargs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **kwargs).logits
+    p = len(prompt_ids)
+    logp = torch.log_softmax(logits[0, p - 1:-1].float(), dim=-1)
+    return logp.gather(-1, torch.tensor(list(response_ids))[:, None])[:, 0]
+
+
+def perturbed_state_dict(model_dir: str | Path, scale: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors (HF names) plus seeded noise of `scale` times each tensor's std."""
+    from safetensors.torch import load_file
+
+    from rollout.weights import checkpoint_shapes
+
+    shapes = checkpoint_shapes(model_dir)
+    files = sorted({p for p in Path(model_dir).glob("model*.safetensors")})
+    tensors = {k: v for f in files for k, v in load_file(str(f)).items() if k in shapes}
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(tensors):
+        t = tensors[name].float()
+        std = float(t.std()) if t.numel() > 1 and float(t.std()) > 0 else 0.02
+        out[name] = (t + scale * std * torch.randn(t.shape, generator=gen)).to(tensors[name].dtype)
+    return out
+
+
+def write_model_copy(model_dir: str | Path, tensors: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """A copy of a checkpoint directory with its weights replaced (same names, one safetensors file)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(model_dir).iterdir():  # configs, tokenizer, processor, chat template; not the weights
+        if f.is_file() and f.suffix in (".json", ".jinja", ".txt") and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, out / f.name)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def random_lora_adapter(model, out_dir: str | Path, r: int = 8, seed: int = 0, target_modules=("q_proj", "v_proj")):
+    """A peft LoRA on the language model with non-zero random A and B (a fresh LoRA is a no-op)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=r"model\.language_model\.layers\.\d+\.self_attn\.(" +
+                     "|".join(target_modules) + ")", lora_dropout=0.0)
+    peft_model = get_peft_model(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    peft_model.save_pretrained(str(out_dir))
+    return peft_model.eval()
+
+
+def run_doctor(policy_path: str, rollout_cfg, lora_rank: int = 8, timeout_s: float = 600.0) -> dict:
+    """Start one rollout worker and measure parity three ways. Returns a report dict."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from docvqa.sample import Page
+    from docvqa.synthetic import generate_corpus
+    from rollout.config import SamplingConfig
+    from rollout.group import RolloutGroup
+    from rollout.prompts import fit_image
+    from rollout.types import RolloutRequest
+
+    report: dict = {}
+    work = Path(tempfile.mkdtemp(prefix="docrl-doctor-"))
+    generate_corpus(work / "data", num_documents=2, seed=0, level="realistic", val_fraction=0.5)
+    page_file = sorted((work / "data" / "documents").glob("*.png"))[0]
+    page = Page("probe/p1", "probe", 1, image_path=str(page_file))
+    image = fit_image(page.load_image(), rollout_cfg.max_image_pixels)
+    request = RolloutRequest("probe", "What is the date on this page?", (page,))
+
+    cfg = rollout_cfg.model_copy(update={"num_workers": 1})
+    group = RolloutGroup(policy_path, cfg, max_lora_rank=lora_rank)
+    group.ready()
+    processor = AutoProcessor.from_pretrained(policy_path)
+    dtype = getattr(torch, cfg.dtype)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(policy_path, dtype=dtype).eval()
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=16)
+
+    def measure(label: str, reference) -> None:
+        (res,) = group.generate([request], greedy).results
+        ans = res.answers[0]
+        ref = reference_logprobs(reference, processor, res.prompt_text, [image], ans.token_ids, res.prompt_ids)
+        delta = (ref - torch.tensor(ans.logprobs)).abs()
+        inputs = processor(text=[res.prompt_text], images=[image], return_tensors="pt")  # has mm_token_type_ids
+        with torch.no_grad():
+            hf = reference.generate(**inputs, max_new_tokens=len(ans.token_ids), do_sample=False)
+        hf_tokens = hf[0, inputs["input_ids"].shape[1]:].tolist()
+        report[label] = {"max_abs_dlogprob": float(delta.max()), "mean_abs_dlogprob": float(delta.mean()),
+                         "tokens": len(ans.token_ids), "greedy_tokens_identical": hf_tokens == ans.token_ids,
+                         "weights_version": res.weights_version}
+
+    measure("base", model)
+    perturbed = perturbed_state_dict(policy_path)
+    t0 = time.perf_counter()
+    group.push_full(perturbed, version=1)
+    report["full_push_seconds"] = time.perf_counter() - t0
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        write_model_copy(policy_path, perturbed, work / "perturbed"), dtype=dtype).eval()
+    measure("full_push", model)
+    adapter = random_lora_adapter(model, work / "adapter", r=lora_rank)
+    t0 = time.perf_counter()
+    group.push_lora(str(work / "adapter"), version=2)
+    report["lora_push_seconds"] = time.perf_counter() - t0
+    measure("lora_push", adapter)
+    group.shutdown()
+    return report

@@ -1,0 +1,62 @@
+"""Checking a weight push against the policy checkpoint before anything in the engine changes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def local_model_dir(model: str) -> Path:
+    """A local directory for `model`: the path itself, or the hub snapshot vLLM already cached."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from the safetensors headers only (no weights loaded)."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        with safe_open(str(model_dir / name), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def check_full_weights(named: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], who: str) -> None:
+    """Refuse a push with missing, extra or misshaped tensors, naming them (first 10 of each)."""
+    missing = sorted(set(expected) - set(named))
+    extra = sorted(set(named) - set(expected))
+    misshaped = sorted(f"{k} {tuple(named[k].shape)} != {expected[k]}" for k in set(named) & set(expected)
+                       if tuple(named[k].shape) != expected[k])
+    nonfinite = sorted(k for k, v in named.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", extra), ("misshaped", misshaped), ("non-finite", nonfinite)):
+        if items:
+            problems.append(f"{len(items)} {label}: {', '.join(items[:10])}{', ...' if len(items) > 10 else ''}")
+    if problems:
+        raise ValueError(f"{who}: weight push refused, engine unchanged ({'; '.join(problems)})")
+
+
+def check_lora_adapter(adapter_dir: str | Path, max_rank: int | None, who: str) -> dict:
+    """The adapter directory must hold a peft config and weights with rank <= the engine's limit."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / "adapter_config.json"
+    if max_rank is None:
+        raise ValueError(f"{who}: LoRA push refused: the engine was started without LoRA (train with learner.lora.enabled)")
+    if not cfg_path.exists() or not any(adapter_dir.glob("adapter_model.*")):
+        raise ValueError(f"{who}: LoRA push refused: {adapter_dir} lacks adapter_config.json or adapter_model.*")
+    cfg = json.loads(cfg_path.read_text())
+    if int(cfg.get("r", 0)) > max_rank:
+        raise ValueError(f"{who}: LoRA push refused: adapter rank {cfg.get('r')} > the engine's max_lora_rank {max_rank}")
+    return cfg
