@@ -99,6 +99,31 @@ def _parse_record(rec: Any, split: str, require_answers: bool) -> tuple[str, str
     return qid, question.strip(), answers, tuple(str(t) for t in qtypes), str(rec["ucsf_document_id"]), page_no
 
 
+def _collect_samples(records: Iterable, label: str, split: str, require_answers: bool, bad: _BadRecords,
+                     page_of) -> list[tuple]:
+    """Validate records one by one (fields, duplicate ids, the page via `page_of`), reporting each
+    bad one to `bad`; returns the good ones as tuples for `_assemble`."""
+    samples, seen = [], {}
+    for i, rec in enumerate(records):
+        qid = str(rec.get("questionId")) if isinstance(rec, dict) else "?"
+        where = f"{label}{i} (questionId={qid})"
+        try:
+            qid, question, answers, qtypes, doc_id, page_no = _parse_record(rec, split, require_answers)
+        except ValueError as e:
+            bad.report("no_answers" if "no answers" in str(e) else "malformed", where, str(e))
+            continue
+        if qid in seen:
+            bad.report("duplicate_id", where, f"duplicate questionId (first seen at {label}{seen[qid]})")
+            continue
+        page_id, err = page_of(rec, doc_id, page_no)
+        if err:
+            bad.report("bad_image", where, err)
+            continue
+        seen[qid] = i
+        samples.append((qid, question, answers, qtypes, doc_id, page_id, str(rec.get("data_split") or split)))
+    return samples
+
+
 def _assemble(samples: list[tuple[str, str, tuple[str, ...], tuple[str, ...], str, str, str]],
               pages: dict[str, Page], source: str, bad: _BadRecords) -> DocVQADataset:
     """Attach each sample to its document's page list, in page order."""
@@ -158,25 +183,10 @@ def load_docvqa_json(annotation_path: str | Path, image_root: str | Path | None 
         if err:
             bad.report("bad_image", f"pages[{i}] ({make_page_id(doc_id, page_no)})", err)
 
-    samples = []
-    seen: dict[str, int] = {}
-    for i, rec in enumerate(doc["data"]):
-        qid = str(rec.get("questionId")) if isinstance(rec, dict) else "?"
-        where = f"record #{i} (questionId={qid})"
-        try:
-            qid, question, answers, qtypes, doc_id, page_no = _parse_record(rec, split, require_answers)
-        except ValueError as e:
-            bad.report("no_answers" if "no answers" in str(e) else "malformed", where, str(e))
-            continue
-        if qid in seen:
-            bad.report("duplicate_id", where, f"duplicate questionId (first seen at record #{seen[qid]})")
-            continue
-        page_id, err = add_page(doc_id, page_no, rec.get("image"))
-        if err:
-            bad.report("bad_image", where, err)
-            continue
-        seen[qid] = i
-        samples.append((qid, question, answers, qtypes, doc_id, page_id, str(rec.get("data_split") or split)))
+    def page_of(rec: dict, doc_id: str, page_no: int) -> tuple[str, str | None]:
+        return add_page(doc_id, page_no, rec.get("image"))
+
+    samples = _collect_samples(doc["data"], "record #", split, require_answers, bad, page_of)
     return _assemble(samples, pages, str(path), bad)
 
 
@@ -210,29 +220,19 @@ def load_hf_docvqa(path_or_id: str, split: str, config_name: str | None = "DocVQ
         require_answers = split not in UNLABELLED_SPLITS
     bad = _BadRecords(on_bad, source)
     pages: dict[str, Page] = {}
-    samples = []
-    seen: dict[str, int] = {}
-    for i, rec in enumerate(_hf_records(path_or_id, split, config_name)):
-        where = f"row {i} (questionId={rec.get('questionId')})"
-        try:
-            qid, question, answers, qtypes, doc_id, page_no = _parse_record(rec, split, require_answers)
-        except ValueError as e:
-            bad.report("no_answers" if "no answers" in str(e) else "malformed", where, str(e))
-            continue
-        if qid in seen:
-            bad.report("duplicate_id", where, f"duplicate questionId (first seen at row {seen[qid]})")
-            continue
+
+    def page_of(rec: dict, doc_id: str, page_no: int) -> tuple[str, str | None]:
         page_id = make_page_id(doc_id, page_no)
         if page_id not in pages:
             image = rec.get("image") or {}
             data = image.get("bytes") if isinstance(image, dict) else None
             err = _check_image_bytes(data)
             if err:
-                bad.report("bad_image", where, err)
-                continue
+                return page_id, err
             pages[page_id] = Page(page_id=page_id, doc_id=doc_id, page_no=page_no, image_bytes=data)
-        seen[qid] = i
-        samples.append((qid, question, answers, qtypes, doc_id, page_id, str(rec.get("data_split") or split)))
+        return page_id, None
+
+    samples = _collect_samples(_hf_records(path_or_id, split, config_name), "row ", split, require_answers, bad, page_of)
     return _assemble(samples, pages, source, bad)
 
 
