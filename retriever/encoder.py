@@ -24,8 +24,17 @@ _MODEL_TYPE_TO_CLASS = {"qwen2_vl": "colqwen2", "qwen2_5_vl": "colqwen2_5", "pal
 
 
 def infer_model_class(model: str) -> str:
-    """Pick the colpali-engine family from a local config.json, else from the hub id's name."""
+    """Pick the colpali-engine family from a local config.json (or, for a LoRA adapter checkpoint,
+    its base model's), else from the hub id's name."""
     config = Path(model) / "config.json"
+    adapter = Path(model) / "adapter_config.json"
+    if not config.exists() and adapter.exists():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if base:
+            try:
+                return infer_model_class(base)
+            except ValueError:
+                pass  # fall back to this checkpoint's own name
     if config.exists():
         model_type = json.loads(config.read_text()).get("model_type", "")
         if model_type in _MODEL_TYPE_TO_CLASS:

@@ -173,3 +173,35 @@ def test_delete_then_readd_lives_in_the_new_segment_only(tmp_path):
     loaded = load_index(tmp_path / "idx")
     assert loaded.page_ids == index.page_ids[1:] + ["d0/p1"]
     assert torch.equal(loaded.vectors[-1], new_vec)
+
+
+def test_retriever_checkpoint_shipped_as_lora_adapter_loads(tiny_models, tmp_path):
+    """Hub retrievers such as vidore/colqwen2-v1.0 ship as a LoRA adapter over a base model: the
+    encoder resolves the family through the base and applies the adapter."""
+    import shutil
+
+    from colpali_engine.models import ColQwen2
+    from peft import LoraConfig, get_peft_model
+
+    from retriever.encoder import PageEncoder
+
+    base_dir = tiny_models["retriever"]
+    model = ColQwen2.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*(q_proj|v_proj)$"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    for f in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        shutil.copy(base_dir / f, tmp_path / "adapter" / f)
+
+    adapted, base = PageEncoder(str(tmp_path / "adapter")), PageEncoder(str(base_dir))
+    assert adapted.family == "colqwen2"
+    image = Image.new("RGB", (224, 280), "white")
+    (a,), (b,) = adapted.embed_images([image]), base.embed_images([image])
+    with torch.no_grad():
+        batch = adapted.processor.process_images([image])
+        expected = peft_model.eval()(**batch)[0][batch["attention_mask"][0].bool()]
+    torch.testing.assert_close(a, expected, atol=1e-5, rtol=0)
+    assert (a - b).abs().max() > 1e-2  # the adapter is really applied
