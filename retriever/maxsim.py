@@ -75,9 +75,10 @@ __all__ = [
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 # Auto chunking: pages per chunk so that one similarity block [query tokens, chunk tokens] holds
-# about this many elements (fp32: 4 MiB, about the L2 + a slice of L3 of the 2-core dev machine).
-# Measured (32 q x ~24 tokens, 800-token pages): 0.5-2 M within noise of each other; 1 page per
-# chunk pays per-op overhead, >= 4 M elements loses up to 2x to cache misses.
+# about this many elements (fp32: 4 MiB; the dev machine has 1 MiB L2 per core, a shared L3).
+# Measured (774 query tokens, 600-800-token pages): 0.5-2 M within noise of each other (there:
+# 1 page per chunk, whose span trimming leaves no padding, so no where/-inf pass at all); blocks of
+# >= 4 M elements lost up to 2x to cache misses.
 _CHUNK_TARGET_ELEMENTS = 1_000_000
 
 
@@ -141,7 +142,8 @@ def _as_padded(x: Tensor | Sequence[Tensor], mask: Tensor | None, what: str) -> 
     """Normalise (tensor, mask) / (tensor, None) / (list, None) into a padded tensor and a bool mask."""
     if not isinstance(x, Tensor):
         if mask is not None:
-            raise ValueError(f"{what}: pass either a list of [L_i, D] tensors without a mask, or a padded tensor and its mask")
+            raise ValueError(f"{what}: pass either a list of [L_i, D] tensors without a mask, "
+                             "or a padded tensor and its mask")
         return pad_multivectors(x)
     if x.dim() != 3:
         raise ValueError(f"{what}: expected a [N, L, D] tensor, got shape {tuple(x.shape)}")
@@ -171,7 +173,8 @@ def prepare_pages(pages: Tensor | Sequence[Tensor], page_mask: Tensor | None = N
 
     Scores from ``maxsim_scores(..., prepared, None)`` come back in the original page order.
     Sorting by valid length makes chunks nearly padding-free (less matmul work) and costs nothing
-    in exactness.
+    in exactness. The result holds its own copy (fp32: same size as the input, bf16: half); the
+    caller may drop the original.
     """
     _check_dtype(dtype)
     with torch.inference_mode():
@@ -212,7 +215,8 @@ def maxsim_scores(queries: Tensor | Sequence[Tensor], query_mask: Tensor | None,
     best page token; that pair's similarity is recomputed in fp32 from the caller's vectors (from the
     stored bf16 vectors for bf16 ``PreparedPages``), removing the bf16 rounding of the summed dot
     products. Measured at 32 x 1,000 x ~700 x 128 (unit vectors): mean |error| vs exact 2.2e-3 ->
-    2.0e-4, ~50% more time. The max error stays ~6e-3 where a near-tie picked another token.
+    2.0e-4 for 50-75% more time (index-returning max is ~8x slower than amax on CPU). The max
+    error stays ~6e-3 where a near-tie made bf16 pick another token.
     """
     if page_chunk is not None and (not isinstance(page_chunk, int) or page_chunk < 1):
         raise ValueError(f"page_chunk must be a positive int or None, got {page_chunk!r}")
@@ -262,28 +266,33 @@ def maxsim_scores(queries: Tensor | Sequence[Tensor], query_mask: Tensor | None,
             lo, hi = _span(m)  # trim columns that are padding in every page of the chunk
             m = m[:, lo:hi]
             pc = src = ptensor[s:e, lo:hi]
+            padded = not bool(m.all())
             if not sanitized:
-                # Cast first (cheaper for bf16), then select: where() never propagates a padded NaN.
-                pc = torch.where(m[..., None], pc.to(dtype), 0)
+                pc = pc.to(dtype)  # cast first (cheaper for bf16), then select:
+                if padded:  # where() never propagates a padded NaN (a multiply would: NaN * 0 = NaN)
+                    pc = torch.where(m[..., None], pc, 0)
             c, length = pc.shape[0], pc.shape[1]
             pages_t = pc.reshape(c * length, -1).T  # [D, c*L]; BLAS reads the transposed view as is
-            # -inf on padded page tokens (added, a plain vectorised pass; skipped without padding)
-            bias = None if bool(m.all()) else torch.zeros(c * length, dtype=dtype, device=device).masked_fill_(
-                ~m.reshape(-1), float("-inf"))
+            # -inf on padded page tokens (added: a plain vectorised pass, skipped without padding)
+            bias = torch.zeros(c * length, dtype=dtype, device=device).masked_fill_(
+                ~m.reshape(-1), float("-inf")) if padded else None
             for t0 in range(0, num_tok, rows):
                 t1 = min(num_tok, t0 + rows)
                 sim = torch.matmul(qflat[t0:t1], pages_t)  # [rows, c*L] in dtype
                 if bias is not None:
                     sim.add_(bias)
+                sim = sim.view(t1 - t0, c, length)
+                if dtype == torch.bfloat16:
+                    sim = sim.float()  # exact; and fp32 amax + the cast beat bf16 amax on CPU (~1.5x)
                 if rescore:
-                    # bf16 picks the best page token; its similarity is recomputed in fp32 from the
-                    # caller's vectors (no bf16 rounding of the dot product that gets summed)
-                    idx = sim.view(t1 - t0, c, length).max(dim=2).indices  # [rows, c]
+                    # bf16 picked the best page token; its similarity is recomputed in fp32 from the
+                    # caller's vectors (no bf16 rounding of the dot products that get summed)
+                    idx = sim.max(dim=2).indices  # [rows, c]
                     chosen = src[torch.arange(c, device=device)[None, :], idx].float()  # [rows, c, D]
                     best[t0:t1, :c] = (chosen * qsrc[t0:t1, None, :]).sum(dim=2)
                 else:
-                    # max in dtype (exact), stored in the accumulation dtype; each page has a valid token
-                    best[t0:t1, :c] = sim.view(t1 - t0, c, length).amax(dim=2)
+                    # max over page tokens (exact: it only selects); every page has a valid token
+                    best[t0:t1, :c] = sim.amax(dim=2)
             out[:, s:e].index_add_(0, seg, best[:, :c])  # sum over each query's tokens
 
         if not bool(torch.isfinite(out).all()):
