@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from retriever.maxsim import maxsim_scores, prepare_pages, topk_pages  # noqa: E402
+from retriever.maxsim import maxsim_scores, prepare_pages, rerank_shortlist, topk_pages  # noqa: E402
 
 K = 5
 
@@ -126,6 +126,8 @@ def main(argv=None):
          lambda: maxsim_scores(q_pad, q_mask, p_pad, p_mask, dtype=torch.bfloat16, rescore=True)),
         (f"docrl prepared fp32 (prepare once: {t_prep32:.2f} s)", lambda: maxsim_scores(q_pad, q_mask, prep32, None)),
         (f"docrl prepared bf16 (prepare once: {t_prep16:.2f} s)", lambda: maxsim_scores(q_pad, q_mask, prep16, None)),
+        ("docrl prepared bf16 + fp32 re-rank of a 32-page shortlist (the index's bf16 search)",
+         lambda: rerank_shortlist(maxsim_scores(q_pad, q_mask, prep16, None), qs, ps, 32)),
     ]
     # Round-robin repeats: a burst of load from other processes then spreads over all methods
     # instead of hitting every repeat of one method.

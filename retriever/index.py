@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from retriever.maxsim import maxsim_scores, prepare_pages, topk_pages
+from retriever.maxsim import maxsim_scores, prepare_pages, rerank_shortlist, topk_pages
 
 FORMAT = "docrl-page-index"
 VERSION = 1
@@ -100,13 +100,19 @@ class PageIndex:
                                  f"settings; rebuild it with `docrl index` or search it with its own model "
                                  f"({'; '.join(diffs)})")
 
-    def search(self, queries: Sequence[torch.Tensor], k: int, dtype: torch.dtype = torch.float32) -> list[list[tuple[str, float]]]:
+    def search(self, queries: Sequence[torch.Tensor], k: int, dtype: torch.dtype = torch.float32,
+               shortlist: int = 32) -> list[list[tuple[str, float]]]:
+        """Top-k by exact MaxSim. In bf16 the whole corpus is scored fast and each query's best
+        max(shortlist, k) pages are re-scored in fp32, so returned scores and order are fp32's."""
         if not self.page_ids:
             raise ValueError("the page index is empty")
         if dtype not in self._prepared:  # sanitised, cast and length-sorted once per dtype
             self._prepared[dtype] = prepare_pages(self.vectors, dtype=dtype)
-        scores = maxsim_scores(list(queries), None, self._prepared[dtype], None)
-        return topk_pages(scores, self.page_ids, k)
+        queries = list(queries)
+        scores = maxsim_scores(queries, None, self._prepared[dtype], None)
+        if dtype != torch.float32:
+            scores = rerank_shortlist(scores, queries, self.vectors, max(shortlist, k))
+        return topk_pages(scores, self.page_ids, min(k, len(self.page_ids)))
 
 
 # ----------------------------------------------------------------------------------------------

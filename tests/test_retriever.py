@@ -205,3 +205,25 @@ def test_retriever_checkpoint_shipped_as_lora_adapter_loads(tiny_models, tmp_pat
         expected = peft_model.eval()(**batch)[0][batch["attention_mask"][0].bool()]
     torch.testing.assert_close(a, expected, atol=1e-5, rtol=0)
     assert (a - b).abs().max() > 1e-2  # the adapter is really applied
+
+
+def test_bf16_search_reranks_a_shortlist_to_the_fp32_ranking():
+    """bf16 rounding swaps near-tied pages; the index re-scores each query's shortlist in fp32, so
+    its bf16 search returns fp32's pages, order and scores."""
+    g = torch.Generator().manual_seed(0)
+    index = PageIndex(SETTINGS)
+    # 200 pages that all nearly tie: a shared component plus tiny page-specific noise
+    common = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    vecs = [torch.nn.functional.normalize(common + 0.05 * torch.randn(6, 8, generator=g), dim=-1) for _ in range(200)]
+    index.add([f"p{i}" for i in range(200)], vecs)
+    queries = [torch.nn.functional.normalize(common[:3] + 0.1 * torch.randn(3, 8, generator=g), dim=-1) for _ in range(6)]
+    exact = index.search(queries, k=5, dtype=torch.float32)
+    fast = index.search(queries, k=5, dtype=torch.bfloat16)
+    assert [[p for p, _ in r] for r in fast] == [[p for p, _ in r] for r in exact]
+    torch.testing.assert_close(torch.tensor([[s for _, s in r] for r in fast]),
+                               torch.tensor([[s for _, s in r] for r in exact]), atol=1e-6, rtol=0)
+    # without the re-rank, bf16 alone gets this ranking wrong
+    from retriever.maxsim import maxsim_scores, prepare_pages, topk_pages
+
+    raw = topk_pages(maxsim_scores(queries, None, prepare_pages(vecs, dtype=torch.bfloat16), None), index.page_ids, 5)
+    assert [[p for p, _ in r] for r in raw] != [[p for p, _ in r] for r in exact]
