@@ -65,9 +65,11 @@ class PageEncoder:
 
     def settings(self) -> dict:
         """What an index records so that searching it with another model is refused."""
-        ip = getattr(self.processor, "image_processor", None)
+        from rollout.prompts import pixel_bounds
+
+        min_pixels, max_pixels = pixel_bounds(self.processor.image_processor)
         return {"model": self.model_id, "family": self.family, "dim": self.dim, "dtype": str(self.dtype).removeprefix("torch."),
-                "max_pixels": getattr(ip, "max_pixels", None), "min_pixels": getattr(ip, "min_pixels", None)}
+                "max_pixels": max_pixels, "min_pixels": min_pixels}
 
     @torch.inference_mode()
     def _embed(self, batch) -> list[torch.Tensor]:

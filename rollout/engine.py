@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from rollout.config import RolloutConfig, SamplingConfig
-from rollout.prompts import build_chat_text, fit_image
+from rollout.prompts import build_chat_text, fit_image, pixel_bounds
 from rollout.types import GenerateOutput, RolloutRequest, RolloutResult, SampledAnswer
 from rollout.weights import check_full_weights, check_lora_adapter, checkpoint_shapes, local_model_dir
 
@@ -82,9 +82,7 @@ class RolloutEngine:
 
         ip = self.processor.image_processor
         factor = ip.patch_size * ip.merge_size
-        size = getattr(ip, "size", None) or {}
-        min_pixels = getattr(ip, "min_pixels", None) or size.get("shortest_edge")
-        max_pixels = getattr(ip, "max_pixels", None) or size.get("longest_edge")
+        min_pixels, max_pixels = pixel_bounds(ip)
         h, w = smart_resize(image.height, image.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
         return (h // factor) * (w // factor)
 

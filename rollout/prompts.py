@@ -36,3 +36,12 @@ def fit_image(image: Image.Image, max_pixels: int | None) -> Image.Image:
     scale = (max_pixels / (image.width * image.height)) ** 0.5
     size = (max(28, int(image.width * scale)), max(28, int(image.height * scale)))
     return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def pixel_bounds(image_processor) -> tuple[int | None, int | None]:
+    """(min_pixels, max_pixels) of a Qwen2-VL-style image processor (older versions keep them as
+    attributes, transformers 5 in `size` as shortest_edge/longest_edge)."""
+    size = getattr(image_processor, "size", None) or {}
+    lo = getattr(image_processor, "min_pixels", None) or size.get("shortest_edge")
+    hi = getattr(image_processor, "max_pixels", None) or size.get("longest_edge")
+    return lo, hi

@@ -94,6 +94,7 @@ def test_retriever_embeds_pages_and_queries_in_colpali_engine(tiny_models):
     pages = enc.embed_images([_page(), _page().resize((300, 420))], batch_size=2)
     queries = enc.embed_queries(["what is the invoice number", "total"])
     assert enc.family == "colqwen2" and enc.dim == 128
+    assert enc.settings()["max_pixels"] == 28 * 28 * 256 and enc.settings()["min_pixels"] == 28 * 28 * 4
     for v in pages + queries:
         assert v.ndim == 2 and v.shape[1] == 128 and torch.isfinite(v).all()
         torch.testing.assert_close(v.norm(dim=-1), torch.ones(v.shape[0]), atol=1e-4, rtol=0)
