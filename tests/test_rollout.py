@@ -168,3 +168,17 @@ def test_killed_worker_comes_back_with_the_current_weights(group, hf, page, tiny
     pushed = type(base).from_pretrained(write_model_copy(tiny_models["policy"], perturbed, tmp_path / "m"),
                                         dtype=torch.float32).eval()
     assert _max_delta(pushed, processor, page, res) < 1e-3
+
+
+def test_too_many_pages_are_truncated_as_configured(group, page):
+    out = group.generate([RolloutRequest("two-pages", "Total?", (page, page))], SamplingConfig(n=1, temperature=1.0, max_tokens=2))
+    (res,) = out.results
+    assert res.page_ids == (page.page_id,) and res.prompt_text.count("<|image_pad|>") == 1
+
+
+def test_unreadable_page_is_skipped_and_named(group, tmp_path):
+    from docvqa.sample import Page
+
+    bad = Page("bad/p1", "bad", 1, image_path=str(tmp_path / "missing.png"))
+    out = group.generate([RolloutRequest("q-bad", "Total?", (bad,))], SamplingConfig(n=1, temperature=1.0, max_tokens=2))
+    assert out.results == [] and "cannot read image" in out.skipped["q-bad"]
