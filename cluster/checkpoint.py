@@ -1,0 +1,69 @@
+"""Checkpoint directories of a run: written atomically, the last K kept, the newest found on resume.
+
+    <root>/step-00000010/      a complete checkpoint (whatever `write` put there + docrl_checkpoint.json)
+    <root>/.tmp-step-00000012/ one being written: never read, removed on the next save
+
+A checkpoint becomes visible only by the final rename, after its marker file is written, so a
+crash or a stopped job leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+MARKER = "docrl_checkpoint.json"
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, keep_last: int = 2):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step-{step:08d}"
+
+    def save(self, step: int, write: Callable[[Path], None], meta: dict | None = None) -> Path:
+        """Call `write(tmp_dir)`, then publish the directory as the checkpoint of `step`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-step-*"):  # left by a crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        final = self.root / self.name(step)
+        tmp = self.root / f".tmp-{self.name(step)}"
+        tmp.mkdir()
+        write(tmp)
+        (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time(), **(meta or {})}, indent=2, sort_keys=True))
+        if final.exists():  # re-saving a step (e.g. after a resume) replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self._prune()
+        return final
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.exists():
+            return []
+        found = [p for p in self.root.glob("step-*") if (p / MARKER).exists()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    @staticmethod
+    def meta(path: str | Path) -> dict:
+        marker = Path(path) / MARKER
+        if not marker.exists():
+            raise FileNotFoundError(f"{path} is not a complete docrl checkpoint ({MARKER} missing)")
+        return json.loads(marker.read_text())
+
+    def _prune(self) -> None:
+        for old in self.complete()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
