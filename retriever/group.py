@@ -33,11 +33,13 @@ def contiguous_ranges(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 class RetrieverGroup:
-    def __init__(self, model_path: str, cfg: RetrieverConfig, timeout_s: float = 600.0):
+    def __init__(self, model_path: str, cfg: RetrieverConfig, timeout_s: float = 600.0, scheduling: Sequence | None = None):
+        """`scheduling[i]`, when given, is a Ray scheduling strategy for actor i (placement group bundle)."""
         self.cfg, self.timeout_s = cfg, timeout_s
         self.actors = [
-            RetrieverActor.options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor).remote(model_path, cfg)
-            for _ in range(cfg.num_actors)
+            RetrieverActor.options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
+                                   scheduling_strategy=scheduling[i] if scheduling else None).remote(model_path, cfg)
+            for i in range(cfg.num_actors)
         ]
         self.shard_sizes = [0] * len(self.actors)
         self.index_dir: Path | None = None
