@@ -110,3 +110,21 @@ def test_cli_refuses_bad_config_before_any_work(tmp_path):
                           "trainer.total_steps=-1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2
     assert "trainer.total_steps: Input should be greater than or equal to 0" in out.stderr
+
+
+def test_cluster_launch_files_fit_the_real_preset():
+    """The launcher YAML and the KubeRay RayJob provide the GPUs the real preset asks for."""
+    import yaml
+
+    cfg = load_config(ROOT / "configs/qwen2vl-2b-docvqa.yaml")
+    need = (cfg.rollout.num_workers * cfg.rollout.num_gpus_per_worker * cfg.rollout.tensor_parallel_size
+            + cfg.learner.num_ranks * cfg.learner.num_gpus_per_rank + cfg.retriever.num_actors * cfg.retriever.num_gpus_per_actor)
+    launcher = yaml.safe_load((ROOT / "cluster/launch/ray-cluster.yaml").read_text())
+    worker = launcher["available_node_types"]["gpu_worker"]
+    assert worker["resources"]["GPU"] * worker["min_workers"] >= need
+    job = yaml.safe_load((ROOT / "cluster/launch/rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and "configs/qwen2vl-2b-docvqa.yaml" in job["spec"]["entrypoint"]
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpus * group["replicas"] >= need
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
