@@ -8,6 +8,7 @@
     docrl search --config configs/tiny.yaml [--index DIR] [-k 3] -q "question" [-q ...]
     docrl retrieval-eval --config configs/tiny.yaml [--index DIR] [--split eval] [--ks 1 3 5]
     docrl doctor --config configs/tiny.yaml      (rollout-vs-reference logprob parity)
+    docrl train --config configs/tiny.yaml [--resume] [KEY=VALUE ...]
 
 Every command that takes a config validates it (with the overrides) before doing any work.
 """
@@ -15,6 +16,7 @@ Every command that takes a config validates it (with the overrides) before doing
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -122,8 +124,6 @@ def cmd_search(args) -> int:
 
 
 def cmd_retrieval_eval(args) -> int:
-    import json
-
     from docvqa.data import load_train_eval
     from retriever.evaluate import evaluate_retrieval
 
@@ -133,6 +133,18 @@ def cmd_retrieval_eval(args) -> int:
     group.load(_index_dir(cfg, args))
     report = evaluate_retrieval(group, (train if args.split == "train" else evaluation).samples, args.ks)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from cluster.train import Trainer
+
+    trainer = Trainer(_load(args))
+    try:
+        final = trainer.run(resume=args.resume)
+    finally:
+        trainer.shutdown()
+    print(json.dumps(final, indent=2))
     return 0
 
 
@@ -206,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="eval", choices=["train", "eval"])
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5])
     p.set_defaults(func=cmd_retrieval_eval)
+
+    p = sub.add_parser("train", help="run PPO/GRPO training (synchronous mode) on the configured cluster")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("doctor", help="measure rollout-vs-reference logprob parity (base, full push, LoRA push)")
     _add_config_args(p)

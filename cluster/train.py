@@ -1,0 +1,276 @@
+"""`docrl train`: the PPO/GRPO loop for retrieval-augmented document QA, as a Ray job.
+
+    python -m cluster.train --config configs/tiny.yaml [KEY=VALUE ...] [--resume]
+
+One step, in the order the code runs it:
+
+    questions  = sampler.next(trainer.prompts_per_step)        seeded, epoch-wise, resumable
+    pages      = retriever.search(questions, top_k)             or the gold page (retriever.use_gold_page)
+    rollouts   = rollout.generate(questions + pages, sampling)  n answers each, token ids + logprobs
+    rewards    = reward_pool.collect(reward_pool.submit(...))   ANLS & co., per component
+    metrics    = learner.update(TrainBatch(rollouts, rewards))  old/ref logprobs, advantages, PPO epochs
+    weights    = learner.export_weights(); rollout.push(...)    LoRA adapter or full state, versioned
+
+with evaluation (greedy answers on held-out questions: ANLS, exact match, retrieval recall@k)
+before training, every `trainer.eval_every` steps and at the end, checkpoints every
+`trainer.save_every` steps, and every metric logged to JSONL, TensorBoard and Ray metrics.
+This is the synchronous (exactly on-policy) mode; `trainer.mode: async` is refused until it lands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.checkpoint import CheckpointManager
+from cluster.config import DocRLConfig
+from cluster.metrics import MetricsLogger, plot_report
+from cluster.ray_setup import init_ray
+from docvqa.data import load_train_eval
+from docvqa.sample import DocVQASample
+from docvqa.tiny_models import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuestionSampler:
+    """Questions in a seeded random order, epoch after epoch; its state resumes exactly."""
+
+    samples: list[DocVQASample]
+    seed: int
+    epoch: int = 0
+    position: int = 0
+    _order: list[int] = field(default_factory=list, repr=False)
+
+    def _shuffle(self) -> None:
+        self._order = list(range(len(self.samples)))
+        random.Random(f"{self.seed}-{self.epoch}").shuffle(self._order)
+
+    def next(self, n: int) -> list[DocVQASample]:
+        if not self.samples:
+            raise ValueError("no training questions")
+        out = []
+        while len(out) < n:
+            if not self._order:
+                self._shuffle()
+            if self.position >= len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._shuffle()
+            out.append(self.samples[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._shuffle()
+
+
+class Trainer:
+    def __init__(self, cfg: DocRLConfig):
+        if cfg.trainer.mode != "sync":
+            raise NotImplementedError("trainer.mode='async' is not implemented yet; use 'sync'")
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir)
+        self.step = 0
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from cluster.placement import place_roles
+        from learner.group import LearnerGroup
+        from retriever.group import RetrieverGroup
+        from reward.actor import RewardPool
+        from rollout.group import RolloutGroup
+
+        cfg = self.cfg
+        policy = resolve_model(cfg.learner.policy, "policy", cfg.run.models_dir)
+        retriever_model = resolve_model(cfg.retriever.model, "retriever", cfg.run.models_dir)
+        self.train_set, self.eval_set, self.corpus = load_train_eval(cfg.data, cfg.run.output_dir)
+        self.sampler = QuestionSampler(self.train_set.samples, cfg.run.seed)
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
+        timeout = cfg.ray.actor_start_timeout_s
+        self.placement = place_roles(cfg, timeout)
+        self.retriever = None
+        if not cfg.retriever.use_gold_page:
+            self.retriever = RetrieverGroup(retriever_model, cfg.retriever, timeout, self.placement["retriever"].strategies())
+            index_dir = Path(cfg.retriever.index_dir or self.out / "index")
+            if (index_dir / "manifest.json").exists():
+                self.retriever.load(index_dir)
+            else:
+                self.retriever.build(list(self.corpus.pages.values()), index_dir)
+        lora_rank = cfg.learner.lora.r if cfg.learner.lora.enabled else None
+        self.rollout = RolloutGroup(policy, cfg.rollout, seed=cfg.run.seed, max_lora_rank=lora_rank,
+                                    scheduling=self.placement["rollout"].strategies())
+        # any bundle of the reward role's group (index -1): the pool creates its actors itself
+        self.rewards = RewardPool(cfg.reward, actor_options={"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            self.placement["reward"].group, placement_group_bundle_index=-1)})
+        self.learner = LearnerGroup(policy, cfg.learner, cfg.algorithm, seed=cfg.run.seed,
+                                    export_dir=str(self.out / "exports"), placement_strategy=cfg.ray.placement_strategy,
+                                    start_timeout_s=timeout)
+        self.rollout.ready()
+        self.metrics = MetricsLogger(self.out / "logs", tags={"run": cfg.run.name})
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.trainer.keep_last)
+
+    # -- the pieces of a step ------------------------------------------------------------------
+
+    def pages_for(self, questions: list[DocVQASample]) -> list[tuple[str, ...]]:
+        if self.retriever is None:
+            return [(q.gold_page,) for q in questions]
+        hits = self.retriever.search([q.question for q in questions], self.cfg.retriever.top_k)
+        return [tuple(pid for pid, _ in h) for h in hits]
+
+    def rollout_and_score(self, questions: list[DocVQASample], sampling):
+        """Generate for each question and score every answer; drop (and count) what failed."""
+        from reward.types import ScoreRequest
+        from rollout.types import RolloutRequest
+
+        by_id = {q.question_id: q for q in questions}
+        page_ids = self.pages_for(questions)
+        requests = [RolloutRequest(q.question_id, q.question, tuple(self.corpus.pages[p] for p in pids))
+                    for q, pids in zip(questions, page_ids)]
+        retrieved = {q.question_id: pids for q, pids in zip(questions, page_ids)}
+        generated = self.rollout.generate(requests, sampling)
+        score_requests = [ScoreRequest(by_id[r.request_id], a.text, retrieved[r.request_id], i, j)
+                          for i, r in enumerate(generated.results) for j, a in enumerate(r.answers)]
+        results = self.rewards.collect(self.rewards.submit(score_requests), self.cfg.reward.collect_timeout_s)
+        per_request: dict[str, list] = {}
+        for res in results:
+            per_request.setdefault(generated.results[res.sample_index].request_id, []).append(res)
+        failed = {rid for rid, rs in per_request.items() if any(r.error for r in rs)}
+        kept = [r for r in generated.results if r.request_id not in failed]
+        return kept, per_request, retrieved, {"skipped_rollout": len(generated.skipped), "skipped_reward": len(failed)}
+
+    def push_weights(self) -> float:
+        t0 = time.perf_counter()
+        exported = self.learner.export_weights()
+        if exported.version > self.rollout.version:
+            if exported.kind == "lora":
+                self.rollout.push_lora(exported.adapter_dir, exported.version)
+            else:
+                self.rollout.push_full(exported.tensors, exported.version)
+        return time.perf_counter() - t0
+
+    def train_step(self) -> dict[str, float]:
+        from learner.types import TrainBatch
+        from reward.scoring import reward_metrics
+
+        cfg = self.cfg
+        t = {"start": time.perf_counter()}
+        questions = self.sampler.next(cfg.trainer.prompts_per_step)
+        kept, per_request, _, counts = self.rollout_and_score(questions, cfg.rollout.sampling)
+        t["rollout"] = time.perf_counter()
+        rewards = {rid: [r.reward for r in sorted(rs, key=lambda r: r.response_index)] for rid, rs in per_request.items()}
+        batch = TrainBatch.from_rollouts(kept, {r.request_id: rewards[r.request_id] for r in kept}, self.corpus.pages,
+                                         cfg.rollout.max_image_pixels, step=self.step)
+        learner_metrics = self.learner.update(batch)
+        t["learner"] = time.perf_counter()
+        sync_s = self.push_weights()
+        t["end"] = time.perf_counter()
+        scored = [r for rs in per_request.values() for r in rs]
+        return {**reward_metrics(scored, prefix="reward/"), **{f"learner/{k}": v for k, v in learner_metrics.items()},
+                **{f"data/{k}": v for k, v in counts.items()}, "time/rollout_and_reward_s": t["rollout"] - t["start"],
+                "time/learner_s": t["learner"] - t["rollout"], "time/weight_sync_s": sync_s,
+                "time/step_s": t["end"] - t["start"], "weights/version": float(self.rollout.version)}
+
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """Greedy answers on the held-out questions: ANLS, exact match, retrieval recall@k."""
+        from retriever.metrics import hit_at_k
+        from reward.scoring import reward_metrics
+
+        questions = self.eval_set.samples
+        kept, per_request, retrieved, counts = self.rollout_and_score(questions, self.cfg.rollout.eval_sampling)
+        scored = [r for rs in per_request.values() for r in rs]
+        out = reward_metrics(scored, prefix="eval/")
+        k = self.cfg.retriever.top_k
+        out[f"eval/retrieval_recall@{k}"] = sum(hit_at_k(retrieved[q.question_id], q.gold_page, k) for q in questions) / max(1, len(questions))
+        examples = self.out / "logs" / f"eval-{tag}.jsonl"
+        with examples.open("w") as f:
+            for res in [r for r in scored if not r.error][: self.cfg.trainer.num_eval_examples_logged]:
+                q = next(q for q in questions if q.question_id == res.question_id)
+                f.write(json.dumps({"question_id": q.question_id, "question": q.question, "answer": res.answer,
+                                    "gold": list(q.answers), "retrieved": list(retrieved[q.question_id]),
+                                    "components": res.components}) + "\n")
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        def write(d: Path) -> None:
+            self.learner.save_checkpoint(str(d / "learner"))
+            (d / "driver.json").write_text(json.dumps({"step": self.step, "sampler": self.sampler.state()}))
+
+        return self.checkpoints.save(self.step, write, meta={"weights_version": self.learner.version})
+
+    def resume(self) -> bool:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return False
+        self.learner.load_checkpoint(str(latest / "learner"))
+        state = json.loads((latest / "driver.json").read_text())
+        self.step = state["step"]
+        self.sampler.load(state["sampler"])
+        self.push_weights()
+        log.info("resumed from %s at step %d (weights v%d)", latest, self.step, self.learner.version)
+        return True
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg.trainer
+        self.setup()
+        if not (resume and self.resume()):
+            self.metrics.log(0, self.evaluate("step-0"))
+        try:
+            with tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="step") as bar:
+                while self.step < cfg.total_steps:
+                    self.step += 1
+                    metrics = self.train_step()
+                    self.metrics.log(self.step, metrics)
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+                    bar.update(1)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps:
+                        self.metrics.log(self.step, self.evaluate(f"step-{self.step}"))
+                    if cfg.save_every and self.step % cfg.save_every == 0:
+                        self.save()
+        except KeyboardInterrupt:
+            log.warning("interrupted: writing a checkpoint at step %d before exiting", self.step)
+            self.save()
+            raise
+        final = self.evaluate(f"step-{self.step}")
+        self.metrics.log(self.step, final)
+        self.save()
+        self.metrics.close()
+        plot_report(self.metrics.jsonl_path, self.out / "logs" / "report.png", title=self.cfg.run.name)
+        return final
+
+    def shutdown(self) -> None:
+        from cluster.placement import release
+
+        for part in ("rollout", "retriever", "learner", "rewards"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                obj.shutdown()
+        if getattr(self, "placement", None):
+            release(self.placement)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cluster.cli import main as cli_main
+
+    return cli_main(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
