@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cluster.schema import Section
 
@@ -26,16 +26,31 @@ class LearnerConfig(Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     lora: LoraConfig = LoraConfig()
     freeze_vision_tower: bool = True
+    # the critic for algorithm.advantage="gae"; grpo/rloo need none, so none is built for them
     value_model: Literal["head", "separate", "none"] = "head"
     learning_rate: float = Field(1e-5, gt=0.0)
     value_learning_rate: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0)  # optimizer steps of linear warmup from 0
+    # optimizer steps over which "linear"/"cosine" decay (after warmup) to min_lr_ratio * lr; the
+    # driver sets it from trainer.total_steps x optimizer steps per training step
+    lr_decay_steps: int = Field(1000, ge=1)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     micro_batch_size: int = Field(4, ge=1)
     gradient_checkpointing: bool = False
     collective_timeout_s: float = Field(600.0, gt=0.0)
+    keep_exports: int = Field(3, ge=1)  # LoRA adapter versions kept on disk (a restarted rollout worker reloads the latest)
+
+    @model_validator(mode="after")
+    def _lora_cannot_train_the_vision_tower(self) -> LearnerConfig:
+        if self.lora.enabled and not self.freeze_vision_tower:
+            raise ValueError(
+                "learner.freeze_vision_tower=false needs full fine-tuning (learner.lora.enabled=false): LoRA "
+                "adapts the language model only, and the exported adapter carries no vision weights"
+            )
+        return self
 
 
 class AlgorithmConfig(Section):
@@ -48,11 +63,12 @@ class AlgorithmConfig(Section):
     clip_high: float = Field(0.2, gt=0.0)
     dual_clip: float | None = Field(None, gt=1.0)
     value_clip: float | None = Field(0.2, gt=0.0)
+    value_loss_coef: float = Field(0.5, ge=0.0)  # weight of the value loss next to the policy loss
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     kl_coef: float = Field(0.01, ge=0.0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_in: Literal["reward", "loss"] = "loss"
     entropy_coef: float = Field(0.0, ge=0.0)
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # GAE only: group advantages (grpo/rloo) are normalised within their group
     tis_cap: float | None = Field(2.0, gt=0.0)  # truncated importance sampling in async mode
 

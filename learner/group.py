@@ -1,0 +1,335 @@
+"""LearnerGroup: the DeepSpeed learner ranks, seen from the driver, and the PPO/GRPO update.
+
+The driver side owns the algorithm (the plan, the advantages, the metrics: `learner.update`); the
+ranks (`learner.worker.LearnerRank` Ray actors in a placement group, or one in-process
+`LearnerWorker` with `local=True`, for tests and single-process runs) own the model and do the
+forward/backward passes. One `update(batch)`:
+
+    plan = seeded epochs x minibatches x rank shards x micro-batches
+    scores = ranks score their epoch-0 micro-batches      (old logprobs, ref logprobs, values)
+    targets = advantages on the whole batch (driver)      (GAE / GRPO / RLOO, KL, whitening, TIS)
+    ranks train on their shards                            (PPO epochs, one optimizer step per minibatch)
+    metrics = combined over ranks and minibatches
+
+Every wait on the ranks has a timeout (`learner.collective_timeout_s`) and names the rank that did
+not answer or failed, instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from learner import update as U
+from learner.config import AlgorithmConfig, LearnerConfig
+from learner.types import Experience, ExportedWeights, TrainBatch
+
+log = logging.getLogger(__name__)
+
+
+class LearnerGroup:
+    def __init__(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, *, seed: int = 0,
+                 async_mode: bool = False, export_dir: str | None = None, local: bool = False,
+                 placement_strategy: str = "PACK", start_timeout_s: float = 600.0):
+        """`async_mode` (trainer.mode == "async") turns on truncated importance sampling against the
+        rollout logprobs. `export_dir` holds exported LoRA adapters (shared storage on a cluster:
+        rollout workers read them); a temporary directory by default."""
+        if algo.minibatch_size % cfg.num_ranks:
+            raise ValueError(f"algorithm.minibatch_size={algo.minibatch_size} must be divisible by "
+                             f"learner.num_ranks={cfg.num_ranks}")
+        if algo.advantage == "gae" and cfg.value_model == "none":
+            raise ValueError("algorithm.advantage='gae' needs a critic: learner.value_model must be 'head' or 'separate'")
+        self.policy_path, self.cfg, self.algo = str(policy_path), cfg, algo
+        self.seed, self.async_mode, self.local = seed, async_mode, local
+        self.export_dir = Path(export_dir or tempfile.mkdtemp(prefix="docrl-learner-exports-"))
+        self.num_ranks = 1 if local else cfg.num_ranks
+        self.version = 0  # updates that changed the weights; 0 = the base policy
+        self.update_calls = 0  # every update() call (seeds the plan)
+        self.last_skips: list[str] = []
+        self.pg = None
+        self.ranks: list = []
+        self.worker = None
+        if local:
+            from learner.worker import LearnerWorker
+
+            self.worker = LearnerWorker(self.policy_path, cfg, algo, seed=seed)
+        else:
+            self._start_ranks(placement_strategy, start_timeout_s)
+
+    # -- starting the ranks ----------------------------------------------------------------------
+
+    def _start_ranks(self, strategy: str, start_timeout_s: float) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from learner.worker import LearnerRank
+
+        cfg = self.cfg
+        bundle = {"CPU": cfg.num_cpus_per_rank}
+        if cfg.num_gpus_per_rank > 0:
+            bundle["GPU"] = cfg.num_gpus_per_rank
+        self.pg = placement_group([dict(bundle) for _ in range(cfg.num_ranks)], strategy=strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(self.pg)
+            raise TimeoutError(f"learner group: a placement group of {cfg.num_ranks} x {bundle} ({strategy}) was not "
+                               f"ready within {start_timeout_s:g}s; the cluster lacks these resources (`ray status` "
+                               "lists pending demands)") from None
+        threads = max(1, int(cfg.num_cpus_per_rank))
+        env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        self.ranks = [
+            LearnerRank.options(
+                num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": env}, name=None,
+            ).remote()
+            for i in range(cfg.num_ranks)
+        ]
+        infos = self._get([r.node_info.remote() for r in self.ranks], "starting the learner ranks", start_timeout_s)
+        # Rendezvous at rank 0. On one node everything stays on loopback (DESIGN.md: local clusters
+        # must not leave 127.0.0.1); across nodes, rank 0's node address.
+        one_node = len({i["node_id"] for i in infos}) == 1
+        master_addr = "127.0.0.1" if one_node else infos[0]["ip"]
+        master_port = infos[0]["free_port"]
+        local_ranks, seen = [], {}
+        for info in infos:
+            local_ranks.append(seen.get(info["node_id"], 0))
+            seen[info["node_id"]] = local_ranks[-1] + 1
+        self.rank_nodes = [i["node_id"] for i in infos]
+        self._get([r.setup.remote(self.policy_path, cfg, self.algo, rank, cfg.num_ranks, local_ranks[rank],
+                                  master_addr, master_port, self.seed, threads)
+                   for rank, r in enumerate(self.ranks)],
+                  "initializing DeepSpeed on the learner ranks", max(start_timeout_s, cfg.collective_timeout_s))
+
+    # -- calling the ranks ----------------------------------------------------------------------
+
+    def _get(self, refs: list, what: str, timeout_s: float | None = None) -> list:
+        """Results of one call per rank, in rank order. Fails fast, naming the rank, when a rank
+        raised or died; times out (naming the ranks still running) instead of hanging."""
+        import ray
+
+        timeout_s = timeout_s or self.cfg.collective_timeout_s
+        deadline = time.monotonic() + timeout_s
+        index = {ref: i for i, ref in enumerate(refs)}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                late = sorted(index[r] for r in pending)
+                raise TimeoutError(
+                    f"learner group: {what}: rank(s) {late} did not finish within {timeout_s:g}s (a collective may "
+                    "be waiting for a rank that failed or never started; see the Ray dashboard or "
+                    "/tmp/ray/session_latest/logs)")
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    raise RuntimeError(f"learner group: {what}: rank {index[ref]} failed: {e}") from e
+        return ray.get(list(refs))
+
+    def _call(self, method: str, per_rank_args: list[tuple] | None = None, what: str = "",
+              timeout_s: float | None = None) -> list:
+        """Call `method` on every rank (args per rank, or none) and wait for all, in rank order."""
+        per_rank_args = per_rank_args or [()] * self.num_ranks
+        if self.local:
+            return [getattr(self.worker, method)(*per_rank_args[0])]
+        refs = [getattr(rank, method).remote(*args) for rank, args in zip(self.ranks, per_rank_args)]
+        return self._get(refs, what or method, timeout_s)
+
+    def _shared(self, obj):
+        """Put a large argument into the object store once for all ranks (no-op in local mode)."""
+        if self.local:
+            return obj
+        import ray
+
+        return ray.put(obj)
+
+    # -- the update -----------------------------------------------------------------------------
+
+    def _plan(self, experiences: list[Experience]) -> U.UpdatePlan:
+        return U.make_plan([len(e.response_ids) for e in experiences], self.num_ranks, self.algo.minibatch_size,
+                           self.cfg.micro_batch_size, self.algo.ppo_epochs, seed=(self.seed, self.update_calls))
+
+    def compute_ref_and_old(self, batch: TrainBatch | list[Experience], plan: U.UpdatePlan | None = None,
+                            ) -> tuple[U.Scores, dict[str, float]]:
+        """Old logprobs (current policy, eval mode), reference logprobs and values of every
+        experience, plus the rollout-vs-learner logprob mismatch. Changes no weights.
+
+        Without `plan`, the experiences are scored on the micro-batches the next update() would
+        train first, so the scores equal the ones update() will use."""
+        experiences = batch.experiences if isinstance(batch, TrainBatch) else list(batch)
+        U.validate_batch(experiences)
+        plan = plan or self._plan(experiences)
+        t0 = time.perf_counter()
+        shared = self._shared(experiences)
+        per_rank = self._call("score", [(shared, plan.scoring_micro_batches(r)) for r in range(self.num_ranks)],
+                              "scoring (old/ref logprobs, values)")
+        merged: dict[int, dict] = {}
+        for part in per_rank:
+            merged.update(part)
+        missing = [experiences[i].sample_id for i in range(len(experiences)) if i not in merged]
+        if missing:
+            raise RuntimeError(f"learner group: no scores came back for {missing[:5]} (plan bug)")
+        rows = [merged[i] for i in range(len(experiences))]
+        scores = U.Scores(
+            old_logprobs=[r["old"] for r in rows],
+            ref_logprobs=[r["ref"] for r in rows] if rows[0]["ref"] is not None else None,
+            values=[r["values"] for r in rows] if rows[0]["values"] is not None else None)
+        metrics = U.logprob_mismatch(experiences, scores.old_logprobs)
+        metrics["score_seconds"] = time.perf_counter() - t0
+        return scores, metrics
+
+    def update(self, batch: TrainBatch | list[Experience]) -> dict[str, float]:
+        """One PPO/GRPO update on `batch` (see the module doc). Returns flat float metrics."""
+        experiences = batch.experiences if isinstance(batch, TrainBatch) else list(batch)
+        U.validate_batch(experiences)
+        t0 = time.perf_counter()
+        plan = self._plan(experiences)
+        scores, metrics = self.compute_ref_and_old(experiences, plan)
+        targets, adv_stats = U.compute_advantages(experiences, scores, self.algo, self.async_mode)
+        metrics.update(adv_stats)
+        if scores.values is not None and targets.returns is not None:
+            values, mask = U.pad_right(scores.values)
+            returns, _ = U.pad_right(targets.returns)
+            from learner.ppo import explained_variance
+
+            metrics["explained_variance"] = float(explained_variance(values, returns, mask))
+
+        t_train = time.perf_counter()
+        shared_exps, shared_targets = self._shared(experiences), self._shared(targets)
+        per_rank = self._call("train", [(shared_exps, shared_targets, plan.rank_schedule(r))
+                                        for r in range(self.num_ranks)], "PPO update")
+        train_seconds = time.perf_counter() - t_train
+        metrics.update(self._summarize(per_rank, train_seconds))
+        self.update_calls += 1
+        if metrics["optimizer_steps"] > 0:
+            self.version += 1
+        lrs = self._call("learning_rates")[0]
+        metrics.update({f"lr_{k}": v for k, v in lrs.items()})
+        metrics.update(
+            weights_version=float(self.version), num_experiences=float(len(experiences)),
+            reward_mean=float(sum(e.reward for e in experiences) / len(experiences)),
+            response_length_mean=float(sum(len(e.response_ids) for e in experiences) / len(experiences)),
+            update_seconds=time.perf_counter() - t0)
+        return metrics
+
+    def _summarize(self, per_rank: list[list[dict]], train_seconds: float) -> dict[str, float]:
+        """Combine rank x minibatch stats: token-weighted means across ranks and minibatches; the
+        gradient norm and the skip verdict are global (identical on every rank): rank 0's."""
+        num_minibatches = len(per_rank[0])
+        minibatch_stats = []
+        self.last_skips = []
+        for j in range(num_minibatches):
+            rank_stats = [per_rank[r][j] for r in range(len(per_rank))]
+            combined = U.combine_micro_stats([{k: v for k, v in s.items() if isinstance(v, float)}
+                                              for s in rank_stats])
+            combined["grad_norm"] = rank_stats[0]["grad_norm"]
+            combined["applied"] = rank_stats[0]["applied"]
+            minibatch_stats.append(combined)
+            if not rank_stats[0]["applied"]:
+                where = "; ".join(f"rank {r}: {s['skip_where']}" for r, s in enumerate(rank_stats) if s.get("skip_where"))
+                self.last_skips.append(f"epoch {int(rank_stats[0]['epoch'])} minibatch {int(rank_stats[0]['minibatch'])}: "
+                                       f"{rank_stats[0]['skip_reason']}{' (' + where + ')' if where else ''}")
+        for skip in self.last_skips:
+            log.warning("learner: optimizer step skipped, weights unchanged: %s", skip)
+        out = U.combine_micro_stats(minibatch_stats)
+        for key in ("grad_norm", "applied", "epoch", "minibatch", "seconds", "input_tokens", "tokens"):
+            out.pop(key, None)
+        applied = [s for s in minibatch_stats if s["applied"]]
+        out["grad_norm"] = sum(s["grad_norm"] for s in applied) / len(applied) if applied else float("nan")
+        out["optimizer_steps"] = float(len(applied))
+        out["skipped_steps"] = float(num_minibatches - len(applied))
+        input_tokens = sum(s["input_tokens"] for rank in per_rank for s in rank)
+        out["tokens_per_s"] = input_tokens / train_seconds
+        out["tokens_per_s_per_rank"] = out["tokens_per_s"] / len(per_rank)
+        out["train_seconds"] = train_seconds
+        first = per_rank[0][0].get("first_micro_batch", {})
+        for key in ("ratio_mean", "clip_fraction", "approx_kl"):
+            if key in first:
+                out[f"first_micro_batch/{key}"] = first[key]
+        if "kl_to_ref" in out:
+            out["kl_to_ref_during_update"] = out.pop("kl_to_ref")
+        return out
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def export_weights(self, kind: str | None = None) -> ExportedWeights:
+        """The current policy for the rollout workers (see ExportedWeights). `kind` defaults to
+        "lora" when training LoRA (adapter only), else "full"; "full" with LoRA exports merged."""
+        kind = kind or ("lora" if self.cfg.lora.enabled else "full")
+        if kind == "lora":
+            final = self.export_dir / f"lora-v{self.version:06d}"
+            out = self._call("save_adapter", [(str(final), self.cfg.keep_exports)] * self.num_ranks,
+                             "exporting the LoRA adapter")
+            return ExportedWeights(version=self.version, kind="lora", adapter_dir=out[0])
+        if kind != "full":
+            raise ValueError(f"unknown export kind {kind!r}; expected 'full' or 'lora'")
+        if self.local:
+            tensors = self.worker.full_state_dict()
+        else:
+            from rollout.weight_sync import from_numpy
+
+            tensors = from_numpy(self._call("full_state_dict_numpy", what="exporting full weights")[0])
+        return ExportedWeights(version=self.version, kind="full", tensors=tensors)
+
+    def describe(self) -> list[dict]:
+        """Per rank: rank, device, GPU ids Ray assigned, placement group, node, rendezvous address."""
+        if self.local:
+            return [{"rank": 0, "world_size": 1, "device": str(self.worker.device), "gpu_ids": [],
+                     "placement_group_id": None}]
+        return self._call("describe", what="describing the ranks")
+
+    def param_hashes(self) -> list[str]:
+        """One hash of all parameters per rank: equal when the data-parallel ranks agree bit for bit."""
+        return self._call("param_hash", what="hashing parameters")
+
+    def trainable_state(self) -> dict:
+        """Rank 0's parameters by name (tests)."""
+        return self._call("trainable_state", what="reading parameters")[0]
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _driver_state(self) -> dict:
+        return {"version": self.version, "update_calls": self.update_calls, "seed": self.seed,
+                "num_ranks": self.num_ranks, "policy": self.policy_path}
+
+    def save_checkpoint(self, directory: str) -> str:
+        """Weights (trainable), optimizer, LR schedule, RNG states and counters of every rank,
+        written into a temporary sibling and renamed into `directory` when all ranks are done."""
+        final = Path(directory)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        state = self._driver_state()
+        self._call("save_checkpoint", [(str(tmp), state)] * self.num_ranks, "saving a checkpoint")
+        if self.local:
+            return self.worker.finalize_checkpoint(str(tmp), str(final), state)
+        return self._get([self.ranks[0].finalize_checkpoint.remote(str(tmp), str(final), state)],
+                         "finalizing the checkpoint")[0]
+
+    def load_checkpoint(self, directory: str) -> None:
+        if not Path(directory).is_dir():
+            raise FileNotFoundError(f"learner checkpoint {directory} does not exist")
+        states = self._call("load_checkpoint", [(str(directory),)] * self.num_ranks, "loading a checkpoint")
+        state = states[0]
+        if state.get("num_ranks") != self.num_ranks:
+            raise ValueError(f"checkpoint {directory} was written by {state.get('num_ranks')} ranks, this group has "
+                             f"{self.num_ranks}")
+        self.version, self.update_calls = int(state["version"]), int(state["update_calls"])
+
+    def shutdown(self) -> None:
+        if self.local:
+            self.worker = None
+            return
+        import ray
+
+        for rank in self.ranks:
+            ray.kill(rank, no_restart=True)
+        self.ranks = []
+        if self.pg is not None:
+            ray.util.remove_placement_group(self.pg)
+            self.pg = None

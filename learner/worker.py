@@ -1,0 +1,501 @@
+"""One DeepSpeed learner rank: `LearnerWorker` (a plain object) and `LearnerRank` (its Ray shell).
+
+A rank holds the policy + value model in one DeepSpeed engine (ZeRO-2 or ZeRO-3, fp32 or bf16,
+a client `torch.optim.AdamW` with a policy and a value param group, so no FusedAdam JIT), the
+reference (adapters disabled, or a frozen copy), and the input builder. It does three things for
+the driver (`learner.group.LearnerGroup`), which owns the algorithm:
+
+* `score`: old logprobs / reference logprobs / values of its share of the batch, no gradient,
+  eval mode, on exactly the micro-batches it will train on first (see `learner.update`);
+* `train`: the PPO epochs over its shards, one optimizer step per minibatch;
+* export, checkpoints, and a parameter hash that proves the ranks stayed identical.
+
+Non-finite losses and gradients. A micro-batch whose loss is not finite gets its loss multiplied
+by NaN before backward, so its gradients are surely non-finite; DeepSpeed's ZeRO optimizer then
+sees a non-finite global gradient norm on every rank (the norm is all-reduced), skips the step and
+zeroes the gradients (weights, Adam moments and the LR schedule untouched). The worker checks the
+loss before `engine.step()`, all-reduces that verdict so every rank reports the same reason, and
+verifies after the step that DeepSpeed really skipped it (`engine.skipped_steps`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from learner import update as U
+from learner.config import AlgorithmConfig, LearnerConfig
+from learner.model import ActorCritic, InputBuilder, build_models, forward_outputs, is_peft, unwrap
+from learner.types import Experience
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "state"  # DeepSpeed checkpoint tag inside a docrl checkpoint directory
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def deepspeed_config(cfg: LearnerConfig, algo: AlgorithmConfig, world_size: int) -> dict:
+    """The DeepSpeed config for the learner section. Gradient accumulation is driven by the worker
+    (it marks the last micro-batch of each minibatch as the boundary), so the accumulation steps
+    here are nominal: DeepSpeed needs a consistent train_batch_size, nothing more."""
+    per_rank = max(1, algo.minibatch_size // world_size)
+    gas = max(1, -(-per_rank // cfg.micro_batch_size))
+    zero: dict = {"stage": cfg.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if cfg.zero_stage == 3:
+        # Partition every parameter, however small (the default keeps small ones replicated, which
+        # would hide ZeRO-3 gathering bugs on the tiny test models).
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0})
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": cfg.micro_batch_size * gas * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": zero,
+        # check_grad_overflow: a non-finite gradient norm skips the step in bf16 too (fp32 always does)
+        "bf16": {"enabled": cfg.dtype == "bfloat16", "check_grad_overflow": True},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_distributed(rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,
+                     timeout_s: float) -> None:
+    """torch.distributed through DeepSpeed: gloo on CPU, NCCL on GPU, from the env variables."""
+    import deepspeed
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank)})
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() != world_size:
+            raise RuntimeError(f"torch.distributed is already initialized with world size {dist.get_world_size()}, "
+                               f"this learner needs {world_size}")
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
+                               rank=rank, world_size=world_size)
+
+
+class LearnerWorker:
+    """One rank of the learner. `rank`/`world_size` describe the DeepSpeed data-parallel group."""
+
+    def __init__(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, *, rank: int = 0,
+                 world_size: int = 1, local_rank: int = 0, master_addr: str = "127.0.0.1",
+                 master_port: int | None = None, seed: int = 0):
+        import deepspeed
+
+        self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
+        self.policy_path = str(policy_path)
+        self.name = f"learner rank {rank}"
+        if master_port is None:
+            master_port = free_port()
+        init_distributed(rank, world_size, local_rank, master_addr, master_port, cfg.collective_timeout_s)
+        if torch.cuda.is_available():  # Ray gives each rank its own GPU(s) through CUDA_VISIBLE_DEVICES
+            torch.cuda.set_device(0)
+            self.device = torch.device("cuda", 0)
+        else:
+            self.device = torch.device("cpu")
+        self.dtype = torch_dtype(cfg.dtype)
+        # The reference is needed for a KL penalty or the KL-to-ref metric; with LoRA it is free
+        # (adapters disabled), with full fine-tuning it costs a frozen copy, so only for kl_coef > 0.
+        self.use_reference = algo.kl_coef > 0 or cfg.lora.enabled
+        if algo.advantage != "gae" and cfg.value_model != "none":
+            # GRPO/RLOO baselines come from the group: a critic would only cost memory and time.
+            cfg = cfg.model_copy(update={"value_model": "none"})
+        built = build_models(self.policy_path, cfg, self.dtype, need_reference=algo.kl_coef > 0, seed=seed)
+        module = built.actor_critic
+        self.reference = built.reference.to(self.device) if built.reference is not None else None
+
+        policy_params = [p for p in module.policy.parameters() if p.requires_grad]
+        value_params = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("policy.")]
+        groups = [{"params": policy_params, "lr": cfg.learning_rate, "name": "policy"}]
+        if value_params:
+            groups.append({"params": value_params, "lr": cfg.value_learning_rate, "name": "value"})
+        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: U.lr_multiplier(
+            step, cfg.lr_schedule, cfg.warmup_steps, cfg.lr_decay_steps, cfg.min_lr_ratio))
+        self.ds_config = deepspeed_config(cfg, algo, world_size)
+        # DeepSpeed steps the schedule only when it applies an optimizer step (not on skipped ones)
+        # and saves/loads it with its checkpoints.
+        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config,
+            dist_init_required=False)
+        self.module: ActorCritic = self.engine.module
+        self.module.eval()
+        self.builder = InputBuilder.for_model(self.policy_path)
+        self.optimizer_steps = 0  # applied steps
+        self.skipped_steps = 0
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _inputs(self, experiences: list[Experience], micro: U.MicroBatch):
+        """The padded micro-batch on this rank's device; ghost rows are masked out of the response."""
+        inputs = self.builder.build([experiences[i] for i in micro.indices], ensure_image=self.world_size > 1)
+        inputs.response_mask[: len(micro.ghost)][torch.tensor(micro.ghost, dtype=torch.bool)] = False
+        return inputs.to(self.device)
+
+    def _gathered(self, params):
+        """Full parameters under ZeRO-3 (every rank must enter); a no-op context otherwise."""
+        import deepspeed
+
+        params = list(params)
+        if self.cfg.zero_stage == 3 and any(hasattr(p, "ds_id") for p in params):
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return nullcontext()
+
+    def _all_reduce_max(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    # -- scoring (before the update) ------------------------------------------------------------
+
+    @torch.no_grad()
+    def score(self, experiences: list[Experience], micro_batches: list[U.MicroBatch]) -> dict[int, dict]:
+        """Old logprobs, reference logprobs and values of the experiences in `micro_batches`, in eval
+        mode (no dropout), on exactly these micro-batches. Returns index -> {"old", "ref", "values"}."""
+        self.builder.clear()
+        self.module.eval()
+        out: dict[int, dict] = {}
+        for micro in micro_batches:
+            inputs = self._inputs(experiences, micro)
+            pol = forward_outputs(self.engine, inputs, with_entropy=False, with_values=self.module.has_values)
+            ref = None
+            if self.use_reference:
+                if self.reference is not None:
+                    ref = forward_outputs(self.reference, inputs, with_entropy=False, with_values=False)
+                else:
+                    with self.module.adapters_disabled():
+                        ref = forward_outputs(self.engine, inputs, with_entropy=False, with_values=False)
+            for row, (i, ghost) in enumerate(zip(micro.indices, micro.ghost)):
+                if ghost:
+                    continue
+                n = len(experiences[i].response_ids)
+                out[i] = {"old": pol.logprobs[row, :n].float().cpu(),
+                          "ref": ref.logprobs[row, :n].float().cpu() if ref is not None else None,
+                          "values": pol.values[row, :n].float().cpu() if pol.values is not None else None}
+        return out
+
+    # -- training -------------------------------------------------------------------------------
+
+    def train(self, experiences: list[Experience], targets: U.Targets, schedule) -> list[dict]:
+        """PPO epochs over this rank's shards (`UpdatePlan.rank_schedule(rank)`); one optimizer step
+        per minibatch. Returns one stats dict per minibatch, in order."""
+        self.builder.clear()
+        results = []
+        first_micro: dict | None = None
+        for epoch_index, epoch in enumerate(schedule):
+            for mb_index, (micro_batches, mb_sequences, mb_tokens) in enumerate(epoch):
+                t0 = time.perf_counter()
+                self.module.train()
+                micro_stats, bad_loss, input_tokens = [], [], 0
+                for k, micro in enumerate(micro_batches):
+                    inputs = self._inputs(experiences, micro)
+                    input_tokens += inputs.num_tokens
+                    target = U.gather_targets(targets, micro.indices)
+                    with_values = self.module.has_values and target["returns"] is not None
+                    out = forward_outputs(self.engine, inputs, with_entropy=True, with_values=with_values,
+                                          entropy_grad=self.algo.entropy_coef > 0)
+                    out = out.first_rows(len(micro.indices))
+                    share = U.micro_batch_share(self.algo.loss_aggregation, out.mask, mb_sequences, mb_tokens,
+                                                self.world_size)
+                    loss, stats = U.micro_batch_loss(out.logprobs, out.entropy, out.values, out.mask, target,
+                                                     self.algo, share)
+                    stats["tokens"] = int(out.mask.sum())
+                    if first_micro is None:
+                        first_micro = dict(stats)
+                    if not bool(torch.isfinite(loss)):
+                        bad_loss.append(f"micro-batch {k} ({', '.join(inputs.sample_ids[:4])})")
+                        # Make sure the gradients are non-finite too, so DeepSpeed skips the step.
+                        loss = loss * float("nan")
+                    micro_stats.append(stats)
+                    self.engine.set_gradient_accumulation_boundary(k == len(micro_batches) - 1)
+                    self.engine.backward(loss, scale_wrt_gas=False)
+                # The check before the step, agreed by every rank: a non-finite loss anywhere skips it.
+                any_bad = self._all_reduce_max(1.0 if bad_loss else 0.0) > 0
+                skipped_before = self.engine.skipped_steps
+                self.engine.step()
+                skipped = self.engine.skipped_steps > skipped_before
+                if any_bad and not skipped:
+                    raise RuntimeError(f"{self.name}: a non-finite loss did not make DeepSpeed skip the step "
+                                       "(weights may have changed); refusing to continue")
+                grad_norm = self.engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                reason = None
+                if skipped:
+                    self.skipped_steps += 1
+                    reason = "non-finite loss" if any_bad else "non-finite gradient"
+                    where = f" on this rank: {'; '.join(bad_loss)}" if bad_loss else " on another rank" if any_bad else ""
+                    log.warning("%s: optimizer step skipped (%s%s); weights unchanged", self.name, reason, where)
+                else:
+                    self.optimizer_steps += 1
+                self.module.eval()
+                seconds = time.perf_counter() - t0
+                stats = U.combine_micro_stats(micro_stats)
+                stats.update(grad_norm=grad_norm, applied=0.0 if skipped else 1.0, seconds=seconds,
+                             input_tokens=float(input_tokens), epoch=float(epoch_index), minibatch=float(mb_index))
+                if reason:
+                    stats["skip_reason"] = reason
+                    stats["skip_where"] = "; ".join(bad_loss)
+                results.append(stats)
+        if results and first_micro is not None:
+            results[0]["first_micro_batch"] = first_micro
+        return results
+
+    def learning_rates(self) -> dict[str, float]:
+        return {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)}
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def param_hash(self) -> str:
+        """sha256 over every parameter (name, dtype, bytes), gathered under ZeRO-3 (collective)."""
+        digest = hashlib.sha256()
+        for name, p in sorted(self.module.named_parameters(), key=lambda kv: kv[0]):
+            with self._gathered([p]):
+                t = p.detach().cpu().contiguous()
+                digest.update(name.encode())
+                digest.update(str(t.dtype).encode())
+                digest.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16
+                              else t.numpy().tobytes())
+        return digest.hexdigest()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Copies of every parameter, by ActorCritic name (for tests; collective under ZeRO-3)."""
+        out = {}
+        for name, p in self.module.named_parameters():
+            with self._gathered([p]):
+                out[name] = p.detach().cpu().clone()
+        return out
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's weights under its checkpoint names, LoRA merged (base + delta), gathered
+        under ZeRO-3 one module at a time (collective: every rank must call it)."""
+        from peft.tuners.lora import LoraLayer
+        from transformers.core_model_loading import revert_weight_conversion
+
+        base = unwrap(self.module.policy)
+        named: dict[str, torch.Tensor] = {}
+        lora_prefixes: list[str] = []
+        for mod_name, mod in base.named_modules():
+            if any(mod_name.startswith(p + ".") for p in lora_prefixes):
+                continue  # base_layer / lora_A / lora_B inside an adapted layer: handled below
+            if isinstance(mod, LoraLayer):
+                lora_prefixes.append(mod_name)
+                params = list(mod.parameters())
+                with self._gathered(params):
+                    weight = mod.base_layer.weight.detach().clone()
+                    for adapter in mod.active_adapters:
+                        weight += mod.get_delta_weight(adapter).to(weight.dtype)
+                    named[f"{mod_name}.weight"] = weight.cpu()
+                    if getattr(mod.base_layer, "bias", None) is not None:
+                        named[f"{mod_name}.bias"] = mod.base_layer.bias.detach().cpu().clone()
+                continue
+            direct = list(mod.named_parameters(recurse=False))
+            if not direct:
+                continue
+            with self._gathered([p for _, p in direct]):
+                for pname, p in direct:
+                    named[f"{mod_name}.{pname}" if mod_name else pname] = p.detach().cpu().clone()
+        named = dict(revert_weight_conversion(base, named))
+        return self._match_checkpoint_names(named)
+
+    def _match_checkpoint_names(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep exactly the checkpoint's tensor names: a tied lm_head absent from the checkpoint is
+        dropped; anything else missing or extra is a bug and raises, naming the tensors."""
+        from rollout.weights import checkpoint_shapes, local_model_dir
+
+        expected = checkpoint_shapes(local_model_dir(self.policy_path))
+        extra = sorted(set(named) - set(expected))
+        tied = unwrap(self.module.policy).config.get_text_config().tie_word_embeddings or getattr(
+            unwrap(self.module.policy).config, "tie_word_embeddings", False)
+        if tied and "lm_head.weight" in extra:
+            named.pop("lm_head.weight")
+            extra.remove("lm_head.weight")
+        missing = sorted(set(expected) - set(named))
+        if extra or missing:
+            raise RuntimeError(f"{self.name}: exported names differ from the checkpoint's: {len(missing)} missing "
+                               f"{missing[:5]}, {len(extra)} unexpected {extra[:5]}")
+        misshaped = [k for k, v in named.items() if tuple(v.shape) != tuple(expected[k])]
+        if misshaped:
+            raise RuntimeError(f"{self.name}: exported tensors with the wrong shape: {misshaped[:5]}")
+        return {k: named[k] for k in expected}
+
+    def save_adapter(self, final_dir: str, keep: int = 3) -> str | None:
+        """peft save_pretrained of the policy adapter, atomically (temp dir + rename) into `final_dir`.
+        Every rank must call it (ZeRO-3 gathers the adapter weights); rank 0 writes and returns the
+        directory, then prunes older "lora-v*" siblings beyond the newest `keep`."""
+        policy = self.module.policy
+        if not is_peft(policy):
+            raise RuntimeError(f"{self.name}: the policy has no LoRA adapter to export (learner.lora.enabled=false)")
+        lora_params = [p for n, p in policy.named_parameters() if "lora_" in n]
+        final = Path(final_dir)
+        with self._gathered(lora_params):
+            if self.rank != 0:
+                return None
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            policy.save_pretrained(str(tmp), safe_serialization=True)
+        # peft records where the base came from; point it at the policy the learner trains.
+        cfg_path = tmp / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = self.policy_path
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        finalize_directory(str(tmp), str(final))
+        versions = sorted(final.parent.glob("lora-v*"), key=lambda d: d.name)
+        for old in versions[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return str(final)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str, client_state: dict | None = None) -> bool:
+        """DeepSpeed checkpoint (trainable weights, optimizer, LR schedule) plus this rank's RNG
+        states into `directory` (a temporary directory; the group renames it when all are done)."""
+        state = {"docrl": {"optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps,
+                           **(client_state or {})}}
+        # Frozen weights come from the policy path at load time: a LoRA checkpoint stays small.
+        self.engine.save_checkpoint(directory, tag=DS_TAG, client_state=state, save_latest=False,
+                                    exclude_frozen_parameters=True)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save(rng, Path(directory) / f"rng_rank{self.rank}.pt")
+        return True
+
+    def finalize_checkpoint(self, tmp_dir: str, final_dir: str, meta: dict) -> str:
+        """Rank 0, after every rank saved into `tmp_dir`: write meta.json, rename into place."""
+        (Path(tmp_dir) / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return finalize_directory(tmp_dir, final_dir)
+
+    def load_checkpoint(self, directory: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client_state is None:
+            raise FileNotFoundError(f"{self.name}: no DeepSpeed checkpoint under {directory}/{DS_TAG}")
+        rng_file = Path(directory) / f"rng_rank{self.rank}.pt"
+        if not rng_file.exists():
+            raise FileNotFoundError(f"{self.name}: {rng_file} is missing (checkpoint from a different number of ranks?)")
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        state = dict(client_state["docrl"])
+        self.optimizer_steps = int(state.pop("optimizer_steps"))
+        self.skipped_steps = int(state.pop("skipped_steps"))
+        return state
+
+
+def finalize_directory(tmp_dir: str, final_dir: str) -> str:
+    """Atomically replace `final_dir` by `tmp_dir` (same filesystem): a reader sees the old complete
+    directory or the new complete one, never a half-written one."""
+    final, tmp = Path(final_dir), Path(tmp_dir)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+    return str(final)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Ray shell
+
+
+@ray.remote
+class LearnerRank:
+    """Ray actor around one LearnerWorker. Construction is cheap; `setup` builds the worker once
+    the driver knows the rendezvous address (rank 0's node and a free port there)."""
+
+    def __init__(self):
+        self.worker: LearnerWorker | None = None
+
+    def node_info(self) -> dict:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "free_port": port, "pid": os.getpid()}
+
+    def setup(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, rank: int, world_size: int,
+              local_rank: int, master_addr: str, master_port: int, seed: int, num_threads: int) -> bool:
+        torch.set_num_threads(max(1, num_threads))
+        self.worker = LearnerWorker(policy_path, cfg, algo, rank=rank, world_size=world_size, local_rank=local_rank,
+                                    master_addr=master_addr, master_port=master_port, seed=seed)
+        return True
+
+    def describe(self) -> dict:
+        """Where this rank runs and what it got from Ray (placement and GPU tests, debugging)."""
+        ctx = ray.get_runtime_context()
+        return {"rank": self.worker.rank, "world_size": self.worker.world_size, "device": str(self.worker.device),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "placement_group_id": ctx.get_placement_group_id(),
+                "node_id": ctx.get_node_id(), "master_addr": os.environ.get("MASTER_ADDR"), "pid": os.getpid()}
+
+    def score(self, experiences, micro_batches):
+        return self.worker.score(experiences, micro_batches)
+
+    def train(self, experiences, targets, schedule):
+        return self.worker.train(experiences, targets, schedule)
+
+    def learning_rates(self):
+        return self.worker.learning_rates()
+
+    def param_hash(self):
+        return self.worker.param_hash()
+
+    def trainable_state(self):
+        return self.worker.trainable_state()
+
+    def full_state_dict_numpy(self):
+        """Rank 0 returns numpy arrays (fast through the object store, DESIGN.md); others None."""
+        from rollout.weight_sync import to_numpy
+
+        named = self.worker.full_state_dict()
+        return to_numpy(named) if self.worker.rank == 0 else None
+
+    def save_adapter(self, final_dir, keep=3):
+        return self.worker.save_adapter(final_dir, keep)
+
+    def finalize_checkpoint(self, tmp_dir, final_dir, meta):
+        return self.worker.finalize_checkpoint(tmp_dir, final_dir, meta)
+
+    def save_checkpoint(self, directory, client_state=None):
+        return self.worker.save_checkpoint(directory, client_state)
+
+    def load_checkpoint(self, directory):
+        return self.worker.load_checkpoint(directory)

@@ -1,0 +1,433 @@
+"""The learner without Ray: exact multimodal logprobs, LoRA placement, the PPO update (sign, ratio,
+NaN skip, micro-batch weighting), weight export and exact checkpoint resume. DeepSpeed runs here
+in-process with one rank (`LearnerGroup(local=True)`)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learner import ppo
+from learner import update as U
+from learner.config import AlgorithmConfig, LearnerConfig
+from learner.model import (InputBuilder, PromptMismatchError, build_models, load_policy, lora_target_regex,
+                           sequence_logprobs, unwrap)
+from learner.synthetic import make_pages, synthetic_experiences
+from learner.types import TrainBatch, experiences_from_rollouts
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_models):
+    return str(tiny_models["policy"])
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    return make_pages(tmp_path_factory.mktemp("learner-pages"))
+
+
+@pytest.fixture(scope="module")
+def builder(policy):
+    return InputBuilder.for_model(policy)
+
+
+@pytest.fixture(scope="module")
+def experiences(policy, pages, builder):
+    # two image prompts of different sizes and a text-only one; answers of 2..8 tokens
+    return synthetic_experiences(policy, [pages[0], pages[1], None], answers_per_question=2, processor=builder.processor)
+
+
+def _config(**overrides) -> LearnerConfig:
+    base = dict(micro_batch_size=2, learning_rate=1e-3, value_learning_rate=1e-3)
+    return LearnerConfig(**{**base, **overrides})
+
+
+def _group(policy, cfg=None, algo=None, **kwargs):
+    from learner.group import LearnerGroup
+
+    return LearnerGroup(policy, cfg or _config(), algo or AlgorithmConfig(minibatch_size=4), local=True, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# exact inputs and logprobs (plain torch, no DeepSpeed)
+
+
+def test_batched_logprobs_equal_per_sequence_teacher_forcing(policy, builder, experiences):
+    """Padding-invariant: one right-padded batch (mixed image sizes, a text-only prompt, different
+    answer lengths) gives the logprobs of each sequence scored alone with plain transformers."""
+    from rollout.parity import reference_logprobs
+
+    model = load_policy(policy)
+    batched = sequence_logprobs(model, builder, experiences)
+    lengths = {len(e.prompt_ids) + len(e.response_ids) for e in experiences}
+    assert len(lengths) > 2  # really padded
+    for exp, lp in zip(experiences, batched):
+        images = [p.load_image() for p in exp.pages]
+        ref = reference_logprobs(model, builder.processor, exp.prompt_text, images, exp.response_ids, exp.prompt_ids)
+        assert lp.shape == ref.shape
+        torch.testing.assert_close(lp, ref, atol=2e-5, rtol=0)
+        alone = sequence_logprobs(model, builder, [exp])[0]
+        torch.testing.assert_close(lp, alone, atol=2e-5, rtol=0)
+
+
+def test_mrope_positions_are_three_dimensional_and_padding_safe(policy, builder, experiences):
+    """The positions the model computes for a padded batch equal each sequence's own positions, and
+    image tokens get 2-D (height/width) positions, not 1-D ones."""
+    model = load_policy(policy)
+    inputs = builder.build(experiences[:4])
+    pos, _ = model.model.get_rope_index(inputs.input_ids, inputs.mm_token_type_ids, inputs.image_grid_thw,
+                                        attention_mask=inputs.attention_mask)
+    for row, exp in enumerate(experiences[:2]):
+        alone = builder.build([exp])
+        pos1, _ = model.model.get_rope_index(alone.input_ids, alone.mm_token_type_ids, alone.image_grid_thw,
+                                             attention_mask=alone.attention_mask)
+        n = alone.input_ids.shape[1]
+        assert torch.equal(pos[:, row, :n], pos1[:, 0])
+        image = alone.mm_token_type_ids[0].bool()
+        assert not torch.equal(pos1[1, 0, image], pos1[2, 0, image])  # height and width differ on the image
+
+
+def test_dummy_image_row_leaves_a_text_only_batch_unchanged(policy, builder, experiences):
+    """ZeRO-3 needs the vision tower in every forward; the dummy image row that guarantees it
+    is masked out and does not change the other rows' logprobs."""
+    from learner.model import forward_outputs
+
+    model = load_policy(policy)
+    text_only = [e for e in experiences if not e.pages]
+    plain = builder.build(text_only)
+    padded = builder.build(text_only, ensure_image=True)
+    assert plain.pixel_values is None and padded.pixel_values is not None
+    assert padded.input_ids.shape[0] == len(text_only) + 1 and not padded.response_mask[-1].any()
+    with torch.no_grad():
+        a = forward_outputs(model, plain, with_entropy=False, with_values=False).logprobs
+        b = forward_outputs(model, padded, with_entropy=False, with_values=False).logprobs
+    torch.testing.assert_close(b[:-1], a, atol=2e-5, rtol=0)
+    assert builder.build(experiences[:2], ensure_image=True).input_ids.shape[0] == 2  # has images: no dummy
+
+
+def test_prompt_that_the_processor_expands_differently_is_refused(builder, experiences):
+    from dataclasses import replace
+
+    exp = experiences[0]
+    image_id = builder.image_token_id
+    fewer = list(exp.prompt_ids)
+    fewer.remove(image_id)  # as if vLLM had expanded the image to one token less
+    with pytest.raises(PromptMismatchError, match=r"request q0: .* image tokens.* rollout saw"):
+        builder.build([replace(exp, prompt_ids=tuple(fewer))])
+    builder.clear()
+    w, h = exp.image_sizes[0]
+    with pytest.raises(PromptMismatchError, match=r"request q0: page synthetic/p1 resizes to"):
+        builder.build([replace(exp, image_sizes=((w // 2, h),))])
+    builder.clear()
+
+
+def test_lora_adapts_the_language_model_only(policy):
+    cfg = _config(lora={"target_modules": ["q_proj", "v_proj", "qkv", "fc1"]})  # qkv/fc1 are vision names
+    ac = build_models(policy, cfg).actor_critic
+    trainable = [n for n, p in ac.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("value_head.") for n in trainable)
+    assert all(".language_model." in n for n in trainable if "lora_" in n)
+    assert {n.split(".")[-4] for n in trainable if "lora_" in n} == {"q_proj", "v_proj"}
+    visual = [p for n, p in ac.named_parameters() if ".visual." in n]
+    assert visual and not any(p.requires_grad for p in visual)
+    assert not any("lora_" in n for n, _ in ac.named_parameters() if ".visual." in n)
+    import re
+    assert re.fullmatch(lora_target_regex(["q_proj"]), "model.language_model.layers.0.self_attn.q_proj")
+    assert not re.fullmatch(lora_target_regex(["qkv"]), "model.visual.blocks.0.attn.qkv")
+
+
+def test_config_refuses_lora_with_a_trainable_vision_tower():
+    with pytest.raises(ValueError, match="freeze_vision_tower=false needs full fine-tuning"):
+        LearnerConfig(freeze_vision_tower=False)
+    LearnerConfig(freeze_vision_tower=False, lora={"enabled": False})
+
+
+# ---------------------------------------------------------------------------------------------
+# pure update logic
+
+
+def test_plan_shards_are_distinct_equal_seeded_and_padded_with_ghosts():
+    lengths = [3, 5, 2, 7, 4, 6, 1]
+    plan = U.make_plan(lengths, num_ranks=2, minibatch_size=4, micro_batch_size=1, epochs=2, seed=(0, 0))
+    assert plan.num_optimizer_steps == 4  # 2 epochs x (4 + 3)
+    for epoch in plan.epochs:
+        real = []
+        for mb in epoch:
+            sizes = [sum(len(m.indices) for m in shard) for shard in mb.shards]
+            assert len(set(sizes)) == 1  # equal shards, ghosts included
+            reals = [i for shard in mb.shards for m in shard for i in m.real]
+            assert len(reals) == len(set(reals)) == mb.num_sequences
+            assert mb.num_tokens == sum(lengths[i] for i in reals)
+            real += reals
+        assert sorted(real) == list(range(len(lengths)))
+    assert sum(g for m in plan.scoring_micro_batches(1) for g in m.ghost) == 1
+    again = U.make_plan(lengths, 2, 4, 1, 2, seed=(0, 0))
+    assert again == plan and U.make_plan(lengths, 2, 4, 1, 2, seed=(0, 1)) != plan
+    with pytest.raises(ValueError, match="divisible by learner.num_ranks"):
+        U.make_plan(lengths, 3, 4, 1, 1, seed=0)
+
+
+@pytest.mark.parametrize("aggregation", ppo.AGGREGATIONS)
+def test_micro_batch_shares_give_the_minibatch_gradient(aggregation):
+    """Sum over micro-batches (and ranks) of share * micro loss == the minibatch's own loss, in value
+    and gradient: gradient accumulation and data parallelism do not change the objective."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [3, 1, 5, 2, 4, 6]
+    logp = torch.randn(6, 6, generator=gen).requires_grad_(True)
+    mask = torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]
+    target = {"advantages": torch.randn(6, 6, generator=gen), "old_logprobs": torch.randn(6, 6, generator=gen),
+              "returns": None, "ref_logprobs": torch.randn(6, 6, generator=gen), "old_values": None,
+              "importance_weights": None}
+    algo = AlgorithmConfig(loss_aggregation=aggregation, kl_coef=0.1, entropy_coef=0.01)
+    entropy = logp.detach().abs()
+    full, _ = U.micro_batch_loss(logp, entropy, None, mask, target, algo, share=1.0)
+    (g_full,) = torch.autograd.grad(full, logp)
+    num_ranks, total_tokens = 2, int(mask.sum())
+    parts = 0.0
+    for rows in ([0, 1], [2], [3, 4], [5]):  # rank 0: [0,1],[2]; rank 1: [3,4],[5]
+        sub = {k: (v[rows] if v is not None else None) for k, v in target.items()}
+        share = U.micro_batch_share(aggregation, mask[rows], 6, total_tokens, num_ranks)
+        loss, _ = U.micro_batch_loss(logp[rows], entropy[rows], None, mask[rows], sub, algo, share)
+        parts = parts + loss / num_ranks  # DeepSpeed averages the ranks' gradients
+    (g_parts,) = torch.autograd.grad(parts, logp)
+    torch.testing.assert_close(parts, full, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g_parts, g_full, atol=1e-6, rtol=1e-6)
+
+
+def test_advantages_follow_the_algorithm(experiences):
+    gen = torch.Generator().manual_seed(1)
+    lens = [len(e.response_ids) for e in experiences]
+    scores = U.Scores(old_logprobs=[-torch.rand(n, generator=gen) for n in lens],
+                      ref_logprobs=[-torch.rand(n, generator=gen) for n in lens],
+                      values=[torch.randn(n, generator=gen) for n in lens])
+    rewards = torch.tensor([e.reward for e in experiences])
+    # GRPO: the group advantage on every token of the answer; no critic needed
+    targets, _ = U.compute_advantages(experiences, U.Scores(scores.old_logprobs, None, None),
+                                      AlgorithmConfig(advantage="grpo", kl_coef=0.0))
+    expected = ppo.group_advantages(rewards, [e.group_id for e in experiences])
+    for adv, value, n in zip(targets.advantages, expected, lens):
+        assert adv.shape == (n,) and torch.allclose(adv, value.expand(n))
+    # GAE with the KL penalty in the reward, no whitening: the ppo.py recipe on the padded batch
+    algo = AlgorithmConfig(advantage="gae", kl_in="reward", kl_coef=0.1, kl_estimator="k1", whiten_advantages=False,
+                           gamma=0.9, lam=0.8)
+    targets, stats = U.compute_advantages(experiences, scores, algo)
+    old, mask = U.pad_right(scores.old_logprobs)
+    ref, _ = U.pad_right(scores.ref_logprobs)
+    values, _ = U.pad_right(scores.values)
+    r = ppo.token_rewards(rewards, mask, old - ref, 0.1)
+    adv, ret = ppo.compute_gae(r, values, mask, 0.9, 0.8)
+    torch.testing.assert_close(U.pad_right(targets.advantages)[0], adv)
+    torch.testing.assert_close(U.pad_right(targets.returns)[0], ret)
+    assert stats["kl_to_ref"] == pytest.approx(float(ppo.masked_mean(old - ref, mask)), abs=1e-6)
+    # async mode adds capped importance weights against the rollout logprobs
+    targets, stats = U.compute_advantages(experiences, scores, AlgorithmConfig(tis_cap=2.0), async_mode=True)
+    assert all(float(w.max()) <= 2.0 for w in targets.importance_weights) and "tis_weight_mean" in stats
+
+
+def test_bad_batches_are_refused(experiences):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="empty batch"):
+        U.validate_batch([])
+    with pytest.raises(ValueError, match=r"no token \(all-masked\): \['q0#0'\]"):
+        U.validate_batch([replace(experiences[0], response_ids=(), rollout_logprobs=())] + experiences[1:])
+    with pytest.raises(ValueError, match="non-finite rewards"):
+        U.validate_batch([replace(experiences[0], reward=math.nan)])
+    with pytest.raises(ValueError, match="duplicate sample ids"):
+        U.validate_batch([experiences[0], experiences[0]])
+
+
+def test_experiences_from_rollouts(pages):
+    from rollout.types import RolloutResult, SampledAnswer
+
+    res = RolloutResult("q7", "chat", [1, 2, 3], (pages[0].page_id,), ((224, 280),),
+                        [SampledAnswer([5, 6], [-0.1, -0.2], "a", "stop"), SampledAnswer([7], [-0.3], "b", "length")],
+                        weights_version=3)
+    by_id = {pages[0].page_id: pages[0]}
+    batch = TrainBatch.from_rollouts([res], [[1.0, 0.0]], by_id, max_image_pixels=50000, step=4)
+    a, b = batch.experiences
+    assert (a.sample_id, a.group_id, a.response_ids, a.rollout_logprobs) == ("q7#0", 0, (5, 6), (-0.1, -0.2))
+    assert b.reward == 0.0 and b.finish_reason == "length" and b.max_image_pixels == 50000
+    assert batch.weights_version == 3 and a.pages == (pages[0],)
+    assert experiences_from_rollouts([res], {"q7": [0.5, 0.5]}, by_id)[1].reward == 0.5
+    with pytest.raises(ValueError, match="request q7: 1 rewards for 2 answers"):
+        experiences_from_rollouts([res], [[1.0]], by_id)
+    with pytest.raises(ValueError, match="request q7: non-finite reward"):
+        experiences_from_rollouts([res], [[1.0, math.inf]], by_id)
+    with pytest.raises(ValueError, match="not in pages_by_id"):
+        experiences_from_rollouts([res], [[1.0, 0.0]], {})
+
+
+# ---------------------------------------------------------------------------------------------
+# the update on DeepSpeed (one in-process rank)
+
+
+def test_lora_update_moves_only_adapter_and_value_head_with_ratio_one_at_start(policy, experiences):
+    algo = AlgorithmConfig(advantage="gae", minibatch_size=4, ppo_epochs=2, kl_coef=0.05)
+    group = _group(policy, _config(), algo)
+    before = group.trainable_state()
+    metrics = group.update(TrainBatch(experiences))
+    after = group.trainable_state()
+    # old logprobs come from the same code path on the same micro-batches: exactly 1, no clipping
+    assert metrics["first_micro_batch/ratio_mean"] == 1.0
+    assert metrics["first_micro_batch/clip_fraction"] == 0.0
+    assert metrics["optimizer_steps"] == 4 and metrics["skipped_steps"] == 0 and metrics["weights_version"] == 1
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n or n.startswith("value_head.") for n in changed)
+    assert any(n.startswith("value_head.") for n in changed)
+    assert all(n in changed for n in before if "lora_B" in n)  # every adapter learned something
+    for key in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "kl_to_ref", "entropy", "grad_norm",
+                "explained_variance", "tokens_per_s", "logprob_mismatch_max", "logprob_mismatch_mean"):
+        assert key in metrics, key
+    assert math.isfinite(metrics["grad_norm"]) and metrics["tokens_per_s"] > 0
+    assert metrics["kl_to_ref"] == 0.0  # before the first step the adapter is a no-op (B = 0)
+    assert metrics["kl_to_ref_during_update"] > 0.0
+
+
+def test_separate_critic_trains_its_own_trunk(policy, experiences):
+    """value_model="separate": a second trunk (its own LoRA) with the value head; the policy adapter,
+    the critic adapter and the head all learn, the critic's vision tower stays frozen; grpo builds
+    no critic at all."""
+    # 3 steps: the zero-initialised head passes no gradient to the critic trunk in the first one
+    group = _group(policy, _config(value_model="separate"), AlgorithmConfig(advantage="gae", minibatch_size=2))
+    module = group.worker.module
+    assert module.critic is not None and unwrap(module.critic).lm_head is None
+    before = group.trainable_state()
+    metrics = group.update(experiences)
+    after = group.trainable_state()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert any(n.startswith("critic.") and "lora_" in n for n in changed)
+    assert any(n.startswith("policy.") and "lora_" in n for n in changed)
+    assert "value_head.proj.weight" in changed and "value_loss" in metrics
+    assert not any(".visual." in n for n in changed)
+    assert _group(policy, _config(value_model="separate"), AlgorithmConfig(minibatch_size=6)).worker.module.critic is None
+
+
+def test_positive_advantages_raise_the_sampled_answers_probability(policy, experiences):
+    """Sign convention: with rewards +1 everywhere (GAE, zero-initialised critic, no whitening)
+    every advantage is +1 and one step must make every sampled answer more likely."""
+    from dataclasses import replace
+
+    batch = [replace(e, reward=1.0) for e in experiences]
+    algo = AlgorithmConfig(advantage="gae", gamma=1.0, lam=1.0, whiten_advantages=False, kl_coef=0.0,
+                           value_loss_coef=0.0, minibatch_size=6, ppo_epochs=1)
+    group = _group(policy, _config(micro_batch_size=3, value_model="head"), algo)
+    old, _ = group.compute_ref_and_old(batch)
+    metrics = group.update(batch)
+    assert metrics["advantage_mean"] == pytest.approx(1.0) and metrics["optimizer_steps"] == 1
+    new, _ = group.compute_ref_and_old(batch)
+    gains = [float(n.sum() - o.sum()) for o, n in zip(old.old_logprobs, new.old_logprobs)]
+    assert all(g > 0 for g in gains), gains
+
+
+@pytest.mark.parametrize("zero_stage,dtype", [(2, "float32"), (3, "bfloat16")])
+def test_non_finite_loss_skips_the_step_and_leaves_weights_unchanged(policy, experiences, caplog, zero_stage, dtype):
+    group = _group(policy, _config(lora={"enabled": False}, value_model="none", zero_stage=zero_stage, dtype=dtype),
+                   AlgorithmConfig(advantage="rloo", minibatch_size=6, kl_coef=0.01))
+    lm_head = unwrap(group.worker.module.policy).lm_head
+
+    def poison(module, inputs, output):  # only the training forward (with grad), not the scoring one
+        return output * float("nan") if torch.is_grad_enabled() else output
+
+    handle = lm_head.register_forward_hook(poison)
+    hash_before = group.param_hashes()
+    lr_before = group.worker.learning_rates()
+    with caplog.at_level("WARNING"):
+        metrics = group.update(experiences)
+    handle.remove()
+    assert metrics["skipped_steps"] == 1 and metrics["optimizer_steps"] == 0
+    assert metrics["weights_version"] == 0 and math.isnan(metrics["grad_norm"])
+    assert group.param_hashes() == hash_before
+    assert group.worker.learning_rates() == lr_before
+    assert "non-finite loss" in group.last_skips[0] and "q" in group.last_skips[0]
+    assert "optimizer step skipped" in caplog.text
+    # the discarded gradients do not leak into the next, healthy step
+    metrics = group.update(experiences)
+    assert metrics["optimizer_steps"] == 1 and math.isfinite(metrics["grad_norm"])
+    assert metrics["first_micro_batch/ratio_mean"] == 1.0 and group.param_hashes() != hash_before
+
+
+def test_exports_reproduce_the_learner_logprobs(policy, experiences, tmp_path):
+    """After an update: the adapter loads with peft, and the merged full weights (under exactly the
+    checkpoint's names) load into plain transformers; both give the learner's logprobs."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    from rollout.parity import write_model_copy
+
+    group = _group(policy, _config(value_model="none"), AlgorithmConfig(minibatch_size=6, kl_coef=0.0),
+                   export_dir=str(tmp_path / "exports"))
+    group.update(experiences)
+    scores, _ = group.compute_ref_and_old(experiences)
+    builder = InputBuilder.for_model(policy)
+
+    lora = group.export_weights()
+    assert lora.kind == "lora" and lora.version == 1 and lora.tensors is None
+    assert lora.adapter_dir.endswith("lora-v000001")
+    peft_model = PeftModel.from_pretrained(load_policy(policy), lora.adapter_dir).eval()
+    for got, want in zip(sequence_logprobs(peft_model, builder, experiences), scores.old_logprobs):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    full = group.export_weights("full")
+    with safe_open(f"{policy}/model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert full.kind == "full" and full.version == 1 and set(full.tensors) == names
+    merged = load_policy(str(write_model_copy(policy, full.tensors, tmp_path / "merged")))
+    for got, want in zip(sequence_logprobs(merged, builder, experiences), scores.old_logprobs):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_full_fine_tuning_export_and_frozen_reference(policy, experiences, tmp_path):
+    from rollout.parity import write_model_copy
+
+    algo = AlgorithmConfig(advantage="grpo", minibatch_size=6, kl_coef=0.1, kl_in="loss")
+    group = _group(policy, _config(lora={"enabled": False}, value_model="none", learning_rate=1e-3), algo)
+    assert group.worker.reference is not None  # a frozen copy, the policy itself trains
+    before = group.trainable_state()
+    group.update(experiences)
+    after = group.trainable_state()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert any(".language_model." in n for n in changed) and not any(".visual." in n for n in changed)
+    scores, _ = group.compute_ref_and_old(experiences)
+    assert any(float((o - r).abs().max()) > 0 for o, r in zip(scores.old_logprobs, scores.ref_logprobs))
+    full = group.export_weights()
+    assert full.kind == "full" and full.version == 1
+    fresh = load_policy(str(write_model_copy(policy, full.tensors, tmp_path / "full")))
+    builder = InputBuilder.for_model(policy)
+    for got, want in zip(sequence_logprobs(fresh, builder, experiences), scores.old_logprobs):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def _without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not (k.endswith("seconds") or k.startswith("tokens_per_s"))}
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_checkpoint_resume_is_exact(policy, experiences, tmp_path, zero_stage):
+    """update A, B on one group == update A, save, (new group) load, update B: same weights, same
+    metrics (optimizer moments, LR schedule, RNG and plan seeds restored)."""
+    from dataclasses import replace
+
+    cfg = _config(lr_schedule="cosine", warmup_steps=1, lr_decay_steps=6, lora={"dropout": 0.1}, zero_stage=zero_stage)
+    algo = AlgorithmConfig(advantage="gae", minibatch_size=4, ppo_epochs=1, kl_coef=0.02)
+    batch_a = experiences
+    batch_b = [replace(e, reward=1.0 - e.reward) for e in experiences]
+
+    first = _group(policy, cfg, algo)
+    first.update(batch_a)
+    first.save_checkpoint(str(tmp_path / "ckpt"))
+    assert not list(tmp_path.glob(".ckpt.tmp-*"))  # written to a temporary sibling, then renamed
+    straight = first.update(batch_b)
+    weights_straight = first.trainable_state()
+    del first
+
+    second = _group(policy, cfg, algo)
+    second.load_checkpoint(str(tmp_path / "ckpt"))
+    assert second.version == 1
+    resumed = second.update(batch_b)
+    weights_resumed = second.trainable_state()
+    assert _without_timing(resumed) == _without_timing(straight)
+    for name, tensor in weights_straight.items():
+        assert torch.equal(tensor, weights_resumed[name]), name
