@@ -204,6 +204,17 @@ class BuiltModels:
     reference: nn.Module | None  # frozen copy (full fine-tuning), None with LoRA (adapters disabled) or no KL
 
 
+def _make_trainable(model, cfg: LearnerConfig):
+    """LoRA (or not), the vision tower frozen (or not), gradient checkpointing (or not), as configured."""
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg)
+    if cfg.freeze_vision_tower:
+        freeze_vision_tower(model)
+    if cfg.gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def build_models(path: str, cfg: LearnerConfig, dtype: torch.dtype = torch.float32, need_reference: bool = True,
                  seed: int = 0) -> BuiltModels:
     """Policy (+ LoRA), value model and reference as the config says. Seeded: LoRA's A matrices are
@@ -214,12 +225,7 @@ def build_models(path: str, cfg: LearnerConfig, dtype: torch.dtype = torch.float
     if need_reference and not cfg.lora.enabled:
         # Full fine-tuning: the reference must not move, so it is a separate frozen copy.
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    if cfg.lora.enabled:
-        policy = apply_lora(policy, cfg)
-    if cfg.freeze_vision_tower:
-        freeze_vision_tower(policy)
-    if cfg.gradient_checkpointing:
-        unwrap(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = _make_trainable(policy, cfg)
 
     value_head = critic = None
     hidden_size = unwrap(policy).config.text_config.hidden_size
@@ -228,12 +234,7 @@ def build_models(path: str, cfg: LearnerConfig, dtype: torch.dtype = torch.float
     elif cfg.value_model == "separate":
         critic = load_policy(path, dtype)
         critic.lm_head = None  # the critic only needs the trunk
-        if cfg.lora.enabled:
-            critic = apply_lora(critic, cfg)
-        if cfg.freeze_vision_tower:
-            freeze_vision_tower(critic)
-        if cfg.gradient_checkpointing:
-            unwrap(critic).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        critic = _make_trainable(critic, cfg)
         value_head = ValueHead(hidden_size).to(dtype)
     return BuiltModels(ActorCritic(policy, value_head, critic), reference)
 
