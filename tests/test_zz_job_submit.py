@@ -82,10 +82,15 @@ def test_ray_job_submit_trains_the_tiny_preset(tiny_models, tmp_path):
                      "data.synthetic.num_documents=6", "trainer.eval_every=0", "trainer.save_every=0",
                      "rollout.max_model_len=1024", "rollout.num_cpus_per_worker=0.5", "retriever.num_cpus_per_actor=0.5",
                      "reward.num_cpus_per_actor=0.5", "learner.num_cpus_per_rank=0.5"]
-        submit = subprocess.run(
-            [str(venv_bin / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--no-wait",
-             "--", "python", "-m", "cluster.train", "--config", "configs/tiny.yaml", *overrides],
-            env=env, capture_output=True, text=True, timeout=180)
+        deadline = time.monotonic() + 180
+        while True:  # the dashboard answers before the head's job agent is up ("No available agent")
+            submit = subprocess.run(
+                [str(venv_bin / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--no-wait",
+                 "--", "python", "-m", "cluster.train", "--config", "configs/tiny.yaml", *overrides],
+                env=env, capture_output=True, text=True, timeout=180)
+            if submit.returncode == 0 or "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout).group(0)  # (the CLI colours its output)
         status = None
