@@ -56,11 +56,14 @@ def test_ray_job_submit_trains_the_tiny_preset(tiny_models, tmp_path):
            # a throwaway cluster on loopback: no token (a real cluster keeps Ray's token auth on)
            "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS")
-    gcs, dash, metrics = _free_port(), _free_port(), _free_port()
+    # Every fixed default port moved to a free one: the session's shared cluster holds the defaults
+    # (the dashboard agent's 52365 among them), and a second agent that cannot bind never serves jobs.
+    gcs, dash, metrics, agent, client = (_free_port() for _ in range(5))
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: unix socket paths are length-limited
     head = subprocess.Popen(
         [str(venv_bin / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
+         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
          "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=true"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
