@@ -64,6 +64,3 @@ class RetrieverActor:
     def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
         vectors = self.encoder.embed_queries(queries, batch_size=self.cfg.query_batch_size)
         return self.index.search(vectors, k, dtype=self.search_dtype)
-
-    def page_ids(self) -> list[str]:
-        return list(self.index.page_ids)
