@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.checkpoint import CheckpointManager
+from cluster.checkpoint import CheckpointManager, write_policy
 from cluster.config import DocRLConfig
 from cluster.metrics import MetricsLogger, plot_report
 from cluster.ray_setup import init_ray
@@ -93,7 +93,7 @@ class Trainer:
         from rollout.group import RolloutGroup
 
         cfg = self.cfg
-        policy = resolve_model(cfg.learner.policy, "policy", cfg.run.models_dir)
+        policy = self.policy_path = resolve_model(cfg.learner.policy, "policy", cfg.run.models_dir)
         retriever_model = resolve_model(cfg.retriever.model, "retriever", cfg.run.models_dir)
         self.train_set, self.eval_set, self.corpus = load_train_eval(cfg.data, cfg.run.output_dir)
         self.sampler = QuestionSampler(self.train_set.samples, cfg.run.seed)
@@ -207,6 +207,7 @@ class Trainer:
     def save(self) -> Path:
         def write(d: Path) -> None:
             self.learner.save_checkpoint(str(d / "learner"))
+            write_policy(d / "policy", self.policy_path, self.learner.export_weights(), self.step)
             (d / "driver.json").write_text(json.dumps({"step": self.step, "sampler": self.sampler.state()}))
 
         return self.checkpoints.save(self.step, write, meta={"weights_version": self.learner.version})
