@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, model_validator
 from cluster.schema import Section
 from deploy.config import ServeConfig
 from docvqa.config import DataConfig
+from feedback.config import FeedbackConfig
 from learner.config import AlgorithmConfig, LearnerConfig
 from retriever.config import RetrieverConfig
 from reward.config import RewardConfig
@@ -68,6 +69,7 @@ class DocRLConfig(Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     trainer: TrainerConfig = TrainerConfig()
     serve: ServeConfig = ServeConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> DocRLConfig:

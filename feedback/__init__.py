@@ -1,0 +1,1 @@
+"""Human feedback loop: interaction log, ratings and corrections, export to training data."""
