@@ -9,6 +9,7 @@
     docrl retrieval-eval --config configs/tiny.yaml [--index DIR] [--split eval] [--ks 1 3 5]
     docrl doctor --config configs/tiny.yaml      (rollout-vs-reference logprob parity)
     docrl train --config configs/tiny.yaml [--resume] [KEY=VALUE ...]
+    docrl feedback export|stats|migrate --config configs/tiny.yaml ...   (see feedback/cli.py)
 
 Every command that takes a config validates it (with the overrides) before doing any work.
 """
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--tolerance", type=float, default=1e-3, help="max |dlogprob| to pass (fp32 target: 1e-3)")
     p.set_defaults(func=cmd_doctor)
+
+    from feedback.cli import add_parser as add_feedback_parser
+
+    add_feedback_parser(sub, _add_config_args)
     return parser
 
 

@@ -19,6 +19,17 @@ class SyntheticConfig(Section):
     questions_per_document: int = Field(3, ge=1)
 
 
+class ExtraSource(Section):
+    """More training questions, mixed with the main source by weight (e.g. a feedback export)."""
+
+    # an annotation file (e.g. <export>/train.json) or a directory holding <data.train_split>.json
+    # or <data.train_split>_v1.0.json
+    path: str
+    format: Literal["docvqa_json"] = "docvqa_json"
+    image_root: str | None = None  # default: the annotation file's folder
+    weight: float = Field(1.0, gt=0.0)
+
+
 class DataConfig(Section):
     # synthetic: render under `path` (default <run.output_dir>/data); docvqa_json: the official
     # annotation files under `path` with images under `image_root`; hf: a hub id or a local
@@ -37,6 +48,11 @@ class DataConfig(Section):
     on_bad_sample: Literal["skip", "stop"] = "skip"
     shuffle_seed: int = 0
     synthetic: SyntheticConfig = SyntheticConfig()
+    # Training questions from more sources. Each source's share of the questions drawn per epoch
+    # is its weight over the sum of weights (the main source's weight is `weight`); evaluation
+    # stays on the main source.
+    weight: float = Field(1.0, gt=0.0)
+    extra_sources: list[ExtraSource] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _source_needs_path(self) -> DataConfig:

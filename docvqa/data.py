@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import random
+from dataclasses import replace
 from pathlib import Path
 
-from docvqa.config import DataConfig
-from docvqa.loaders import load_docvqa_json, load_hf_docvqa, merge_datasets, split_by_document
-from docvqa.sample import DocVQADataset
+from docvqa.config import DataConfig, ExtraSource
+from docvqa.loaders import DataError, load_docvqa_json, load_hf_docvqa, merge_datasets, split_by_document
+from docvqa.sample import DocVQADataset, DocVQASample
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +36,65 @@ def ensure_synthetic(cfg: DataConfig, output_dir: str | Path) -> Path:
     return out
 
 
+def _annotation_in(directory: Path, split: str) -> Path | None:
+    return next((p for p in (directory / f"{split}_v1.0.json", directory / f"{split}.json") if p.exists()), None)
+
+
 def _load_split(cfg: DataConfig, split: str, output_dir: str | Path) -> DocVQADataset:
     if cfg.source == "hf":
         return load_hf_docvqa(cfg.path, split, config_name=cfg.hf_config, on_bad=cfg.on_bad_sample)
     root = ensure_synthetic(cfg, output_dir) if cfg.source == "synthetic" else Path(cfg.path)
-    candidates = [root / f"{split}_v1.0.json", root / f"{split}.json"]
-    annotation = next((p for p in candidates if p.exists()), None)
+    annotation = _annotation_in(root, split)
     if annotation is None:
         raise FileNotFoundError(f"data.{'train_split' if split == cfg.train_split else 'eval_split'}={split!r}: "
-                                f"none of {', '.join(map(str, candidates))} exists")
+                                f"none of {root / f'{split}_v1.0.json'}, {root / f'{split}.json'} exists")
     return load_docvqa_json(annotation, image_root=cfg.image_root, on_bad=cfg.on_bad_sample)
 
 
+def load_extra_source(src: ExtraSource, cfg: DataConfig, index: int) -> DocVQADataset:
+    """One of `data.extra_sources`: a file, or a directory holding the train split's file."""
+    path = Path(src.path)
+    annotation = _annotation_in(path, cfg.train_split) if path.is_dir() else path
+    if annotation is None or not annotation.exists():
+        raise DataError(f"data.extra_sources[{index}].path={src.path!r}: no annotation file "
+                        f"(expected a JSON file, or a directory with {cfg.train_split}.json)")
+    return load_docvqa_json(annotation, image_root=src.image_root, on_bad=cfg.on_bad_sample)
+
+
+def weighted_mix(parts: list[tuple[list[DocVQASample], float]], seed: int,
+                 max_growth: int = 20) -> list[DocVQASample]:
+    """One epoch of training questions in which each part's share is its weight over the sum.
+
+    The epoch is the shortest in which no part has to leave questions out (capped at
+    `max_growth` times the questions there are); a part whose share needs more questions than it
+    has repeats them, each repeat with `#k` appended to its question id so that the questions of
+    one step stay distinct. The trainer's sampler shuffles the list, so parts are interleaved.
+    """
+    parts = [(samples, w) for samples, w in parts if samples]
+    if len(parts) <= 1:
+        return list(parts[0][0]) if parts else []
+    total_w = sum(w for _, w in parts)
+    total_n = sum(len(s) for s, _ in parts)
+    length = min(max(math.ceil(len(s) * total_w / w) for s, w in parts), max_growth * total_n)
+    out: list[DocVQASample] = []
+    for i, (samples, w) in enumerate(parts):
+        slots = max(1, round(length * w / total_w))
+        order = list(range(len(samples)))
+        random.Random(f"{seed}-mix-{i}").shuffle(order)  # which questions an undersampled part keeps
+        if slots < len(samples):
+            log.warning("data mix: part %d (weight %g) keeps %d of its %d questions per epoch", i, w, slots, len(samples))
+        for j in range(slots):
+            s = samples[order[j % len(samples)]]
+            k = j // len(samples)
+            out.append(s if k == 0 else replace(s, question_id=f"{s.question_id}#{k}"))
+    return out
+
+
 def load_train_eval(cfg: DataConfig, output_dir: str | Path) -> tuple[DocVQADataset, DocVQADataset, DocVQADataset]:
-    """(train, eval, corpus): the corpus holds every page of both splits, for the retriever index."""
+    """(train, eval, corpus): the corpus holds every page of both splits, for the retriever index.
+
+    With `data.extra_sources`, `train.samples` is the weighted mix (`weighted_mix`) of the main
+    split and the extra sources, and the corpus holds their pages too."""
     train = _load_split(cfg, cfg.train_split, output_dir)
     if cfg.holdout_fraction > 0:
         train, evaluation = split_by_document(train, cfg.holdout_fraction, cfg.shuffle_seed)
@@ -59,5 +107,20 @@ def load_train_eval(cfg: DataConfig, output_dir: str | Path) -> tuple[DocVQAData
         train.samples = train.samples[: cfg.max_train_samples]
     if cfg.max_eval_samples:
         evaluation.samples = evaluation.samples[: cfg.max_eval_samples]
-    corpus = merge_datasets([train, evaluation])
+    if not cfg.extra_sources:
+        return train, evaluation, merge_datasets([train, evaluation])
+    extras = [load_extra_source(src, cfg, i) for i, src in enumerate(cfg.extra_sources)]
+    for ds in extras:
+        if ds.skipped:
+            log.warning("extra data (%s): skipped %s; first: %s", ds.source, ds.skipped, ds.skipped_examples[:3])
+    every = merge_datasets([train, *extras])  # question ids must be unique across sources
+    corpus = merge_datasets([every, evaluation])
+    mixed = weighted_mix([(train.samples, cfg.weight)] + [(ds.samples, src.weight)
+                                                          for ds, src in zip(extras, cfg.extra_sources)],
+                         seed=cfg.shuffle_seed)
+    log.info("training questions: %s", ", ".join(f"{ds.source}: {len(ds)} (weight {w:g})" for ds, w in
+                                                  [(train, cfg.weight)] + [(d, s.weight) for d, s in
+                                                                           zip(extras, cfg.extra_sources)]))
+    train = DocVQADataset(samples=mixed, pages=every.pages, source=every.source, skipped=every.skipped,
+                          skipped_examples=every.skipped_examples)
     return train, evaluation, corpus

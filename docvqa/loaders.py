@@ -72,8 +72,19 @@ def _check_image_bytes(data: bytes | None) -> str | None:
     return None
 
 
-def _parse_record(rec: Any, split: str, require_answers: bool) -> tuple[str, str, tuple[str, ...], tuple[str, ...], str, int]:
-    """Validate the fields common to both layouts. Raises ValueError with what is wrong."""
+def _string_list(rec: dict, key: str) -> tuple[str, ...]:
+    """A list-of-strings field (absent = empty), blank entries dropped; ValueError otherwise."""
+    values = rec.get(key) or []
+    if not isinstance(values, (list, tuple)) or not all(isinstance(a, str) for a in values):
+        raise ValueError(f"{key} is not a list of strings (got {values!r:.80})")
+    return tuple(a for a in values if a.strip())
+
+
+def _parse_record(rec: Any, split: str, require_answers: bool
+                  ) -> tuple[str, str, tuple[str, ...], tuple[str, ...], str, int, tuple[str, ...]]:
+    """Validate the fields common to both layouts. Raises ValueError with what is wrong.
+
+    A record with `rejected_answers` (feedback that only rejects an answer) needs no gold answers."""
     if not isinstance(rec, dict):
         raise ValueError(f"record is a {type(rec).__name__}, not a mapping")
     missing = [k for k in ("questionId", "question", "ucsf_document_id", "ucsf_document_page_no") if rec.get(k) in (None, "")]
@@ -83,11 +94,9 @@ def _parse_record(rec: Any, split: str, require_answers: bool) -> tuple[str, str
     question = rec["question"]
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question is not a non-empty string")
-    answers = rec.get("answers") or []
-    if not isinstance(answers, (list, tuple)) or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"answers is not a list of strings (got {answers!r:.80})")
-    answers = tuple(a for a in answers if a.strip())
-    if require_answers and not answers:
+    answers = _string_list(rec, "answers")
+    rejected = _string_list(rec, "rejected_answers")
+    if require_answers and not answers and not rejected:
         raise ValueError("no answers (a training/evaluation sample needs at least one gold answer)")
     qtypes = rec.get("question_types") or []
     if not isinstance(qtypes, (list, tuple)):
@@ -96,7 +105,7 @@ def _parse_record(rec: Any, split: str, require_answers: bool) -> tuple[str, str
         page_no = int(rec["ucsf_document_page_no"])
     except (TypeError, ValueError):
         raise ValueError(f"ucsf_document_page_no is not an integer (got {rec['ucsf_document_page_no']!r})") from None
-    return qid, question.strip(), answers, tuple(str(t) for t in qtypes), str(rec["ucsf_document_id"]), page_no
+    return qid, question.strip(), answers, tuple(str(t) for t in qtypes), str(rec["ucsf_document_id"]), page_no, rejected
 
 
 def _collect_samples(records: Iterable, label: str, split: str, require_answers: bool, bad: _BadRecords,
@@ -108,7 +117,7 @@ def _collect_samples(records: Iterable, label: str, split: str, require_answers:
         qid = str(rec.get("questionId")) if isinstance(rec, dict) else "?"
         where = f"{label}{i} (questionId={qid})"
         try:
-            qid, question, answers, qtypes, doc_id, page_no = _parse_record(rec, split, require_answers)
+            qid, question, answers, qtypes, doc_id, page_no, rejected = _parse_record(rec, split, require_answers)
         except ValueError as e:
             bad.report("no_answers" if "no answers" in str(e) else "malformed", where, str(e))
             continue
@@ -120,18 +129,18 @@ def _collect_samples(records: Iterable, label: str, split: str, require_answers:
             bad.report("bad_image", where, err)
             continue
         seen[qid] = i
-        samples.append((qid, question, answers, qtypes, doc_id, page_id, str(rec.get("data_split") or split)))
+        samples.append((qid, question, answers, qtypes, doc_id, page_id, str(rec.get("data_split") or split), rejected))
     return samples
 
 
-def _assemble(samples: list[tuple[str, str, tuple[str, ...], tuple[str, ...], str, str, str]],
+def _assemble(samples: list[tuple[str, str, tuple[str, ...], tuple[str, ...], str, str, str, tuple[str, ...]]],
               pages: dict[str, Page], source: str, bad: _BadRecords) -> DocVQADataset:
     """Attach each sample to its document's page list, in page order."""
     doc_pages = documents_of(pages.values())
     out = [
         DocVQASample(question_id=qid, question=q, answers=a, doc_id=doc, gold_page=page_id,
-                     doc_pages=doc_pages[doc], question_types=qt, split=split)
-        for qid, q, a, qt, doc, page_id, split in samples
+                     doc_pages=doc_pages[doc], question_types=qt, split=split, rejected_answers=rejected)
+        for qid, q, a, qt, doc, page_id, split, rejected in samples
     ]
     return DocVQADataset(samples=out, pages=pages, source=source, skipped=dict(bad.counts), skipped_examples=bad.examples)
 

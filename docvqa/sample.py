@@ -56,8 +56,10 @@ class Page:
 class DocVQASample:
     """A question about one document; the answer is printed on `gold_page`.
 
-    `answers` is empty only for unlabelled splits (the DocVQA test split); loaders refuse or skip
-    labelled samples with no answers, as the config's data policy says.
+    `answers` is empty only for unlabelled splits (the DocVQA test split) and for feedback that
+    only rejects an answer; loaders refuse or skip other labelled samples with no answers, as the
+    config's data policy says. `rejected_answers` are answers users down-voted (from a feedback
+    export): the reward is 0 for reproducing one.
     """
 
     question_id: str
@@ -68,6 +70,7 @@ class DocVQASample:
     doc_pages: tuple[str, ...]
     question_types: tuple[str, ...] = ()
     split: str = "train"
+    rejected_answers: tuple[str, ...] = ()
 
 
 @dataclass

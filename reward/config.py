@@ -21,6 +21,9 @@ class RewardConfig(Section):
     anls_threshold: float = Field(0.5, ge=0.0, le=1.0)  # similarity below this scores 0 (0.5 kept)
     extraction: Literal["none", "answer_prefix", "last_line", "first_line"] = "none"
     max_answer_chars: int = Field(128, ge=1)  # the format component's limit, in characters
+    # An answer whose normalized similarity to one of the sample's rejected answers (down-voted in
+    # feedback, `DocVQASample.rejected_answers`) is at least this reproduces it: its reward is 0.
+    rejected_similarity: float = Field(0.9, gt=0.0, le=1.0)
     retrieval_metric: Literal["hit", "ndcg"] = "hit"
     retrieval_k: int = Field(1, ge=1)
     user_function: str | None = None  # "package.module:function", called (sample, response_text, retrieved_pages) -> float

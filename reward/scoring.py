@@ -11,6 +11,12 @@ Components (each in [0, 1]):
 * ``user``: a user function ``module:function`` called as ``fn(sample, response_text,
   retrieved_pages) -> float`` with the raw response text, run with a timeout.
 
+Rejected answers (feedback down-votes, `DocVQASample.rejected_answers`): an answer that
+reproduces one (normalized similarity >= `rejected_similarity`) gets reward 0, whatever the
+components. A sample with rejected answers but no gold answer (a down-vote without a correction)
+scores 0 on the gold-based components (anls, exact_match, containment), so only `format`,
+`retrieval` and `user` weights reward the answers that avoid the rejected one.
+
 Every built-in component is computed and reported for every sample (they cost microseconds);
 ``user`` only when configured. The reward is ``sum(weight * component)`` over `components`.
 """
@@ -199,7 +205,8 @@ def score_one(request: ScoreRequest, config: RewardConfig, _runner: UserFunction
     """
     sample = request.sample
     golds = sample.answers
-    if type(golds) not in (tuple, list) or not golds or not all(type(g) is str for g in golds):
+    rejected = sample.rejected_answers
+    if type(golds) not in (tuple, list) or not all(type(g) is str for g in golds) or not (golds or rejected):
         check_gold_answers(golds, where=f"sample {sample.question_id}")  # raises with the reason
     text = request.response_text
     if text is not None and not isinstance(text, str):
@@ -215,7 +222,8 @@ def score_one(request: ScoreRequest, config: RewardConfig, _runner: UserFunction
             raise RewardError(error)
         if value is not None:
             components["user"] = value
-    if error is None:
+    reproduced = bool(rejected) and reproduces_rejected(answer, rejected, config.rejected_similarity)
+    if error is None and not reproduced:
         reward = sum(w * components[name] for name, w in config.components.items())
     else:
         reward = 0.0
@@ -227,7 +235,15 @@ def score_one(request: ScoreRequest, config: RewardConfig, _runner: UserFunction
         sample_index=request.sample_index,
         response_index=request.response_index,
         answer=answer,
+        reproduced_rejected=reproduced,
     )
+
+
+def reproduces_rejected(answer: str, rejected: Sequence[str], min_similarity: float) -> bool:
+    """Whether `answer` (already extracted) is, after normalization, at least `min_similarity`
+    similar to one of the rejected answers."""
+    pred = normalize_answer(answer)
+    return any(normalized_similarity(pred, normalize_answer(r), min_similarity) >= min_similarity for r in rejected)
 
 
 def score_batch(requests: Sequence[ScoreRequest], config: RewardConfig) -> list[ScoreResult]:
@@ -243,6 +259,7 @@ def reward_metrics(results: Sequence[ScoreResult], prefix: str = "reward/") -> d
     n = len(good)
     out = {f"{prefix}errors": float(len(results) - n), f"{prefix}error_rate": (len(results) - n) / max(len(results), 1)}
     out[f"{prefix}mean"] = sum(r.reward for r in good) / n if n else 0.0
+    out[f"{prefix}reproduced_rejected"] = sum(r.reproduced_rejected for r in good) / n if n else 0.0
     for name in COMPONENT_NAMES:
         vals = [r.components[name] for r in good if name in r.components]
         if vals:

@@ -54,6 +54,9 @@ class ScoreResult:
 
     When `error` is set (a user function failed under `on_error: skip`) the result must be excluded
     from the update: `reward` is then 0.0 and `components` lacks `user`.
+
+    `reproduced_rejected`: the answer reproduces one of the sample's rejected answers (feedback
+    down-votes), so `reward` is 0.0 whatever the components say.
     """
 
     question_id: str
@@ -63,6 +66,7 @@ class ScoreResult:
     sample_index: int = 0
     response_index: int = 0
     answer: str = ""
+    reproduced_rejected: bool = False
 
     @property
     def ok(self) -> bool:
