@@ -207,11 +207,14 @@ class InteractionRecorder:
             return self._write_one_by_one(batch)
         self._done(batch[:], written=True)
         batch.clear()
+        self._succeeded()
+        return True
+
+    def _succeeded(self) -> None:
         with self._cond:
             recovered, self._storage_ok = not self._storage_ok, True
         if recovered:
             log.warning("feedback recorder: the feedback database is available again")
-        return True
 
     def _write_one_by_one(self, batch: list[Interaction]) -> bool:
         while batch:
@@ -228,6 +231,7 @@ class InteractionRecorder:
                 self._done([batch.pop(0)], written=False, why=f"response {it.response_id!r} refused: {e}")
                 continue
             self._done([batch.pop(0)], written=True)
+            self._succeeded()
         return True
 
     def _run(self) -> None:

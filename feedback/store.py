@@ -519,8 +519,10 @@ class FeedbackStore:
             stmt = _dialect_insert(conn)(FEEDBACK).values(**values)
             if self.policy.on_duplicate == "refuse":
                 # the conflict clause, not the read above, decides: two replicas may race here
-                inserted = conn.execute(stmt.on_conflict_do_nothing(index_elements=["response_id"])).rowcount
-                if not inserted:
+                # (RETURNING, not rowcount: psycopg 3 reports -1 for a skipped conflict)
+                inserted = conn.execute(stmt.on_conflict_do_nothing(index_elements=["response_id"])
+                                        .returning(FEEDBACK.c.response_id)).first()
+                if inserted is None:
                     raise DuplicateFeedbackError(
                         f"response_id {fb.response_id!r} already has feedback"
                         + (f" (rating {earlier.rating!r} at {earlier.created_at.isoformat()})" if earlier else "")
