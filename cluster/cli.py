@@ -9,6 +9,7 @@
     docrl retrieval-eval --config configs/tiny.yaml [--index DIR] [--split eval] [--ks 1 3 5]
     docrl doctor --config configs/tiny.yaml      (rollout-vs-reference logprob parity)
     docrl train --config configs/tiny.yaml [--resume] [KEY=VALUE ...]
+    docrl serve --config configs/tiny.yaml [--checkpoint DIR] [--index DIR] [KEY=VALUE ...]
     docrl feedback export|stats|migrate --config configs/tiny.yaml ...   (see feedback/cli.py)
 
 Every command that takes a config validates it (with the overrides) before doing any work.
@@ -172,6 +173,40 @@ def cmd_doctor(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_serve(args) -> int:
+    """Serve retrieval + the trained policy over HTTP (OpenAI-compatible) until Ctrl-C."""
+    import time
+    from pathlib import Path
+
+    from ray import serve
+
+    from cluster.checkpoint import CheckpointManager
+    from cluster.ray_setup import init_ray
+    from deploy.app import serve_app
+
+    cfg = _load(args)
+    checkpoint = args.checkpoint or CheckpointManager(Path(cfg.run.output_dir) / "checkpoints").latest()
+    if checkpoint is None:
+        print(f"docrl serve: no --checkpoint given and no checkpoint in {cfg.run.output_dir}/checkpoints", file=sys.stderr)
+        return 2
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
+    try:
+        url = serve_app(cfg, str(checkpoint), _index_dir(cfg, args))
+    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
+        print(f"docrl serve: {e}", file=sys.stderr)
+        return 2
+    print(f"docrl serve: {checkpoint} on {url}\n  OpenAI-compatible: {url}/v1 (chat/completions, models)\n"
+          f"  document QA: POST {url}/v1/docqa\n  health: {url}/healthz\n  Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="docrl", description="RL fine-tuning for retrieval-augmented document QA on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--tolerance", type=float, default=1e-3, help="max |dlogprob| to pass (fp32 target: 1e-3)")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("serve", help="serve document QA and chat over the trained policy with Ray Serve (OpenAI-compatible)")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="a training checkpoint (step-N/) or a model directory (default: the newest "
+                                        "checkpoint in <run.output_dir>/checkpoints)")
+    p.add_argument("--index", help="index directory (default: retriever.index_dir or <run.output_dir>/index)")
+    p.set_defaults(func=cmd_serve)
 
     from feedback.cli import add_parser as add_feedback_parser
 

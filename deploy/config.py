@@ -1,20 +1,87 @@
-"""The `serve` config section: the Ray Serve application over the trained policy and the index."""
+"""The `serve` config section: the Ray Serve application over the trained policy and the index.
+
+Three deployments (`deploy/app.py`): the HTTP ingress, the retriever (encoder + saved index) and the
+policy (vLLM). Each has its own replicas, autoscaling and resources here; `serve deploy` YAML
+files may override them per deployment as Serve allows.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cluster.schema import Section
+
+
+class AutoscalingConfig(Section):
+    """Serve's request-based autoscaling: replicas between the bounds, aiming at this many
+    requests in flight per replica."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        return self
+
+
+class DeploymentConfig(Section):
+    """One Serve deployment: a fixed replica count, or autoscaling when `autoscaling` is set."""
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    max_ongoing_requests: int = Field(64, ge=1)  # per replica; more wait in Serve's queue
+
+    def serve_options(self) -> dict:
+        """Keyword arguments for `Deployment.options(...)`."""
+        opts: dict = {"max_ongoing_requests": self.max_ongoing_requests,
+                      "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class IngressConfig(DeploymentConfig):
+    """The HTTP ingress mostly waits on the other two: little CPU, many requests in flight."""
+
+    num_cpus: float = Field(0.25, ge=0.0)
+    max_ongoing_requests: int = Field(256, ge=1)
+
+
+class LimitsConfig(Section):
+    """What one request may ask for. Over a limit: a 4xx naming the limit, never a 500."""
+
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # the HTTP body, base64 images included
+    max_images_per_request: int = Field(4, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=28 * 28)  # width * height of one decoded image
+    max_messages: int = Field(64, ge=1)
+    max_question_chars: int = Field(4000, ge=1)  # a /v1/docqa question
+    max_k: int = Field(20, ge=1)  # pages a /v1/docqa request may ask to cite
+    max_tokens: int = Field(1024, ge=1)  # cap on a request's max_tokens
+    max_n: int = Field(4, ge=1)  # completions per chat request
 
 
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    model_name: str = "docrl"
-    api_key_env: str | None = None  # name of the environment variable holding the bearer key
-    policy_replicas: int = Field(1, ge=1)
-    retriever_replicas: int = Field(1, ge=1)
-    num_gpus_per_policy_replica: float = Field(0.0, ge=0.0)
-    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    max_images_per_request: int = Field(4, ge=1)
-    max_image_pixels: int = Field(4096 * 4096, ge=28 * 28)
+    model_name: str = "docrl"  # the id /v1/models lists and requests must name
+    api_key_env: str | None = None  # name of the environment variable holding the bearer key; None: no auth
+    request_timeout_s: float = Field(120.0, gt=0.0)  # one request end to end, inside the server
+    default_max_tokens: int = Field(256, ge=1)  # a chat request that names no max_tokens
+    pages_folder: str | None = None  # re-render PDF pages of an index built with `docrl index --folder`
+    ingress: IngressConfig = IngressConfig()
+    retriever: DeploymentConfig = DeploymentConfig()
+    policy: DeploymentConfig = DeploymentConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> ServeConfig:
+        if self.default_max_tokens > self.limits.max_tokens:
+            raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds limits.max_tokens={self.limits.max_tokens}")
+        return self

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from rollout.config import RolloutConfig, SamplingConfig
-from rollout.prompts import build_chat_text, fit_image, pixel_bounds
+from rollout.prompts import build_chat_text, build_conversation_text, count_image_parts, fit_image, pixel_bounds
 from rollout.types import GenerateOutput, RolloutRequest, RolloutResult, SampledAnswer
 from rollout.weights import check_full_weights, check_lora_adapter, checkpoint_shapes, local_model_dir
 
@@ -37,11 +37,14 @@ def vllm_env(cfg: RolloutConfig, num_threads: int) -> dict[str, str]:
     }
 
 
-def to_sampling_params(s: SamplingConfig):
+def to_sampling_params(s: SamplingConfig, **overrides):
+    """vLLM sampling parameters of a `SamplingConfig`; `overrides` are further SamplingParams fields
+    (the Serve endpoint adds penalties and the streaming output kind, and drops logprobs)."""
     from vllm import SamplingParams
 
-    return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                          stop=list(s.stop) or None, seed=s.seed, logprobs=0)
+    fields = dict(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                  stop=list(s.stop) or None, seed=s.seed, logprobs=0)
+    return SamplingParams(**{**fields, **overrides})
 
 
 class RolloutEngine:
@@ -96,9 +99,27 @@ class RolloutEngine:
             pages = pages[: self.cfg.max_images_per_prompt]
         images = [fit_image(p.load_image(), self.cfg.max_image_pixels) for p in pages]
         text = build_chat_text(self.processor, req.question, len(images), self.cfg.system_prompt, self.cfg.instruction)
+        prompt, length = self._vllm_prompt(text, images)
+        return prompt, text, tuple(p.page_id for p in pages), tuple(im.size for im in images), length
+
+    def prepare_chat(self, messages: list[dict], images: Sequence) -> tuple[dict, str, int]:
+        """A whole conversation as a vLLM prompt: `messages` in the transformers multimodal format
+        with one {"type": "image"} part per image of `images` (PIL, in order). The images are fitted
+        to rollout.max_image_pixels like pages. Returns (prompt, chat text, expanded length)."""
+        if count_image_parts(messages) != len(images):
+            raise ValueError(f"the messages have {count_image_parts(messages)} image parts but {len(images)} images were given")
+        if len(images) > self.cfg.max_images_per_prompt:
+            raise ValueError(f"{len(images)} images exceed the engine's limit of {self.cfg.max_images_per_prompt} per prompt")
+        images = [fit_image(im, self.cfg.max_image_pixels) for im in images]
+        text = build_conversation_text(self.processor, messages)
+        prompt, length = self._vllm_prompt(text, images)
+        return prompt, text, length
+
+    def _vllm_prompt(self, text: str, images: list) -> tuple[dict, int]:
+        """The prompt dict vLLM takes (one pad per image, which it expands) and its expanded length."""
         length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + sum(self._image_tokens(im) - 1 for im in images)
         prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
-        return prompt, text, tuple(p.page_id for p in pages), tuple(im.size for im in images), length
+        return prompt, length
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -133,6 +154,26 @@ class RolloutEngine:
                                              page_ids=page_ids, image_sizes=sizes, answers=answers,
                                              weights_version=self.weights_version))
         return GenerateOutput(results=results, skipped=skipped)
+
+    # -- one request at a time (the Serve endpoint's engine loop drives these from one thread) ---
+
+    def submit(self, request_id: str, prompt: dict, params) -> None:
+        """Queue one prompt in the engine without running it, with the current LoRA adapter. The
+        prompt is preprocessed exactly as `LLM.generate` does; `step()` then advances every queued
+        request by one scheduler iteration. Not to be mixed with `generate`, which runs the engine
+        until *all* queued requests finish."""
+        engine_input = self.llm._preprocess_cmpl_one(prompt)  # what LLM.generate does to each prompt
+        self.llm.llm_engine.add_request(request_id, engine_input, params, lora_request=self.lora_request)
+
+    def step(self) -> list:
+        """One engine iteration; returns vLLM RequestOutputs (per the params' output kind)."""
+        return self.llm.llm_engine.step()
+
+    def has_unfinished(self) -> bool:
+        return self.llm.llm_engine.has_unfinished_requests()
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.llm.llm_engine.abort_request(list(request_ids))
 
     def score(self, prompt_text: str, images: Sequence, response_ids: Sequence[int]) -> tuple[list[int], list[float]]:
         """Logprobs of fixed response tokens after a prompt (the parity probe). Returns the

@@ -25,8 +25,21 @@ def build_messages(question: str, num_images: int, system_prompt: str = DEFAULT_
 def build_chat_text(processor, question: str, num_images: int, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                     instruction: str = DEFAULT_INSTRUCTION) -> str:
     """The model's own chat template applied to `build_messages`, with the generation prompt."""
-    messages = build_messages(question, num_images, system_prompt, instruction)
+    return build_conversation_text(processor, build_messages(question, num_images, system_prompt, instruction))
+
+
+def build_conversation_text(processor, messages: list[dict]) -> str:
+    """The model's own chat template applied to any conversation in the transformers multimodal
+    format (content parts `{"type": "text", "text": ...}` and `{"type": "image"}`), with the
+    generation prompt: one `<|image_pad|>` per image part. The question-about-pages prompt above is
+    one case of it; the Serve chat endpoint passes whole multi-turn conversations."""
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def count_image_parts(messages: list[dict]) -> int:
+    """Image parts in a conversation (string contents hold none)."""
+    return sum(1 for m in messages if not isinstance(m.get("content"), str)
+               for part in m.get("content") or () if part.get("type") == "image")
 
 
 def fit_image(image: Image.Image, max_pixels: int | None) -> Image.Image:

@@ -1,0 +1,494 @@
+"""The Ray Serve application: retrieval + the trained policy behind an OpenAI-compatible HTTP API.
+
+    HTTP ─► Ingress (FastAPI: auth, limits, validation, response ids, SSE)
+              ├─► Retriever  (PageEncoder + the saved PageIndex, masked MaxSim; the index's page images)
+              └─► Policy     (vLLM via RolloutEngine, trained weights: merged, or base + LoRA adapter)
+
+The docqa prompt is built by `RolloutEngine.prepare`, exactly as in training; chat conversations go
+through the same engine and chat template (`RolloutEngine.prepare_chat`). `EngineLoop` steps the
+engine in a background thread, so concurrent requests share engine steps and tokens stream as
+they are sampled.
+
+Entry points: `build_app` (the import path `deploy.app:build_app` of `serve deploy
+deploy/serve_config.yaml`) and `serve_app` (what `docrl serve` runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from deploy.api import (
+    SSE_DONE, APIError, ChatCompletionRequest, Choice, Citation, Completion, DocQARequest, DocQAResponse,
+    GenerationParams, Interaction, RequestRefused, Retrieval, StreamEvent, chat_chunk, chat_completion_body,
+    chat_input, chat_params, check_bearer, docqa_k, key_digest, new_id, parse_json, read_body, usage, validate,
+)
+from deploy.config import LimitsConfig
+from deploy.engine_loop import EngineDead
+from deploy.pages import PageUnavailable
+from retriever.config import RetrieverConfig
+from rollout.config import RolloutConfig, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+# vLLM accepts these LoRA ranks only; an adapter of rank r is served with the next one up.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retriever
+
+
+def _same_directory(a: str, b: str, base_dir: str) -> bool:
+    """Whether two model names are the same local directory (relative ones taken from base_dir)."""
+    pa, pb = (Path(x) if Path(x).is_absolute() else Path(base_dir) / x for x in (a, b))
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
+
+
+@serve.deployment(name="retriever")
+class Retriever:
+    """The saved index and its encoder (the plain objects a RetrieverActor holds), and the page
+    images of that index: the only pages this server reads."""
+
+    def __init__(self, index_dir: str, model_path: str, cfg: RetrieverConfig, num_threads: int, base_dir: str,
+                 pages_folder: str | None):
+        import torch
+
+        from deploy.pages import PageStore
+        from retriever.encoder import PageEncoder
+        from retriever.index import load_index
+
+        torch.set_num_threads(max(1, num_threads))
+        device = "cuda" if cfg.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        self.cfg = cfg
+        self.encoder = PageEncoder(model_path, cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens)
+        self.index = load_index(index_dir)
+        settings = self.encoder.settings()
+        recorded = self.index.settings.get("model")
+        if recorded and _same_directory(recorded, model_path, base_dir):
+            settings["model"] = recorded  # `docrl index` recorded the same model by a relative path
+        self.index.check_compatible(settings, where=index_dir)
+        self.pages = PageStore.from_index(index_dir, base_dir, pages_folder)
+        self.search_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _search(self, queries: list[tuple[str, int]]) -> list[list[tuple[str, float]]]:
+        """Concurrent questions are embedded and scored as one batch."""
+        vectors = self.encoder.embed_queries([q for q, _ in queries], batch_size=self.cfg.query_batch_size)
+        hits = self.index.search(vectors, max(k for _, k in queries), dtype=self.search_dtype)
+        return [h[:k] for h, (_, k) in zip(hits, queries)]
+
+    async def search(self, question: str, k: int, read: int) -> Retrieval:
+        """The top-k pages by score, and the best `read` of them with their images."""
+        hits = await self._search((question, k))
+        citations = [Citation(rank=rank, page_id=pid, doc_id=self.index.meta[pid].get("doc_id"),
+                              page_no=self.index.meta[pid].get("page_no"), score=score, read=rank <= read)
+                     for rank, (pid, score) in enumerate(hits, start=1)]
+        return Retrieval(citations, [self.pages.load(c.page_id) for c in citations if c.read])
+
+    def info(self) -> dict:
+        return {"pages": len(self.index), "readable_pages": len(self.pages), "model": self.encoder.model_id}
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy
+
+
+def served_lora_rank(adapter_dir: str) -> int:
+    r = int(json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"])
+    for rank in VLLM_LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise ValueError(f"LoRA adapter {adapter_dir}: rank {r} exceeds vLLM's largest ({VLLM_LORA_RANKS[-1]})")
+
+
+@serve.deployment(name="policy")
+class Policy:
+    """vLLM over the trained policy (`cluster.checkpoint.resolve_policy`'s answer), in-process in
+    this replica, driven by an `EngineLoop`."""
+
+    def __init__(self, policy: dict, rollout_cfg: RolloutConfig, num_threads: int, seed: int):
+        from rollout.engine import vllm_env
+
+        os.environ.update(vllm_env(rollout_cfg, num_threads))
+        from deploy.engine_loop import EngineLoop  # noqa: I001 - vllm is imported after the environment is set
+        from rollout.engine import RolloutEngine
+
+        lora = policy["kind"] == "lora"
+        self.engine = RolloutEngine(policy["model"], rollout_cfg, seed=seed, name="serve policy",
+                                    max_lora_rank=served_lora_rank(policy["adapter"]) if lora else None)
+        self.weights_version = policy.get("weights_version")
+        if lora:  # the engine counts versions from 0 (its base weights); an adapter is at least 1
+            self.engine.load_lora(policy["adapter"], max(1, self.weights_version or 1))
+        self.loop = EngineLoop(self.engine)
+
+    def _sampling(self, p: GenerationParams, stream: bool):
+        from vllm.sampling_params import RequestOutputKind
+
+        from rollout.engine import to_sampling_params
+
+        cfg = SamplingConfig(n=p.n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
+                             stop=list(p.stop), seed=p.seed)
+        return to_sampling_params(cfg, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                                  logprobs=None, output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
+
+    def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        limit = self.engine.cfg.max_model_len
+        if prompt_tokens + max_tokens > limit:
+            raise RequestRefused(f"the prompt ({prompt_tokens} tokens, images expanded) plus max_tokens={max_tokens} "
+                                 f"exceeds the model's context of {limit} tokens (rollout.max_model_len)")
+
+    def _prepare_chat(self, messages: list[dict], images: list, max_tokens: int) -> tuple[dict, int]:
+        try:
+            prompt, _, length = self.engine.prepare_chat(messages, images)
+        except ValueError as e:
+            raise RequestRefused(str(e)) from None
+        self._check_fits(length, max_tokens)
+        return prompt, length
+
+    async def _complete(self, request_id: str, prompt: dict, params: GenerationParams) -> Completion:
+        final = None
+        async for out in self.loop.generate(request_id, prompt, self._sampling(params, stream=False)):
+            final = out
+        outputs = sorted(final.outputs, key=lambda c: c.index)
+        return Completion(choices=[Choice(c.index, c.text, str(c.finish_reason or "stop")) for c in outputs],
+                          prompt_tokens=len(final.prompt_token_ids or ()),
+                          completion_tokens=sum(len(c.token_ids) for c in outputs), weights_version=self.weights_version)
+
+    async def chat(self, request_id: str, messages: list[dict], images: list, params: GenerationParams) -> Completion:
+        prompt, _ = self._prepare_chat(messages, images, params.max_tokens)
+        return await self._complete(request_id, prompt, params)
+
+    async def chat_stream(self, request_id: str, messages: list[dict], images: list, params: GenerationParams):
+        """StreamEvents: first the accepted prompt's size, then each step's new text."""
+        prompt, length = self._prepare_chat(messages, images, params.max_tokens)
+        yield StreamEvent(prompt_tokens=length)
+        generated = 0
+        async for out in self.loop.generate(request_id, prompt, self._sampling(params, stream=True)):
+            delta = out.outputs[0] if out.outputs else None
+            generated += len(delta.token_ids) if delta else 0
+            yield StreamEvent(text=delta.text if delta else "",
+                              finish_reason=str(delta.finish_reason or "stop") if out.finished and delta else None,
+                              completion_tokens=generated if out.finished else None)
+
+    async def docqa(self, request_id: str, question: str, pages: list, params: GenerationParams) -> Completion:
+        """Answer from the retrieved pages with the training prompt (`RolloutEngine.prepare`)."""
+        from rollout.types import RolloutRequest
+
+        try:
+            prompt, _, _, _, length = self.engine.prepare(RolloutRequest(request_id, question, tuple(pages)))
+        except ValueError as e:
+            raise RequestRefused(str(e)) from None
+        self._check_fits(length, params.max_tokens)
+        return await self._complete(request_id, prompt, params)
+
+    def info(self) -> dict:
+        return {"weights_version": self.weights_version, "engine_healthy": self.loop.healthy()}
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose engine loop died."""
+        if not self.loop.healthy():
+            raise RuntimeError(f"the vLLM engine loop stopped: {self.loop.error!r}")
+
+    def __del__(self):
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.stop()
+            self.engine.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ingress
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    model_name: str
+    policy: dict  # resolve_policy's answer: kind, weights_version, step (shown by /v1/models)
+    limits: LimitsConfig
+    default_max_tokens: int
+    request_timeout_s: float
+    api_key_sha256: str | None  # None: no key required
+    docqa_k: int  # retriever.top_k
+    docqa_read_pages: int  # rollout.max_images_per_prompt: pages the policy reads, as in training
+    docqa_sampling: SamplingConfig  # rollout.eval_sampling
+    answer_extraction: str  # reward.extraction
+
+
+api = FastAPI(title="docrl", description="Document QA with retrieval, and chat, over a docrl-trained policy")
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The exception a replica raised, unwrapped from Ray's task error."""
+    return getattr(e, "cause", None) or e
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, retriever, policy, settings: IngressSettings):
+        self.retriever, self.policy, self.s = retriever, policy, settings
+        self.created = int(time.time())
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        check_bearer(request.headers.get("authorization"), self.s.api_key_sha256)
+
+    def _check_model(self, model: str) -> None:
+        if model != self.s.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.s.model_name!r}",
+                           type="not_found_error", param="model", code="model_not_found")
+
+    async def _body(self, request: Request, model):
+        return validate(model, parse_json(await read_body(request, self.s.limits.max_request_bytes)))
+
+    async def _await(self, response, what: str, deadline: float):
+        """A deployment's answer within the request's deadline; its refusals become 4xx."""
+        try:
+            return await asyncio.wait_for(response, max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:  # the end of a streamed answer
+            raise
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise APIError(504, f"{what} did not answer within serve.request_timeout_s={self.s.request_timeout_s:g}s",
+                           type="timeout") from None
+        except Exception as e:  # noqa: BLE001 - sorted into the request's fault or the server's
+            raise self._classify(e, what) from None
+
+    def _classify(self, e: BaseException, what: str) -> APIError:
+        cause = _cause(e)
+        if isinstance(cause, RequestRefused):
+            return APIError(400, str(cause.args[0] if cause.args else cause))
+        if isinstance(cause, (PageUnavailable, EngineDead)):  # the server's state, not the request's fault
+            return APIError(503, f"{what}: {cause}", type="server_error")
+        log.error("%s failed: %r", what, e)
+        return APIError(500, f"{what} failed ({type(cause).__name__}); see the server log", type="server_error")
+
+    def _record(self, interaction: Interaction) -> None:
+        """The one place where an answered interaction leaves the request path. The feedback store
+        will hand it to its recorder here (asynchronously, off the response's critical path);
+        until then this is deliberately a no-op."""
+        return None
+
+    # -- endpoints -----------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self):
+        deadline = time.monotonic() + min(10.0, self.s.request_timeout_s)
+        try:
+            policy = await self._await(self.policy.info.remote(), "the policy", deadline)
+            index = await self._await(self.retriever.info.remote(), "the retriever", deadline)
+        except APIError as e:
+            return JSONResponse({"status": "unavailable", "error": e.message}, status_code=503)
+        return {"status": "ok", "model": self.s.model_name, "weights_version": policy["weights_version"],
+                "index_pages": index["pages"], "readable_pages": index["readable_pages"]}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        self._authorize(request)
+        p = self.s.policy
+        return {"object": "list", "data": [{"id": self.s.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "docrl", "kind": p["kind"], "weights_version": p["weights_version"],
+                                            "step": p["step"]}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        deadline = time.monotonic() + self.s.request_timeout_s
+        self._authorize(request)
+        req = await self._body(request, ChatCompletionRequest)
+        self._check_model(req.model)
+        params = chat_params(req, self.s.limits, self.s.default_max_tokens)
+        chat = await asyncio.to_thread(chat_input, req, self.s.limits)  # image decoding off the event loop
+        rid = new_id("chatcmpl")
+        if req.stream:
+            return await self._stream_chat(rid, req, chat, params, deadline)
+        completion = await self._await(self.policy.chat.remote(rid, chat.messages, chat.images, params), "the policy", deadline)
+        self._record(Interaction(rid, "chat", chat.last_user_text, completion.choices[0].text,
+                                 image_hashes=tuple(chat.image_hashes), model=self.s.model_name,
+                                 weights_version=completion.weights_version))
+        return JSONResponse(chat_completion_body(rid, self.s.model_name, completion))
+
+    async def _stream_chat(self, rid: str, req: ChatCompletionRequest, chat, params, deadline: float):
+        stream = self.policy.options(stream=True).chat_stream.remote(rid, chat.messages, chat.images, params)
+
+        async def next_event() -> StreamEvent | None:
+            try:
+                return await self._await(stream.__anext__(), "the policy", deadline)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            first = await next_event()  # the prompt was accepted: refusals are still a plain 4xx here
+        except APIError:
+            stream.cancel()
+            raise
+        model, created = self.s.model_name, int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def events():
+            text, completion_tokens = [], 0
+            try:
+                yield chat_chunk(rid, model, created, {"role": "assistant", "content": ""})
+                while (event := await next_event()) is not None:
+                    if event.text:
+                        text.append(event.text)
+                        yield chat_chunk(rid, model, created, {"content": event.text})
+                    if event.finish_reason is not None:
+                        completion_tokens = event.completion_tokens or 0
+                        yield chat_chunk(rid, model, created, {}, finish_reason=event.finish_reason)
+                if include_usage:
+                    yield chat_chunk(rid, model, created, {}, usage_=usage(first.prompt_tokens or 0, completion_tokens))
+                yield SSE_DONE
+            except APIError as e:  # mid-stream: the status line is sent already, so say it in the stream
+                yield f"data: {json.dumps(e.body())}\n\n"
+                return
+            finally:
+                stream.cancel()  # no-op when finished; frees the engine when the client went away
+            self._record(Interaction(rid, "chat", chat.last_user_text, "".join(text), image_hashes=tuple(chat.image_hashes),
+                                     model=model, weights_version=self.s.policy["weights_version"]))
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @api.post("/v1/docqa")
+    async def docqa(self, request: Request):
+        deadline = time.monotonic() + self.s.request_timeout_s
+        self._authorize(request)
+        req = await self._body(request, DocQARequest)
+        if req.model is not None:
+            self._check_model(req.model)
+        k = docqa_k(req, self.s.limits, self.s.docqa_k)
+        rid = new_id("docqa")
+        retrieval = await self._await(self.retriever.search.remote(req.question, k, min(k, self.s.docqa_read_pages)),
+                                      "the retriever", deadline)
+        s = self.s.docqa_sampling
+        params = GenerationParams(max_tokens=req.max_tokens or s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                  n=1, stop=tuple(s.stop), seed=s.seed)
+        completion = await self._await(self.policy.docqa.remote(rid, req.question, retrieval.pages, params), "the policy",
+                                       deadline)
+        from reward.extract import extract_answer
+
+        choice = completion.choices[0]
+        answer, _ = extract_answer(choice.text, self.s.answer_extraction)
+        self._record(Interaction(rid, "docqa", req.question, answer, page_ids=tuple(c.page_id for c in retrieval.citations),
+                                 model=self.s.model_name, weights_version=completion.weights_version))
+        return DocQAResponse(id=rid, created=int(time.time()), model=self.s.model_name, question=req.question,
+                             answer=answer, text=choice.text, finish_reason=choice.finish_reason,
+                             citations=retrieval.citations, usage=usage(completion.prompt_tokens, completion.completion_tokens),
+                             weights_version=completion.weights_version).model_dump()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and running
+
+
+def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None = None):
+    """The bound Serve application for a validated DocRLConfig. Relative paths (checkpoint, index,
+    models, the page files the index recorded) are taken from `base_dir` (default: the current
+    directory), so replicas find them wherever they run on this node. Fails here, before any
+    replica starts, when the checkpoint, the index or the API key is missing."""
+    from cluster.checkpoint import resolve_policy
+    from docvqa.tiny_models import resolve_model
+    from retriever.index import read_manifest
+
+    base = Path(base_dir or os.getcwd()).resolve()
+
+    def absolute(p: str) -> str:
+        return str(Path(p) if Path(p).is_absolute() else base / p)
+
+    policy = resolve_policy(absolute(checkpoint))
+    if Path(absolute(policy["model"])).exists():  # a local base model; a hub id stays as it is
+        policy["model"] = absolute(policy["model"])
+    index_dir = absolute(index_dir)
+    read_manifest(index_dir)  # refuses a missing or incomplete index now, naming what is missing
+    retriever_model = resolve_model(cfg.retriever.model, "retriever", absolute(cfg.run.models_dir))
+    if Path(absolute(retriever_model)).exists():  # a local model; a hub id stays as it is
+        retriever_model = absolute(retriever_model)
+
+    sc = cfg.serve
+    key_sha256 = None
+    if sc.api_key_env is not None:
+        key = os.environ.get(sc.api_key_env, "").strip()
+        if not key:
+            raise ValueError(f"serve.api_key_env={sc.api_key_env!r} but that environment variable is empty or unset; "
+                             f"export the key, or set serve.api_key_env=null to serve without a key")
+        key_sha256 = key_digest(key)
+
+    # The engine takes as many images as a chat request may send; docqa still reads only the
+    # pages training read (rollout.max_images_per_prompt).
+    rollout_cfg = cfg.rollout.model_copy(update={
+        "max_images_per_prompt": max(cfg.rollout.max_images_per_prompt, sc.limits.max_images_per_request)})
+    settings = IngressSettings(
+        model_name=sc.model_name, policy={k: policy[k] for k in ("kind", "weights_version", "step")}, limits=sc.limits,
+        default_max_tokens=sc.default_max_tokens, request_timeout_s=sc.request_timeout_s, api_key_sha256=key_sha256,
+        docqa_k=cfg.retriever.top_k, docqa_read_pages=cfg.rollout.max_images_per_prompt,
+        docqa_sampling=cfg.rollout.eval_sampling, answer_extraction=cfg.reward.extraction)
+    pages_folder = absolute(sc.pages_folder) if sc.pages_folder else None
+    retriever = Retriever.options(**sc.retriever.serve_options()).bind(
+        index_dir, retriever_model, cfg.retriever, int(max(1, sc.retriever.num_cpus)), str(base), pages_folder)
+    policy_app = Policy.options(**sc.policy.serve_options()).bind(
+        policy, rollout_cfg, int(max(1, sc.policy.num_cpus)), cfg.run.seed)
+    return Ingress.options(**sc.ingress.serve_options()).bind(retriever, policy_app, settings)
+
+
+BUILD_ARGS = {"checkpoint", "index", "config", "overrides", "base_dir"}
+
+
+def build_app(args: dict):
+    """`serve deploy` / `serve run` entry point (import path `deploy.app:build_app`). Args:
+    checkpoint, index (required); config (a docrl YAML), overrides (a list of KEY=VALUE), base_dir."""
+    from cluster.config import load_config
+
+    unknown = sorted(set(args) - BUILD_ARGS)
+    missing = sorted({"checkpoint", "index"} - set(args))
+    if unknown or missing:
+        raise ValueError(f"deploy.app:build_app args: " + "; ".join(
+            ([f"unknown {', '.join(unknown)}"] if unknown else []) + ([f"missing {', '.join(missing)}"] if missing else []))
+            + f" (known: {', '.join(sorted(BUILD_ARGS))})")
+    cfg = load_config(args.get("config"), list(args.get("overrides") or []))
+    return build_application(cfg, args["checkpoint"], args["index"], args.get("base_dir"))
+
+
+def wait_until_running(names: list[str], timeout_s: float) -> None:
+    """Wait for Serve applications to be RUNNING; fail with the deployments' messages otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {n: apps.get(n) for n in names}
+        if all(s is not None and s.status == "RUNNING" for s in states.values()):
+            return
+        failed = {n: s for n, s in states.items() if s is not None and s.status in ("DEPLOY_FAILED", "UNHEALTHY")}
+        if failed or time.monotonic() > deadline:
+            details = "; ".join(f"{n}: {s.status if s else 'not deployed'} {s.message if s else ''} " + ", ".join(
+                f"{d}={ds.status} {ds.message}".strip() for d, ds in (s.deployments.items() if s else []))
+                for n, s in (failed or states).items())
+            what = "failed to start" if failed else f"not running after {timeout_s:g}s"
+            raise RuntimeError(f"Serve application {what}: {details}")
+        time.sleep(0.5)
+
+
+def serve_app(cfg, checkpoint: str, index_dir: str, name: str = "docrl", route_prefix: str = "/",
+              timeout_s: float | None = None) -> str:
+    """Start Serve's HTTP proxy on serve.host:serve.port, deploy the application, wait until it
+    runs. Returns the base URL. (Ray must be initialised.)"""
+    app = build_application(cfg, checkpoint, index_dir)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run_many([serve.api.RunTarget(app, name=name, route_prefix=route_prefix)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    wait_until_running([name], timeout_s or cfg.ray.actor_start_timeout_s)
+    return f"http://{cfg.serve.host}:{cfg.serve.port}{route_prefix.rstrip('/')}"

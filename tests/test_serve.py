@@ -1,0 +1,279 @@
+"""The Ray Serve endpoint, end to end on loopback: two applications in the shared Ray cluster, one
+serving a LoRA checkpoint over a multi-page index, one a merged (full) checkpoint over a one-page
+index, driven with the real `openai` client and plain HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
+
+API_KEY = "test-key-not-secret"
+KEY_ENV = "DOCRL_TEST_SERVE_KEY"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png_data_url(size=(64, 48), color="white") -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
+    """Checkpoints and indexes built once; both applications started together; Serve shut down at the end."""
+    import torch
+    from ray import serve
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from cluster.checkpoint import write_policy
+    from cluster.config import load_config
+    from deploy.app import build_application, wait_until_running
+    from docvqa.loaders import load_docvqa_json
+    from learner.types import ExportedWeights
+    from retriever.config import RetrieverConfig
+    from retriever.group import RetrieverGroup
+    from rollout.parity import perturbed_state_dict, random_lora_adapter
+
+    work = tmp_path_factory.mktemp("serve")
+    policy = str(tiny_models["policy"])
+    model = Qwen2VLForConditionalGeneration.from_pretrained(policy, dtype=torch.float32)
+    random_lora_adapter(model, work / "adapter", r=8)
+    write_policy(work / "lora-ckpt" / "policy", policy, ExportedWeights(3, "lora", adapter_dir=str(work / "adapter")), step=3)
+    write_policy(work / "full-ckpt" / "policy", policy,
+                 ExportedWeights(5, "full", tensors=perturbed_state_dict(policy, scale=0.1)), step=5)
+
+    corpus = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
+    pages = sorted(corpus.pages.values(), key=lambda p: p.page_id)
+    group = RetrieverGroup(str(tiny_models["retriever"]), RetrieverConfig(model=str(tiny_models["retriever"]), num_cpus_per_actor=0.5))
+    group.build(pages[:6], work / "index")
+    group.shutdown()
+    group = RetrieverGroup(str(tiny_models["retriever"]), RetrieverConfig(model=str(tiny_models["retriever"]), num_cpus_per_actor=0.5))
+    group.build(pages[:1], work / "one-page-index")
+    group.shutdown()
+
+    os.environ[KEY_ENV] = API_KEY
+    common = [f"retriever.model={tiny_models['retriever']}", "rollout.max_model_len=1024",
+              "serve.retriever.num_cpus=0.5", "serve.policy.num_cpus=1", "serve.request_timeout_s=60",
+              "serve.limits.max_request_bytes=262144", "serve.limits.max_images_per_request=2",
+              "serve.limits.max_image_pixels=250000", "serve.limits.max_tokens=64", "serve.default_max_tokens=8"]
+    port = _free_port()
+    cfg = load_config(None, common + [f"serve.port={port}", f"serve.api_key_env={KEY_ENV}", "retriever.top_k=3"])
+    one_cfg = load_config(None, common + [f"serve.port={port}"])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run_many([serve.api.RunTarget(build_application(cfg, str(work / "lora-ckpt"), str(work / "index")),
+                                        name="docrl", route_prefix="/"),
+                    serve.api.RunTarget(build_application(one_cfg, str(work / "full-ckpt"), str(work / "one-page-index")),
+                                        name="docrl-one", route_prefix="/one")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    try:
+        wait_until_running(["docrl", "docrl-one"], timeout_s=300)
+        yield {"url": f"http://127.0.0.1:{port}", "index_pages": [p.page_id for p in pages[:6]],
+               "one_page": pages[0].page_id}
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def _post(served, path, body, key=API_KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(served["url"] + path, json=body, headers=headers, timeout=60, **kw)
+
+
+# -- the OpenAI-compatible API ----------------------------------------------------------------
+
+
+def test_models_list_names_the_served_checkpoint(client):
+    models = client.models.list()
+    (m,) = models.data
+    assert m.id == "docrl" and m.model_extra["kind"] == "lora" and m.model_extra["weights_version"] == 3
+
+
+def test_chat_with_an_image(client):
+    out = client.chat.completions.create(model="docrl", max_tokens=6, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_data_url()}},
+                                     {"type": "text", "text": "What does this page say?"}]}])
+    assert out.id.startswith("chatcmpl-") and out.object == "chat.completion"
+    (choice,) = out.choices
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert out.usage.prompt_tokens > 20 and 1 <= out.usage.completion_tokens <= 6  # the image's tokens count
+
+
+def test_multi_turn_chat_and_n_completions(client):
+    out = client.chat.completions.create(model="docrl", max_tokens=4, temperature=1.0, n=2, seed=1, messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "What is the total?"}])
+    assert [c.index for c in out.choices] == [0, 1]
+
+
+def test_streaming_sends_tokens_as_server_sent_events(client):
+    stream = client.chat.completions.create(model="docrl", max_tokens=8, temperature=1.0, seed=3, stream=True,
+                                            stream_options={"include_usage": True}, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_data_url(color="gray")}},
+                                     {"type": "text", "text": "Read it."}]}])
+    chunks = list(stream)
+    ids = {c.id for c in chunks}
+    assert len(ids) == 1 and ids.pop().startswith("chatcmpl-")
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"] or finishes == ["stop"]
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens >= len(deltas) >= 1  # several events, not one blob
+    if finishes == ["length"]:
+        assert usage.completion_tokens == 8
+
+
+def test_fifty_concurrent_requests_all_succeed(served):
+    def one(i):
+        if i % 2:
+            return _post(served, "/v1/docqa", {"question": f"What is the total of invoice {i}?", "k": 2})
+        return _post(served, "/v1/chat/completions", {"model": "docrl", "max_tokens": 4, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_data_url()}},
+                                         {"type": "text", "text": f"Question {i}"}]}]})
+
+    with ThreadPoolExecutor(50) as pool:
+        responses = list(pool.map(one, range(50)))
+    assert [r.status_code for r in responses] == [200] * 50
+    assert len({r.json()["id"] for r in responses}) == 50
+
+
+# -- document QA ------------------------------------------------------------------------------
+
+
+def test_docqa_answers_with_pages_of_the_index_ranked_by_score(served):
+    r = _post(served, "/v1/docqa", {"question": "What is the invoice total?", "k": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("docqa-") and isinstance(body["answer"], str) and body["finish_reason"] in ("stop", "length")
+    cites = body["citations"]
+    assert [c["rank"] for c in cites] == [1, 2, 3, 4]
+    assert all(c["page_id"] in served["index_pages"] for c in cites)
+    assert len({c["page_id"] for c in cites}) == 4
+    scores = [c["score"] for c in cites]
+    assert scores == sorted(scores, reverse=True)
+    assert [c["read"] for c in cites] == [True, False, False, False]  # the tiny preset reads one page, as in training
+    assert body["usage"]["prompt_tokens"] > 20 and body["weights_version"] == 3
+
+
+def test_docqa_default_k_comes_from_the_config(served):
+    r = _post(served, "/v1/docqa", {"question": "Who signed the letter?"})
+    assert r.status_code == 200 and len(r.json()["citations"]) == 3  # retriever.top_k=3
+
+
+def test_one_page_index_cites_that_page(served):
+    r = httpx.post(served["url"] + "/one/v1/docqa", json={"question": "What is the date?", "k": 5}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["page_id"] for c in body["citations"]] == [served["one_page"]]
+    assert body["citations"][0]["read"] and body["weights_version"] == 5
+
+
+def test_healthz_needs_no_key(served):
+    r = httpx.get(served["url"] + "/healthz", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["index_pages"] == 6
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+def test_unauthorized_requests_get_401(served):
+    from openai import AuthenticationError, OpenAI
+
+    assert _post(served, "/v1/docqa", {"question": "q"}, key=None).status_code == 401
+    r = _post(served, "/v1/docqa", {"question": "q"}, key="wrong")
+    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid API key"
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=served["url"] + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(served["url"] + "/one/v1/models", timeout=30).status_code == 200  # that app has no key
+
+
+def _image_message(url):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "http://127.0.0.1:1/page.png", "/etc/hostname", "FILE:/etc/passwd"])
+def test_image_urls_other_than_data_are_refused(served, url):
+    r = _post(served, "/v1/chat/completions", {"model": "docrl", "messages": _image_message(url)})
+    assert r.status_code == 400
+    assert "data: URL" in r.json()["error"]["message"] and "messages.0.content.0.image_url" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"model": "docrl"}, 400, "messages: Field required"),
+    ({"model": "docrl", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages.0.content"),
+    ({"model": "docrl", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "'nope' does not exist"),
+    ({"model": "docrl", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "serve.limits.max_tokens"),
+    ({"model": "docrl", "messages": _image_message("data:image/png;base64,!!notbase64")}, 400, "base64"),
+    ({"model": "docrl", "messages": _image_message("data:image/png;base64," + base64.b64encode(b"not an image").decode())},
+     400, "not a readable image"),
+    ({"model": "docrl", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _png_data_url()}}] * 3}]}, 400, "serve.limits.max_images_per_request"),
+    ({"model": "docrl", "messages": _image_message(_png_data_url(size=(600, 500)))}, 400, "serve.limits.max_image_pixels"),
+    ({"model": "docrl", "messages": [{"role": "user", "content": "word " * 900}], "max_tokens": 64}, 400,
+     "rollout.max_model_len"),
+    ({"model": "docrl", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
+])
+def test_malformed_and_over_limit_chat_requests_get_a_clear_4xx(served, body, status, words):
+    r = _post(served, "/v1/chat/completions", body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"question": "   "}, "question: empty"),
+    ({"question": "q", "k": 0}, "k: Input should be greater than or equal to 1"),
+    ({"question": "q", "k": 21}, "serve.limits.max_k"),
+    ({"k": 2}, "question: Field required"),
+])
+def test_malformed_docqa_requests_get_400(served, body, words):
+    r = _post(served, "/v1/docqa", body)
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_body_that_is_not_json_or_too_large_is_refused(served):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    r = httpx.post(served["url"] + "/v1/docqa", content=b"{not json", headers=headers, timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(served["url"] + "/v1/docqa", content=b"[1, 2]", headers=headers, timeout=30)
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    big = json.dumps({"question": "x" * 300_000}).encode()
+    r = httpx.post(served["url"] + "/v1/docqa", content=big, headers=headers, timeout=30)
+    assert r.status_code == 413 and "serve.limits.max_request_bytes" in r.json()["error"]["message"]
+
+
+def test_serve_deploy_yaml_builds_the_same_application(tiny_models):
+    """The shipped `serve deploy` file is a valid Serve config whose builder args name this module."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "deploy.app:build_app"
+    assert {"checkpoint", "index", "config"} <= set(app.args)
+    assert schema.http_options.host == "127.0.0.1"
