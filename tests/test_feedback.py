@@ -425,7 +425,12 @@ def test_reproducing_a_rejected_answer_scores_zero():
 
 
 def test_cli_export_and_stats(tmp_path, synthetic_corpus, capsys):
-    from cluster.cli import main
+    from cluster.cli import build_parser
+
+    def main(argv):  # cluster.cli.main without its logging set-up and torch-importing error types
+        args, rest = build_parser().parse_known_args(argv)
+        args.overrides = list(args.overrides) + rest
+        return args.func(args)
 
     db = f"sqlite:///{tmp_path / 'f.db'}"
     main_set = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
