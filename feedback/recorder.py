@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from feedback.config import FeedbackConfig
-from feedback.store import FeedbackIn, FeedbackRecord, FeedbackStore, Interaction, StorageError
+from feedback.store import FeedbackIn, FeedbackRecord, FeedbackStore, Interaction, StorageError, UnknownResponseError
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,9 @@ class InteractionRecorder:
                 self._pending[interaction.response_id] = self._pending.get(interaction.response_id, 0) + 1
             return True
         except Exception as e:  # noqa: BLE001 - recording must never fail a request
-            log.exception("feedback recorder: could not queue an interaction: %s", e)
+            with self._cond:
+                self._dropped += 1
+            log.warning("feedback recorder: could not queue an interaction (%s: %s)", type(e).__name__, e)
             return False
 
     def add_feedback(self, fb: FeedbackIn) -> FeedbackRecord:
@@ -119,7 +121,13 @@ class InteractionRecorder:
         if not written:
             raise StorageError(f"the answer {fb.response_id!r} is not stored yet (the feedback database is slow "
                                "or down); retry later")
-        return self.store.add_feedback(fb)
+        try:
+            return self.store.add_feedback(fb)
+        except UnknownResponseError:
+            # Another replica may have given this answer and not flushed it yet: look once more
+            # after one of its flush intervals before answering 404.
+            time.sleep(self.flush_interval_s + 0.25)
+            return self.store.add_feedback(fb)
 
     def stats(self) -> RecorderStats:
         with self._cond:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,6 +49,11 @@ MAX_STORED_TEXT_CHARS = 65_536  # questions/answers longer than this are cut bef
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def new_response_id(prefix: str = "resp") -> str:
+    """A fresh id for an answer: what the endpoint returns and POST /v1/feedback refers to."""
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +207,18 @@ class VersionStats:
     @property
     def down_rate(self) -> float | None:
         return self.down / self.rated if self.rated else None
+
+    def tags(self) -> dict[str, str]:
+        """Metric tags naming the version."""
+        return {"model": self.model, "checkpoint": self.checkpoint or "",
+                "weights_version": "" if self.weights_version is None else str(self.weights_version)}
+
+    def as_metrics(self, prefix: str = "docrl_feedback_") -> dict[str, float]:
+        """Gauges for the dashboard (publish with `tags()`); rates only once something was rated."""
+        out = {f"{prefix}{k}": float(getattr(self, k)) for k in ("answers", "up", "down", "corrections")}
+        if self.rated:
+            out[f"{prefix}up_rate"], out[f"{prefix}down_rate"] = self.up_rate, self.down_rate
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

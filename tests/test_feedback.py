@@ -154,6 +154,7 @@ def test_stats_per_model_version(db_url):
     assert (v1.weights_version, v1.answers, v1.up, v1.down, v1.corrections) == (1, 4, 1, 2, 1)
     assert v1.up_rate == pytest.approx(1 / 3) and v1.down_rate == pytest.approx(2 / 3)
     assert (v2.weights_version, v2.answers, v2.rated, v2.up_rate) == (2, 3, 2, 1.0)
+    assert v2.as_metrics()["docrl_feedback_up_rate"] == 1.0 and v2.tags()["weights_version"] == "2"
     assert store.stats(since=T0 + timedelta(days=1)) == []
     store.close()
 
@@ -244,6 +245,9 @@ def test_recorder_writes_in_the_background_and_feedback_waits_for_its_answer(db_
         assert rec.record(qa(f"r{i}", images=(png((i, 0, 0)),) if i % 5 == 0 else ()))
     # the answer may still be queued: add_feedback waits for it instead of answering 404
     assert rec.add_feedback(FeedbackIn("r19", "up")).rating == "up"
+    with pytest.raises(FeedbackError) as err:
+        rec.add_feedback(FeedbackIn("resp-never-answered", "up"))
+    assert err.value.status == 404
     assert rec.flush(10)
     stats = rec.stats()
     assert (stats.recorded, stats.dropped, stats.write_errors, stats.queue_depth, stats.queued_image_bytes) == (20, 0, 0, 0, 0)
