@@ -47,6 +47,7 @@ def served(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
     from learner.types import ExportedWeights
     from retriever.config import RetrieverConfig
     from retriever.group import RetrieverGroup
+    from retriever.index import load_index, save_index
     from rollout.parity import perturbed_state_dict, random_lora_adapter
 
     work = tmp_path_factory.mktemp("serve")
@@ -60,11 +61,9 @@ def served(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
     corpus = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
     pages = sorted(corpus.pages.values(), key=lambda p: p.page_id)
     group = RetrieverGroup(str(tiny_models["retriever"]), RetrieverConfig(model=str(tiny_models["retriever"]), num_cpus_per_actor=0.5))
-    group.build(pages[:6], work / "index")
+    group.build(pages[:6], work / "index")  # as `docrl index` does
     group.shutdown()
-    group = RetrieverGroup(str(tiny_models["retriever"]), RetrieverConfig(model=str(tiny_models["retriever"]), num_cpus_per_actor=0.5))
-    group.build(pages[:1], work / "one-page-index")
-    group.shutdown()
+    save_index(load_index(work / "index", page_range=(0, 1)), work / "one-page-index")  # its first page alone
 
     os.environ[KEY_ENV] = API_KEY
     common = [f"retriever.model={tiny_models['retriever']}", "rollout.max_model_len=1024",
