@@ -24,7 +24,7 @@ $(VENV)/.docrl-$(EXTRA): pyproject.toml
 	@rm -f $(VENV)/.docrl-*; touch $@
 
 demo: setup
-	$(VENV)/bin/docrl demo --config $(CONFIG)
+	$(VENV)/bin/docrl train --config $(CONFIG)
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -71,8 +72,6 @@ def cmd_demo(args) -> int:
 
 
 def _index_dir(cfg, args) -> str:
-    from pathlib import Path
-
     return args.index or cfg.retriever.index_dir or str(Path(cfg.run.output_dir) / "index")
 
 
@@ -141,12 +140,24 @@ def cmd_retrieval_eval(args) -> int:
 def cmd_train(args) -> int:
     from cluster.train import Trainer
 
-    trainer = Trainer(_load(args))
+    cfg = _load(args)
+    trainer = Trainer(cfg)
     try:
         final = trainer.run(resume=args.resume)
     finally:
         trainer.shutdown()
     print(json.dumps(final, indent=2))
+    logs = Path(cfg.run.output_dir) / "logs"
+    summary = json.loads((logs / "summary.json").read_text())
+    ws = summary.get("warm_start", {})
+    if ws.get("eval_anls_after") is not None:
+        print(f"warm start: held-out ANLS {ws['eval_anls_before']:.3f} -> {ws['eval_anls_after']:.3f} "
+              f"({ws['seconds']:.0f}s)")
+    if "anls_before_rl" in summary:
+        print(f"RL ({summary['train_steps']} steps): held-out ANLS {summary['anls_before_rl']:.3f} -> "
+              f"{summary['anls_after_rl']:.3f} (gain {summary['anls_rl_gain']:+.3f}); exact match "
+              f"{summary['exact_match_before_rl']:.3f} -> {summary['exact_match_after_rl']:.3f}")
+    print(f"logs, report.png, TensorBoard: {logs}   checkpoints: {Path(cfg.run.output_dir) / 'checkpoints'}")
     return 0
 
 

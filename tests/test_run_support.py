@@ -58,3 +58,28 @@ def test_ray_metrics_gauges_accept_values(ray_cluster, tmp_path):
     log.log(1, {"reward/mean": 0.5})
     assert "reward/mean" in log._gauges
     log.close()
+
+
+def test_training_summary_separates_warm_start_from_rl():
+    from cluster.metrics import training_summary
+
+    rows = [{"step": 0, "warm_start/loss_first": 6.8, "warm_start/loss_last": 0.5, "warm_start/eval_anls_before": 0.0,
+             "warm_start/eval_anls_after": 0.25, "warm_start/seconds": 30.0},
+            {"step": 0, "eval/anls": 0.25, "eval/exact_match": 0.2}]
+    rows += [{"step": s, "reward/mean": r} for s, r in zip(range(1, 11), [0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.6, 0.7])]
+    rows += [{"step": 5, "eval/anls": 0.4, "eval/exact_match": 0.3}, {"step": 10, "eval/anls": 0.6, "eval/exact_match": 0.55}]
+    s = training_summary(rows)
+    assert s["warm_start"]["eval_anls_after"] == 0.25 and s["warm_start"]["loss_last"] == 0.5
+    assert (s["anls_before_rl"], s["anls_after_rl"]) == (0.25, 0.6) and s["anls_rl_gain"] == pytest.approx(0.35)
+    assert s["exact_match_rl_gain"] == pytest.approx(0.35) and s["eval_steps"] == [0, 5, 10] and s["train_steps"] == 10
+    # the first and last fifth (2 of 10 steps) of the train reward
+    assert s["train_reward_first_steps"] == pytest.approx(0.15) and s["train_reward_last_steps"] == pytest.approx(0.65)
+    assert "warm_start" not in training_summary(rows[1:])
+
+
+def test_metrics_log_starts_afresh_unless_resuming(tmp_path):
+    for append, expected in ((False, [1]), (False, [1]), (True, [1, 1])):
+        log = MetricsLogger(tmp_path, tensorboard=False, ray_metrics=False, append=append)
+        log.log(1, {"reward/mean": 0.5})
+        log.close()
+        assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == expected

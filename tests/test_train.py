@@ -1,49 +1,98 @@
-"""`docrl train` end to end on the tiny preset: two synchronous steps, then a resume to a third."""
+"""`docrl train` end to end on the tiny preset (realistic level, retrieval on): two synchronous
+steps; a resume from the step-1 checkpoint that reproduces step 2 exactly; and the async mode."""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 
 import pytest
 
 from cluster.config import load_config
+from cluster.metrics import read_jsonl
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
+# Measured, not tuned: what may differ between two runs of the same step (wall-clock figures).
+TIMING_PREFIXES = ("time/", "throughput/", "learner/update_seconds", "learner/score_seconds", "learner/train_seconds",
+                   "learner/tokens_per_s", "learner/seconds")
 
-def test_two_steps_then_resume(ray_cluster, tiny_models, tmp_path):
+
+def _overrides(tmp_path, tiny_models, *extra):
+    return [f"run.output_dir={tmp_path}", f"run.models_dir={tiny_models['policy'].parent}",
+            "trainer.total_steps=2", "trainer.prompts_per_step=2", "rollout.sampling.n=2", "algorithm.minibatch_size=4",
+            "learner.micro_batch_size=2", "data.max_eval_samples=2", "data.synthetic.num_documents=6",
+            "trainer.eval_every=0", "trainer.save_every=1", "rollout.max_model_len=1024",
+            "rollout.num_cpus_per_worker=0.5", "retriever.num_cpus_per_actor=0.5", "reward.num_cpus_per_actor=0.5",
+            "learner.num_cpus_per_rank=0.5", *extra]
+
+
+def _step_rows(out_dir) -> list[dict]:
+    return [r for r in read_jsonl(out_dir / "logs" / "metrics.jsonl") if "reward/mean" in r]
+
+
+def test_two_steps_then_exact_resume(ray_cluster, tiny_models, tmp_path):
     from cluster.train import Trainer
 
-    overrides = [f"run.output_dir={tmp_path}", f"run.models_dir={tiny_models['policy'].parent}",
-                 "trainer.total_steps=2", "trainer.prompts_per_step=2", "rollout.sampling.n=2", "algorithm.minibatch_size=4",
-                 "learner.micro_batch_size=2", "data.max_eval_samples=2", "data.synthetic.num_documents=6",
-                 "trainer.eval_every=0", "trainer.save_every=1", "rollout.max_model_len=1024",
-                 "rollout.num_cpus_per_worker=0.5", "retriever.num_cpus_per_actor=0.5", "reward.num_cpus_per_actor=0.5",
-                 "learner.num_cpus_per_rank=0.5"]
-    trainer = Trainer(load_config(None, overrides))
+    first = tmp_path / "first"
+    trainer = Trainer(load_config(None, _overrides(first, tiny_models)))
     try:
         final = trainer.run()
         assert trainer.rollout.version == trainer.learner.version == 2  # every update reached the rollout
     finally:
         trainer.shutdown()
-    logs = tmp_path / "logs"
-    rows = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "reward/mean" in r]
+    logs = first / "logs"
+    steps = _step_rows(first)
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert r["learner/first_micro_batch/ratio_mean"] == 1.0 and r["learner/num_experiences"] == 4.0
         assert r["learner/logprob_mismatch_max"] < 1e-3  # rollout vs learner, measured every step
-        assert r["time/step_s"] > 0 and r["weights/version"] == r["step"]
+        assert r["time/step_s"] > 0 and r["weights/version"] == r["step"] and r["weights/staleness"] == 0
     assert "eval/anls" in final and "eval/retrieval_recall@1" in final
     assert (logs / "report.png").stat().st_size > 1000 and list((logs / "tensorboard").iterdir())
     assert (logs / "eval-step-0.jsonl").exists() and (logs / "eval-step-2.jsonl").exists()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    checkpoints = sorted(p.name for p in (first / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000001", "step-00000002"]
+    policy = first / "checkpoints" / "step-00000002" / "policy"
+    assert json.loads((policy / "docrl_policy.json").read_text())["weights_version"] == 2
+    assert (policy / "adapter" / "adapter_config.json").exists()
 
-    resumed = Trainer(load_config(None, overrides[:2] + ["trainer.total_steps=3"] + overrides[3:]))
+    # A second run directory holding only the step-1 checkpoint (and the data and index): the resume
+    # must redo step 2 exactly as the uninterrupted run did it - same questions, samples, update.
+    second = tmp_path / "second"
+    shutil.copytree(first, second, ignore=shutil.ignore_patterns("step-00000002", "logs", "exports"))
+    resumed = Trainer(load_config(None, _overrides(second, tiny_models)))
     try:
         resumed.run(resume=True)
-        assert resumed.step == 3 and resumed.learner.version == 3 == resumed.rollout.version
+        assert resumed.step == 2 and resumed.learner.version == 2 == resumed.rollout.version
     finally:
         resumed.shutdown()
-    rows = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2, 3]
+    [again] = _step_rows(second)
+    expected = steps[1]
+    compared = [k for k in expected if not k.startswith(TIMING_PREFIXES) and k != "step"]
+    assert len(compared) > 20
+    differ = {k: (expected[k], again.get(k)) for k in compared
+              if not (again.get(k) == expected[k] or (isinstance(expected[k], float) and again.get(k) is not None
+                                                      and math.isclose(again[k], expected[k], rel_tol=1e-6, abs_tol=1e-9)))}
+    assert not differ, differ
+
+
+def test_async_mode_trains_one_step_off_policy(ray_cluster, tiny_models, tmp_path):
+    from cluster.train import Trainer
+
+    trainer = Trainer(load_config(None, _overrides(tmp_path, tiny_models, "trainer.mode=async", "trainer.total_steps=3",
+                                                   "trainer.save_every=0")))
+    try:
+        trainer.run()
+        assert trainer.rollout.version == trainer.learner.version == 3
+    finally:
+        trainer.shutdown()
+    steps = _step_rows(tmp_path)
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    # step 1 samples with the base weights; later batches were sampled before the previous update
+    assert [r["weights/staleness"] for r in steps] == [0.0, 1.0, 1.0]
+    for r in steps:
+        assert "learner/tis_weight_mean" in r and 0 < r["learner/tis_weight_mean"] <= 2.0  # algorithm.tis_cap
+    # off-policy: the learner's logprobs of a stale batch no longer equal the rollout's
+    assert steps[0]["learner/logprob_mismatch_max"] < 1e-3 and steps[2]["learner/logprob_mismatch_max"] > 1e-4

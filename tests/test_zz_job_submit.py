@@ -1,8 +1,7 @@
 """`ray job submit` of the tiny training job to a cluster started with `ray start --head` on
-loopback: the job SUCCEEDS and leaves its logs, checkpoints and report.
-
-(Not yet checked here: docrl's gauges on the cluster's Prometheus endpoint. Set from the job's
-driver they did not appear within the short tiny run; the training-loop issue tracks it.)
+loopback: the job SUCCEEDS and leaves its logs, checkpoints and report, and while it runs docrl's
+gauges show on the head's Prometheus endpoint (`--metrics-export-port`), named `ray_docrl_*`
+(Ray prefixes application metrics with `ray_`; they arrive about 10 s after they are set).
 
 Runs last (file name) and stops only its own cluster: `ray start --block` is the head's parent
 process, and terminating it stops everything it started (a plain `ray stop` would also stop the
@@ -80,9 +79,10 @@ def test_ray_job_submit_trains_the_tiny_preset(tiny_models, tmp_path):
                 assert time.monotonic() < deadline, "the Ray dashboard did not come up within 120 s"
                 time.sleep(2)
         overrides = [f"run.output_dir={tmp_path / 'run'}", f"run.models_dir={tiny_models['policy'].parent}",
-                     "trainer.total_steps=2", "trainer.prompts_per_step=2", "rollout.sampling.n=2",
+                     "trainer.total_steps=3", "trainer.prompts_per_step=2", "rollout.sampling.n=2",
                      "algorithm.minibatch_size=4", "learner.micro_batch_size=2", "data.max_eval_samples=2",
-                     "data.synthetic.num_documents=6", "trainer.eval_every=0", "trainer.save_every=0",
+                     "data.synthetic.num_documents=6", "data.synthetic.level=realistic", "retriever.use_gold_page=false",
+                     "trainer.warm_start.steps=0", "trainer.eval_every=0", "trainer.save_every=0",
                      "rollout.max_model_len=1024", "rollout.num_cpus_per_worker=0.5", "retriever.num_cpus_per_actor=0.5",
                      "reward.num_cpus_per_actor=0.5", "learner.num_cpus_per_rank=0.5"]
         deadline = time.monotonic() + 180
@@ -98,17 +98,25 @@ def test_ray_job_submit_trains_the_tiny_preset(tiny_models, tmp_path):
         job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout).group(0)  # (the CLI colours its output)
         status = None
         deadline = time.monotonic() + 900
+        seen_metrics: set[str] = set()
         while time.monotonic() < deadline:
+            try:
+                scraped = _get(f"http://127.0.0.1:{metrics}/metrics")
+                seen_metrics |= set(re.findall(r"^(ray_docrl_[A-Za-z0-9_]+)\{", scraped, re.M))
+            except OSError:
+                pass
             status = _job_status(venv_bin, address, job_id, env)
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
-            time.sleep(3)
+            time.sleep(2)
         logs = subprocess.run([str(venv_bin / "ray"), "job", "logs", "--address", address, job_id],
                               env=env, capture_output=True, text=True, timeout=60).stdout
         assert status == "SUCCEEDED", f"job {job_id} ended {status}:\n{logs[-4000:]}"
         assert '"eval/anls"' in logs  # the final evaluation, printed by docrl train
         assert (tmp_path / "run" / "checkpoints").exists() and (tmp_path / "run" / "logs" / "metrics.jsonl").exists()
         assert (tmp_path / "run" / "logs" / "report.png").exists()
+        # the step metrics of the dashboard/Prometheus (the eval gauges are set at step 0)
+        assert {"ray_docrl_eval_anls", "ray_docrl_reward_mean", "ray_docrl_time_step_s"} <= seen_metrics, sorted(seen_metrics)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

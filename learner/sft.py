@@ -1,0 +1,131 @@
+"""Supervised warm start: teach the policy the answer format (and, on the easy level, to read the
+word) from gold answers, before RL.
+
+A tiny policy from random weights almost never samples a right answer, so its rewards are all
+zero and GRPO has nothing to compare. The warm start is plain next-token cross-entropy on the gold
+answer (followed by the end-of-turn token), given exactly the prompt the rollout workers build
+(`rollout.prompts`) and the same `InputBuilder` the PPO learner uses, so what it trains is what
+RL later samples from. It fine-tunes every weight (vision tower included: the tiny vision tower
+is random and must learn to see) and writes a complete model directory that then replaces the
+policy for the rollout workers, the learner, and the reference of the KL penalty.
+
+It runs before RL, on a split of the training questions the caller chooses, and never on the
+evaluation questions; the trainer logs its evaluation separately from the RL gain.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from docvqa.sample import DocVQASample, Page
+from learner.model import InputBuilder, forward_outputs, load_policy
+from learner.types import Experience
+
+END_OF_TURN = "<|im_end|>"
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    steps: int
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def sft_examples(samples: Sequence[DocVQASample], pages_by_id: dict[str, Page], builder: InputBuilder,
+                 rollout_cfg) -> list[Experience]:
+    """One example per sample that has a gold answer (feedback down-votes have none): the rollout's
+    prompt on the gold page, the first gold answer as the response."""
+    from rollout.prompts import build_chat_text, fit_image
+
+    tokenizer = builder.processor.tokenizer
+    out = []
+    for s in samples:
+        if not s.answers:
+            continue
+        page = pages_by_id[s.gold_page]
+        image = fit_image(page.load_image(), rollout_cfg.max_image_pixels)
+        text = build_chat_text(builder.processor, s.question, 1, rollout_cfg.system_prompt, rollout_cfg.instruction)
+        prompt_ids = builder.processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+        answer_ids = tokenizer(s.answers[0] + END_OF_TURN, add_special_tokens=False)["input_ids"]
+        out.append(Experience(sample_id=s.question_id, request_id=s.question_id, group_id=0, prompt_text=text,
+                              prompt_ids=tuple(prompt_ids), pages=(page,), image_sizes=(image.size,),
+                              response_ids=tuple(answer_ids), rollout_logprobs=(0.0,) * len(answer_ids), reward=0.0,
+                              max_image_pixels=rollout_cfg.max_image_pixels))
+    return out
+
+
+@torch.no_grad()
+def greedy_anls(model, builder: InputBuilder, samples: Sequence[DocVQASample], pages_by_id: dict[str, Page],
+                rollout_cfg, max_new_tokens: int = 16) -> float:
+    """Mean ANLS of greedy answers (plain transformers generate, one question at a time): the
+    warm start's own before/after measurement, independent of the rollout engine."""
+    from reward.metrics import anls_score
+    from rollout.prompts import build_chat_text, fit_image
+
+    samples = [s for s in samples if s.answers]
+    if not samples:
+        return float("nan")
+    tokenizer, total = builder.processor.tokenizer, 0.0
+    for s in samples:
+        image = fit_image(pages_by_id[s.gold_page].load_image(), rollout_cfg.max_image_pixels)
+        text = build_chat_text(builder.processor, s.question, 1, rollout_cfg.system_prompt, rollout_cfg.instruction)
+        inputs = builder.processor(text=[text], images=[image], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.convert_tokens_to_ids(END_OF_TURN), pad_token_id=builder.pad_id)
+        answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        total += anls_score(answer.strip(), s.answers)
+    return total / len(samples)
+
+
+def supervised_finetune(policy_path: str, out_dir: str | Path, samples: Sequence[DocVQASample],
+                        pages_by_id: dict[str, Page], rollout_cfg, settings: SFTSettings,
+                        eval_samples: Sequence[DocVQASample] = ()) -> dict:
+    """Train `settings.steps` AdamW steps of mean token cross-entropy on random minibatches of
+    `samples`; save the model (with its processor) to `out_dir`. Returns the loss curve and, with
+    `eval_samples` (held out), the greedy ANLS on them before and after."""
+    if not any(s.answers for s in samples):
+        raise ValueError("warm start: no training questions (with a gold answer) to fine-tune on")
+    torch.manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    model = load_policy(policy_path)
+    builder = InputBuilder.for_model(policy_path)
+    anls_before = greedy_anls(model, builder, eval_samples, pages_by_id, rollout_cfg) if eval_samples else None
+    model.requires_grad_(True)
+    examples = sft_examples(samples, pages_by_id, builder, rollout_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    losses, t0 = [], time.perf_counter()
+    model.train()
+    for _ in range(settings.steps):
+        batch = rng.sample(examples, min(settings.batch_size, len(examples)))
+        out = forward_outputs(model, builder.build(batch), with_entropy=False, with_values=False)
+        loss = -(out.logprobs.sum() / out.mask.sum())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    anls_after = greedy_anls(model, builder, eval_samples, pages_by_id, rollout_cfg) if eval_samples else None
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    model.save_pretrained(tmp)
+    builder.processor.save_pretrained(tmp)
+    summary = {"steps": settings.steps, "examples": len(examples), "loss_first": losses[0] if losses else None,
+               "loss_last": losses[-1] if losses else None, "seconds": time.perf_counter() - t0, "losses": losses,
+               "eval_anls_before": anls_before, "eval_anls_after": anls_after, "base_policy": str(policy_path)}
+    (tmp / "docrl_warm_start.json").write_text(json.dumps(summary, indent=2))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return summary
