@@ -186,6 +186,7 @@ def cmd_doctor(args) -> int:
 
 def cmd_serve(args) -> int:
     """Serve retrieval + the trained policy over HTTP (OpenAI-compatible) until Ctrl-C."""
+    import signal
     import time
     from pathlib import Path
 
@@ -208,11 +209,18 @@ def cmd_serve(args) -> int:
         return 2
     print(f"docrl serve: {checkpoint} on {url}\n  OpenAI-compatible: {url}/v1 (chat/completions, models)\n"
           f"  document QA: POST {url}/v1/docqa\n  health: {url}/healthz\n  Ctrl-C stops", flush=True)
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM (process managers) and SIGINT (also when started in the background, where it is
+    # ignored by default) both shut Serve down and let Ray clean up the local cluster.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        print("docrl serve: stopping", flush=True)
     finally:
         serve.shutdown()
     return 0

@@ -231,6 +231,7 @@ def test_image_urls_other_than_data_are_refused(served, url):
     ({"model": "docrl", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": _png_data_url()}}] * 3}]}, 400, "serve.limits.max_images_per_request"),
     ({"model": "docrl", "messages": _image_message(_png_data_url(size=(600, 500)))}, 400, "serve.limits.max_image_pixels"),
+    ({"model": "docrl", "messages": _image_message(_png_data_url(size=(1000, 2)))}, 400, "aspect ratio"),
     ({"model": "docrl", "messages": [{"role": "user", "content": "word " * 900}], "max_tokens": 64}, 400,
      "rollout.max_model_len"),
     ({"model": "docrl", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
