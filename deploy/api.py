@@ -17,6 +17,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from PIL import Image
@@ -179,8 +180,8 @@ def key_digest(key: str) -> str:
 # Images and chat messages
 
 
-def decode_image(url: str, limits: LimitsConfig, where: str) -> tuple[Image.Image, str]:
-    """A `data:image/...;base64,...` URL as an RGB image and the SHA-256 of its bytes.
+def decode_image(url: str, limits: LimitsConfig, where: str) -> tuple[Image.Image, bytes]:
+    """A `data:image/...;base64,...` URL as an RGB image, and its encoded bytes.
 
     Any other URL (file:, http:, a bare path) is refused: the server never reads a location a
     client names. The pixel limit is checked from the header, before the image is decoded.
@@ -214,7 +215,7 @@ def decode_image(url: str, limits: LimitsConfig, where: str) -> tuple[Image.Imag
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise APIError(400, f"{where}: not a readable image ({e})", param=where) from None
-    return image, hashlib.sha256(raw).hexdigest()
+    return image, raw
 
 
 @dataclass
@@ -223,7 +224,7 @@ class ChatInput:
 
     messages: list[dict]  # transformers multimodal format: {"type": "text"|"image"} parts
     images: list[Image.Image]  # one per {"type": "image"} part, in order
-    image_hashes: list[str]
+    image_bytes: list[bytes]  # the same images as the client encoded them (for the feedback store)
     last_user_text: str  # what the feedback record calls the question
 
 
@@ -236,7 +237,7 @@ def chat_input(req: ChatCompletionRequest, limits: LimitsConfig) -> ChatInput:
     if len(image_urls) > limits.max_images_per_request:
         raise APIError(400, f"{len(image_urls)} images exceed the limit of {limits.max_images_per_request} per request "
                             f"(serve.limits.max_images_per_request)", param="messages")
-    messages, images, hashes, last_user = [], [], [], ""
+    messages, images, encoded, last_user = [], [], [], ""
     for i, m in enumerate(req.messages):
         role = "system" if m.role == "developer" else m.role
         if m.content is None or isinstance(m.content, str):
@@ -251,16 +252,16 @@ def chat_input(req: ChatCompletionRequest, limits: LimitsConfig) -> ChatInput:
                     raise APIError(400, f"messages.{i}.content.{j}: images are accepted in user messages only",
                                    param=f"messages.{i}.content.{j}")
                 url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                image, digest = decode_image(url, limits, f"messages.{i}.content.{j}.image_url")
+                image, raw = decode_image(url, limits, f"messages.{i}.content.{j}.image_url")
                 parts.append({"type": "image"})
                 images.append(image)
-                hashes.append(digest)
+                encoded.append(raw)
         if role == "user":
             last_user = " ".join(p["text"] for p in parts if p["type"] == "text")
         messages.append({"role": role, "content": parts})
     if messages[-1]["role"] == "assistant":
         raise APIError(400, "the last message is the assistant's: nothing to answer", param="messages")
-    return ChatInput(messages, images, hashes, last_user)
+    return ChatInput(messages, images, encoded, last_user)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,14 +430,17 @@ SSE_DONE = "data: [DONE]\n\n"
 
 @dataclass(frozen=True)
 class Interaction:
-    """One answered request, as the feedback store will receive it (see `Ingress._record`)."""
+    """One answered request, as `Ingress._record` hands it on. Field for field the feedback
+    store's `Interaction` (feedback/store.py), which keeps images once by their SHA-256; defined
+    here so that answering needs no database driver."""
 
-    id: str  # the response id the client saw ("docqa-..." / "chatcmpl-...")
+    response_id: str  # the id the client saw ("docqa-..." / "chatcmpl-...")
     kind: Literal["docqa", "chat"]
     question: str  # the docqa question, or the last user message's text
     answer: str
     page_ids: tuple[str, ...] = ()  # cited pages, best first (docqa)
-    image_hashes: tuple[str, ...] = ()  # SHA-256 of the images a chat request sent
+    images: tuple[bytes, ...] = field(default=(), repr=False)  # the images a chat request sent, encoded
     model: str = ""
     weights_version: int | None = None
-    created: float = field(default_factory=time.time)
+    checkpoint: str | None = None
+    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))

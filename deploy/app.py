@@ -214,6 +214,7 @@ class Policy:
 class IngressSettings:
     model_name: str
     policy: dict  # resolve_policy's answer: kind, weights_version, step (shown by /v1/models)
+    checkpoint: str  # what `docrl serve --checkpoint` named, as recorded with each answer
     limits: LimitsConfig
     default_max_tokens: int
     request_timeout_s: float
@@ -320,8 +321,8 @@ class Ingress:
             return await self._stream_chat(rid, req, chat, params, deadline)
         completion = await self._await(self.policy.chat.remote(rid, chat.messages, chat.images, params), "the policy", deadline)
         self._record(Interaction(rid, "chat", chat.last_user_text, completion.choices[0].text,
-                                 image_hashes=tuple(chat.image_hashes), model=self.s.model_name,
-                                 weights_version=completion.weights_version))
+                                 images=tuple(chat.image_bytes), model=self.s.model_name,
+                                 weights_version=completion.weights_version, checkpoint=self.s.checkpoint))
         return JSONResponse(chat_completion_body(rid, self.s.model_name, completion))
 
     async def _stream_chat(self, rid: str, req: ChatCompletionRequest, chat, params, deadline: float):
@@ -360,8 +361,9 @@ class Ingress:
                 return
             finally:
                 stream.cancel()  # no-op when finished; frees the engine when the client went away
-            self._record(Interaction(rid, "chat", chat.last_user_text, "".join(text), image_hashes=tuple(chat.image_hashes),
-                                     model=model, weights_version=self.s.policy["weights_version"]))
+            self._record(Interaction(rid, "chat", chat.last_user_text, "".join(text), images=tuple(chat.image_bytes),
+                                     model=model, weights_version=self.s.policy["weights_version"],
+                                     checkpoint=self.s.checkpoint))
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -386,7 +388,8 @@ class Ingress:
         choice = completion.choices[0]
         answer, _ = extract_answer(choice.text, self.s.answer_extraction)
         self._record(Interaction(rid, "docqa", req.question, answer, page_ids=tuple(c.page_id for c in retrieval.citations),
-                                 model=self.s.model_name, weights_version=completion.weights_version))
+                                 model=self.s.model_name, weights_version=completion.weights_version,
+                                 checkpoint=self.s.checkpoint))
         return DocQAResponse(id=rid, created=int(time.time()), model=self.s.model_name, question=req.question,
                              answer=answer, text=choice.text, finish_reason=choice.finish_reason,
                              citations=retrieval.citations, usage=usage(completion.prompt_tokens, completion.completion_tokens),
@@ -434,7 +437,8 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     rollout_cfg = cfg.rollout.model_copy(update={
         "max_images_per_prompt": max(cfg.rollout.max_images_per_prompt, sc.limits.max_images_per_request)})
     settings = IngressSettings(
-        model_name=sc.model_name, policy={k: policy[k] for k in ("kind", "weights_version", "step")}, limits=sc.limits,
+        model_name=sc.model_name, policy={k: policy[k] for k in ("kind", "weights_version", "step")},
+        checkpoint=absolute(checkpoint), limits=sc.limits,
         default_max_tokens=sc.default_max_tokens, request_timeout_s=sc.request_timeout_s, api_key_sha256=key_sha256,
         docqa_k=cfg.retriever.top_k, docqa_read_pages=cfg.rollout.max_images_per_prompt,
         docqa_sampling=cfg.rollout.eval_sampling, answer_extraction=cfg.reward.extraction)

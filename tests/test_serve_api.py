@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
 from dataclasses import dataclass, field
 
@@ -37,11 +36,11 @@ def _refused(fn, *args, status=400) -> str:
 # -- images -----------------------------------------------------------------------------------
 
 
-def test_data_url_decodes_to_rgb_with_the_hash_of_its_bytes():
+def test_data_url_decodes_to_rgb_and_keeps_its_encoded_bytes():
     url = _data_url()
-    image, digest = decode_image(url, LIMITS, "img")
+    image, raw = decode_image(url, LIMITS, "img")
     assert image.mode == "RGB" and image.size == (20, 10)
-    assert digest == hashlib.sha256(base64.b64decode(url.split(",", 1)[1])).hexdigest()
+    assert raw == base64.b64decode(url.split(",", 1)[1])
     assert decode_image(_data_url(fmt="JPEG", media="image/jpeg"), LIMITS, "img")[0].size == (20, 10)
 
 
@@ -94,7 +93,7 @@ def test_chat_messages_become_template_messages_with_images_in_order():
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "first"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
         {"role": "user", "content": [{"type": "text", "text": "and"}, {"type": "image"}, {"type": "text", "text": "this?"}]}]
-    assert [im.size for im in chat.images] == [(20, 10), (30, 10)] and len(chat.image_hashes) == 2
+    assert [im.size for im in chat.images] == [(20, 10), (30, 10)] and len(chat.image_bytes) == 2
     assert chat.last_user_text == "and this?"
 
 
