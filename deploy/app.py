@@ -59,8 +59,8 @@ class Retriever:
     """The saved index and its encoder (the plain objects a RetrieverActor holds), and the page
     images of that index: the only pages this server reads."""
 
-    def __init__(self, index_dir: str, model_path: str, cfg: RetrieverConfig, num_threads: int, base_dir: str,
-                 pages_folder: str | None):
+    def __init__(self, index_dir: str, model_path: str, cfg: RetrieverConfig, num_threads: int, use_gpu: bool,
+                 base_dir: str, pages_folder: str | None):
         import torch
 
         from deploy.pages import PageStore
@@ -68,7 +68,7 @@ class Retriever:
         from retriever.index import load_index
 
         torch.set_num_threads(max(1, num_threads))
-        device = "cuda" if cfg.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.cfg = cfg
         self.encoder = PageEncoder(model_path, cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens)
         self.index = load_index(index_dir)
@@ -186,6 +186,8 @@ class Policy:
 
         try:
             prompt, _, _, _, length = self.engine.prepare(RolloutRequest(request_id, question, tuple(pages)))
+        except OSError as e:  # a page image of the index that does not decode: the server's data
+            raise PageUnavailable(str(e)) from None
         except ValueError as e:
             raise RequestRefused(str(e)) from None
         self._check_fits(length, params.max_tokens)
@@ -444,7 +446,8 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
         docqa_sampling=cfg.rollout.eval_sampling, answer_extraction=cfg.reward.extraction)
     pages_folder = absolute(sc.pages_folder) if sc.pages_folder else None
     retriever = Retriever.options(**sc.retriever.serve_options()).bind(
-        index_dir, retriever_model, cfg.retriever, int(max(1, sc.retriever.num_cpus)), str(base), pages_folder)
+        index_dir, retriever_model, cfg.retriever, int(max(1, sc.retriever.num_cpus)), sc.retriever.num_gpus > 0,
+        str(base), pages_folder)
     policy_app = Policy.options(**sc.policy.serve_options()).bind(
         policy, rollout_cfg, int(max(1, sc.policy.num_cpus)), cfg.run.seed)
     return Ingress.options(**sc.ingress.serve_options()).bind(retriever, policy_app, settings)
@@ -458,12 +461,10 @@ def build_app(args: dict):
     checkpoint, index (required); config (a docrl YAML), overrides (a list of KEY=VALUE), base_dir."""
     from cluster.config import load_config
 
-    unknown = sorted(set(args) - BUILD_ARGS)
-    missing = sorted({"checkpoint", "index"} - set(args))
-    if unknown or missing:
-        raise ValueError(f"deploy.app:build_app args: " + "; ".join(
-            ([f"unknown {', '.join(unknown)}"] if unknown else []) + ([f"missing {', '.join(missing)}"] if missing else []))
-            + f" (known: {', '.join(sorted(BUILD_ARGS))})")
+    problems = [f"unknown {', '.join(sorted(set(args) - BUILD_ARGS))}"] if set(args) - BUILD_ARGS else []
+    problems += [f"missing {', '.join(sorted({'checkpoint', 'index'} - set(args)))}"] if {"checkpoint", "index"} - set(args) else []
+    if problems:
+        raise ValueError(f"deploy.app:build_app args: {'; '.join(problems)} (known: {', '.join(sorted(BUILD_ARGS))})")
     cfg = load_config(args.get("config"), list(args.get("overrides") or []))
     return build_application(cfg, args["checkpoint"], args["index"], args.get("base_dir"))
 
