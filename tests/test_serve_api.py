@@ -351,3 +351,31 @@ def test_engine_loop_failure_reaches_every_waiter_and_the_health_check():
     assert not loop.healthy()
     with pytest.raises(EngineDead):
         asyncio.run(run("c"))
+
+
+def test_engine_loop_aborts_a_cancelled_request():
+    """What a request timeout or a client that goes away does: the task is cancelled mid-generation."""
+    import time
+
+    from deploy.engine_loop import EngineLoop
+
+    engine = _FakeEngine(steps=10_000)
+    loop = EngineLoop(engine, idle_wait_s=0.01)
+
+    async def main():
+        async def consume():
+            async for _ in loop.generate("slow", "p", None):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    deadline = time.time() + 5
+    while "slow" not in engine.aborted and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.aborted == ["slow"] and not engine.active
+    loop.stop()
