@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -87,6 +89,10 @@ class CollectedBatch:
     counts: dict[str, int]  # skipped requests, by phase
     seconds: float  # retrieve + generate + score
     generated_tokens: int
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class Trainer:
@@ -320,6 +326,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg.trainer
+        # `ray job stop` sends SIGTERM: treat it like Ctrl-C, so the run writes a checkpoint first
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)
         self.setup(resume)
         if not (resume and self.resume()):
             self.metrics.log(0, self.evaluate("step-0"))

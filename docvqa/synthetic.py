@@ -29,11 +29,11 @@ Levels:
   "realistic"  invoices, letters, forms, tables (price lists, schedules) and receipts of 1-3 pages
                on US letter pages at 72 dpi (612x792 px) with headers, key:value fields, ruled
                tables and totals.
-  "easy"       one 224x224 page per document showing one big colour word from EASY_VOCAB, printed
-               in that colour on a grey plate, and one question "what word is printed?":
-               learnable by a tiny model (the ink colour is a cue a random vision tower picks up
-               in minutes), so a short run on 2 CPU cores can show its reward going up. It tests
-               the plumbing (page -> answer -> reward -> update), not reading.
+  "easy"       one 224x224 page per document showing one big colour word from EASY_VOCAB on a
+               large plate of that colour, and one question "what word is printed?": learnable by
+               a tiny model (the plate's colour is a cue a random vision tower picks up in
+               minutes), so a short run on 2 CPU cores can show its reward going up. It tests the
+               plumbing (page -> answer -> reward -> update), not reading.
 
 Determinism: the same arguments give byte-identical files on any machine with the same Pillow and
 zlib. Every document draws from its own `random.Random` seeded with a string (string seeds hash
@@ -88,12 +88,11 @@ REALISTIC_KINDS = ("invoice", "letter", "form", "table", "receipt")
 DEFAULT_PAGE_SIZE = {"realistic": (612, 792), "easy": (224, 224)}
 
 # Small on purpose: the easy level exists so a tiny policy can learn it within a short RL run.
-EASY_VOCAB = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")
-# The ink of each word; the grey plate behind the word keeps "white" and "yellow" legible.
-EASY_INK: dict[str, Color] = {"red": (205, 30, 30), "blue": (30, 60, 210), "green": (30, 150, 45),
-                              "yellow": (245, 215, 20), "black": (10, 10, 10), "white": (252, 252, 252),
-                              "orange": (245, 130, 20), "purple": (135, 40, 165)}
-_EASY_PLATE: Color = (150, 150, 150)
+EASY_VOCAB = ("red", "blue", "green", "yellow", "black", "pink", "orange", "purple")
+# Each word is printed on a large plate of its own colour, in white or black for contrast.
+EASY_COLORS: dict[str, Color] = {"red": (205, 30, 30), "blue": (30, 60, 210), "green": (30, 150, 45),
+                                 "yellow": (245, 215, 20), "black": (15, 15, 15), "pink": (250, 150, 190),
+                                 "orange": (245, 130, 20), "purple": (135, 40, 165)}
 EASY_QUESTIONS = (
     "What word is printed on the page?",
     "What is the word shown in large letters?",
@@ -1389,9 +1388,11 @@ def _plan_easy(rng: random.Random, index: int, page_size: tuple[int, int]) -> Do
     x = (W - w) // 2 - bb[0] + rng.randint(-jx, jx)
     x = max(2 - bb[0], min(x, W - 2 - w - bb[0]))
     y = (H - h) // 2 - bb[1] + rng.randint(-jy, jy)
-    pad = max(3, size // 6)
-    ops.append(RectOp(x + bb[0] - pad, y + bb[1] - pad, x + bb[2] + pad, y + bb[3] + pad, None, _EASY_PLATE, 0))
-    ink = tuple(max(0, min(255, c + rng.randint(-12, 12))) for c in EASY_INK[word])
+    plate = tuple(max(0, min(255, c + rng.randint(-12, 12))) for c in EASY_COLORS[word])
+    padx, pady = max(3, size // 3), max(3, size // 2)
+    ops.append(RectOp(max(0, x + bb[0] - padx), max(0, y + bb[1] - pady), min(W - 1, x + bb[2] + padx),
+                      min(H - 1, y + bb[3] + pady), None, plate, 0))
+    ink = (255, 255, 255) if sum(plate) < 420 else (0, 0, 0)
     ops.append(TextOp(x, y, word, size, rng.random() < 0.5, ink))
     page = PagePlan(1, ops)
     q = QuestionPlan(rng.choice(EASY_QUESTIONS), [word], ["layout"], 0)

@@ -73,7 +73,7 @@ def test_bad_keys_and_types_name_the_key_path(override, expected):
         (["rollout.sampling.temperature=0"], r"rollout\.sampling\.n=8 needs temperature > 0"),
         (["algorithm.advantage=gae", "learner.value_model=none"], r"learner\.value_model must be 'head' or 'separate'"),
         (["algorithm.minibatch_size=5"], r"algorithm\.minibatch_size=5 must divide the step batch"),
-        (["learner.num_ranks=3"], r"algorithm\.minibatch_size=32 must be divisible by learner\.num_ranks=3"),
+        (["learner.num_ranks=3"], r"algorithm\.minibatch_size=64 must be divisible by learner\.num_ranks=3"),
         (["rollout.num_gpus_per_worker=1"], r"rollout needs 1 GPUs but the local cluster has ray\.num_gpus=0"),
         (["rollout.tensor_parallel_size=2"], r"rollout\.tensor_parallel_size=2 needs rollout\.num_gpus_per_worker >= 2"),
         (["retriever.top_k=3", "rollout.on_too_many_images=refuse"], r"retriever\.top_k=3 pages exceed"),

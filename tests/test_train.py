@@ -78,18 +78,32 @@ def test_two_steps_then_exact_resume(ray_cluster, tiny_models, tmp_path):
     assert not differ, differ
 
 
-def test_async_mode_trains_one_step_off_policy(ray_cluster, tiny_models, tmp_path):
+def test_async_mode_trains_one_step_off_policy_through_actor_faults(ray_cluster, tiny_models, tmp_path):
+    """Async mode, with the rollout worker and a reward actor killed before step 2: the worker is
+    restarted and re-synced, the reward actor replaced, the batch retried; no step or sample lost."""
     from cluster.train import Trainer
 
-    trainer = Trainer(load_config(None, _overrides(tmp_path, tiny_models, "trainer.mode=async", "trainer.total_steps=3",
+    ray = ray_cluster
+    trainer = Trainer(load_config(None, _overrides(tmp_path, tiny_models, "trainer.mode=async", "trainer.total_steps=3", "learner.learning_rate=1e-3",
                                                    "trainer.save_every=0")))
+    train_step = trainer.train_step
+
+    def train_step_with_faults(step):
+        if step == 2:  # step 2 starts the collection of batch 3 on the killed actors
+            ray.kill(trainer.rollout.workers[0], no_restart=False)
+            ray.kill(trainer.rewards.actors[0], no_restart=True)
+        return train_step(step)
+
+    trainer.train_step = train_step_with_faults
     try:
         trainer.run()
         assert trainer.rollout.version == trainer.learner.version == 3
+        assert trainer.rewards.restarts >= 1
     finally:
         trainer.shutdown()
     steps = _step_rows(tmp_path)
     assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["learner/num_experiences"] == 4.0 and r["data/skipped_rollout"] == 0 for r in steps)
     # step 1 samples with the base weights; later batches were sampled before the previous update
     assert [r["weights/staleness"] for r in steps] == [0.0, 1.0, 1.0]
     for r in steps:
