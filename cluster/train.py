@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import signal
 import threading
@@ -95,8 +96,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def with_derived_lr_decay(cfg: DocRLConfig) -> DocRLConfig:
+    """Unless `learner.lr_decay_steps` is set, a linear/cosine schedule decays over the whole run:
+    trainer.total_steps x optimizer steps per training step (ppo_epochs x minibatches)."""
+    if "lr_decay_steps" in cfg.learner.model_fields_set:
+        return cfg
+    minibatches = math.ceil(cfg.trainer.prompts_per_step * cfg.rollout.sampling.n / cfg.algorithm.minibatch_size)
+    steps = max(1, cfg.trainer.total_steps * cfg.algorithm.ppo_epochs * minibatches)
+    return cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"lr_decay_steps": steps})})
+
+
 class Trainer:
     def __init__(self, cfg: DocRLConfig):
+        cfg = with_derived_lr_decay(cfg)
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.step = 0

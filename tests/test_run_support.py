@@ -83,3 +83,14 @@ def test_metrics_log_starts_afresh_unless_resuming(tmp_path):
         log.log(1, {"reward/mean": 0.5})
         log.close()
         assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == expected
+
+
+def test_lr_decay_spans_the_run_unless_set():
+    from cluster.config import load_config
+    from cluster.train import with_derived_lr_decay
+
+    cfg = load_config(None, ["trainer.total_steps=10", "trainer.prompts_per_step=8", "rollout.sampling.n=4",
+                             "algorithm.minibatch_size=16", "algorithm.ppo_epochs=2"])
+    assert with_derived_lr_decay(cfg).learner.lr_decay_steps == 10 * 2 * 2  # 32 samples / 16 = 2 minibatches
+    cfg = load_config(None, ["learner.lr_decay_steps=7"])
+    assert with_derived_lr_decay(cfg).learner.lr_decay_steps == 7
