@@ -17,7 +17,6 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from PIL import Image
@@ -422,25 +421,3 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: s
 
 
 SSE_DONE = "data: [DONE]\n\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Feedback
-
-
-@dataclass(frozen=True)
-class Interaction:
-    """One answered request, as `Ingress._record` hands it on. Field for field the feedback
-    store's `Interaction` (feedback/store.py), which keeps images once by their SHA-256; defined
-    here so that answering needs no database driver."""
-
-    response_id: str  # the id the client saw ("docqa-..." / "chatcmpl-...")
-    kind: Literal["docqa", "chat"]
-    question: str  # the docqa question, or the last user message's text
-    answer: str
-    page_ids: tuple[str, ...] = ()  # cited pages, best first (docqa)
-    images: tuple[bytes, ...] = field(default=(), repr=False)  # the images a chat request sent, encoded
-    model: str = ""
-    weights_version: int | None = None
-    checkpoint: str | None = None
-    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))

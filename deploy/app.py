@@ -1,8 +1,10 @@
 """The Ray Serve application: retrieval + the trained policy behind an OpenAI-compatible HTTP API.
 
-    HTTP ─► Ingress (FastAPI: auth, limits, validation, response ids, SSE)
+    HTTP ─► Ingress (FastAPI: auth, limits, validation, response ids, SSE; feedback)
               ├─► Retriever  (PageEncoder + the saved PageIndex, masked MaxSim; the index's page images)
-              └─► Policy     (vLLM via RolloutEngine, trained weights: merged, or base + LoRA adapter)
+              ├─► Policy     (vLLM via RolloutEngine, trained weights: merged, or base + LoRA adapter)
+              └─► InteractionRecorder (feedback package: every answer, queued and written to the
+                  feedback database by a background thread; POST /v1/feedback rates an answer)
 
 The docqa prompt is built by `RolloutEngine.prepare`, exactly as in training; chat conversations go
 through the same engine and chat template (`RolloutEngine.prepare_chat`). `EngineLoop` steps the
@@ -29,12 +31,17 @@ from ray import serve
 
 from deploy.api import (
     SSE_DONE, APIError, ChatCompletionRequest, Choice, Citation, Completion, DocQARequest, DocQAResponse,
-    GenerationParams, Interaction, RequestRefused, Retrieval, StreamEvent, chat_chunk, chat_completion_body,
-    chat_input, chat_params, check_bearer, docqa_k, key_digest, new_id, parse_json, read_body, usage, validate,
+    GenerationParams, RequestRefused, Retrieval, StreamEvent, chat_chunk, chat_completion_body, chat_input,
+    chat_params, check_bearer, docqa_k, key_digest, new_id, parse_json, read_body, usage, validate,
 )
 from deploy.config import LimitsConfig
 from deploy.engine_loop import EngineDead
+from deploy.feedback_api import (
+    FeedbackPublisher, feedback_api_error, feedback_body, feedback_body_limit, resolved_feedback_config, stats_body,
+)
 from deploy.pages import PageUnavailable
+from feedback.config import FeedbackConfig
+from feedback.store import FeedbackError, FeedbackIn, Interaction
 from retriever.config import RetrieverConfig
 from rollout.config import RolloutConfig, SamplingConfig
 
@@ -225,6 +232,8 @@ class IngressSettings:
     docqa_read_pages: int  # rollout.max_images_per_prompt: pages the policy reads, as in training
     docqa_sampling: SamplingConfig  # rollout.eval_sampling
     answer_extraction: str  # reward.extraction
+    feedback: FeedbackConfig | None = None  # None: feedback.enabled is false; else database_url is set
+    feedback_metrics_interval_s: float = 5.0
 
 
 api = FastAPI(title="docrl", description="Document QA with retrieval, and chat, over a docrl-trained policy")
@@ -247,6 +256,27 @@ class Ingress:
     def __init__(self, retriever, policy, settings: IngressSettings):
         self.retriever, self.policy, self.s = retriever, policy, settings
         self.created = int(time.time())
+        self.recorder = self.publisher = None
+        if settings.feedback is not None:
+            self._start_feedback(settings.feedback)
+
+    def _start_feedback(self, cfg: FeedbackConfig) -> None:
+        """The recorder (and its database pool; no connection yet: a database that is down is
+        retried in the background) and the gauge publisher. A bad URL fails the replica."""
+        from feedback.recorder import InteractionRecorder
+        from feedback.store import StorageError
+
+        try:
+            self.recorder = InteractionRecorder.from_config(cfg, ".")
+        except StorageError as e:
+            raise RuntimeError(f"feedback: {e.message} (or set feedback.enabled=false)") from None
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a Serve replica (unit use)
+            replica = f"pid-{os.getpid()}"
+        self.feedback_body_limit = feedback_body_limit(cfg, self.s.limits.max_request_bytes)
+        self.publisher = FeedbackPublisher(self.recorder, self.s.feedback_metrics_interval_s, replica)
+        log.info("feedback: recording answers in %s", self.recorder.store.where)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -284,10 +314,26 @@ class Ingress:
         return APIError(500, f"{what} failed ({type(cause).__name__}); see the server log", type="server_error")
 
     def _record(self, interaction: Interaction) -> None:
-        """The one place where an answered interaction leaves the request path. The feedback store
-        will hand it to its recorder here (asynchronously, off the response's critical path);
-        until then this is deliberately a no-op."""
-        return None
+        """The one place where an answered interaction leaves the request path: queued for the
+        recorder's writer thread. Never blocks and never raises (a full queue drops and counts)."""
+        if self.recorder is not None:
+            self.recorder.record(interaction)
+
+    def _recorder(self):
+        if self.recorder is None:
+            raise APIError(404, "feedback is not enabled on this server (feedback.enabled is false)",
+                           type="not_found_error", code="feedback_disabled")
+        return self.recorder
+
+    def __del__(self):
+        """Serve calls this when the replica shuts down: write what is queued, release the database."""
+        publisher, recorder = getattr(self, "publisher", None), getattr(self, "recorder", None)
+        if publisher is not None:
+            publisher.stop()
+        if recorder is not None:
+            stats = recorder.close(timeout=10)
+            if stats.dropped or stats.queue_depth:
+                log.warning("feedback: recorder closed with %d interaction(s) dropped", stats.dropped)
 
     # -- endpoints -----------------------------------------------------------------------------
 
@@ -397,16 +443,48 @@ class Ingress:
                              citations=retrieval.citations, usage=usage(completion.prompt_tokens, completion.completion_tokens),
                              weights_version=completion.weights_version).model_dump()
 
+    @api.post("/v1/feedback")
+    async def feedback(self, request: Request):
+        """Rate an answer by its response id: {"response_id", "rating": "up"|"down", "correction",
+        "comment"}. FeedbackErrors keep their status (404, 409, 422, 503)."""
+        self._authorize(request)
+        recorder = self._recorder()
+        body = parse_json(await read_body(request, self.feedback_body_limit))
+        try:
+            record = await asyncio.to_thread(recorder.add_feedback, FeedbackIn.from_json(body))
+        except FeedbackError as e:
+            raise feedback_api_error(e) from None
+        return feedback_body(record)
+
+    @api.get("/v1/feedback/stats")
+    async def feedback_stats(self, request: Request):
+        """This replica's recorder counters and the up/down rates per model version."""
+        from feedback.store import StorageError
+
+        self._authorize(request)
+        recorder = self._recorder()
+        try:
+            versions, error = await asyncio.to_thread(recorder.store.stats), None
+        except StorageError as e:
+            versions, error = None, e.message
+        return stats_body(recorder.stats(), versions, error)
+
 
 # ---------------------------------------------------------------------------------------------
 # Building and running
 
 
-def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None = None):
+def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None = None,
+                      share_models_of: str | None = None):
     """The bound Serve application for a validated DocRLConfig. Relative paths (checkpoint, index,
-    models, the page files the index recorded) are taken from `base_dir` (default: the current
-    directory), so replicas find them wherever they run on this node. Fails here, before any
-    replica starts, when the checkpoint, the index or the API key is missing."""
+    models, the page files the index recorded, an SQLite feedback database) are taken from
+    `base_dir` (default: the current directory), so replicas find them wherever they run on this
+    node. Fails here, before any replica starts, when the checkpoint, the index or the API key is
+    missing, or the feedback database URL is unusable.
+
+    `share_models_of`: the name of a running application of this module whose retriever and
+    policy deployments this one uses instead of starting its own (an ingress with other settings,
+    e.g. another key or feedback database, over the same models; `index_dir` is then unused)."""
     from cluster.checkpoint import resolve_policy
     from docvqa.tiny_models import resolve_model
     from retriever.index import read_manifest
@@ -419,11 +497,9 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     policy = resolve_policy(absolute(checkpoint))
     if Path(absolute(policy["model"])).exists():  # a local base model; a hub id stays as it is
         policy["model"] = absolute(policy["model"])
-    index_dir = absolute(index_dir)
-    read_manifest(index_dir)  # refuses a missing or incomplete index now, naming what is missing
-    retriever_model = resolve_model(cfg.retriever.model, "retriever", absolute(cfg.run.models_dir))
-    if Path(absolute(retriever_model)).exists():  # a local model; a hub id stays as it is
-        retriever_model = absolute(retriever_model)
+    if share_models_of is None:
+        index_dir = absolute(index_dir)
+        read_manifest(index_dir)  # refuses a missing or incomplete index now, naming what is missing
 
     sc = cfg.serve
     key_sha256 = None
@@ -443,14 +519,24 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
         checkpoint=absolute(checkpoint), limits=sc.limits,
         default_max_tokens=sc.default_max_tokens, request_timeout_s=sc.request_timeout_s, api_key_sha256=key_sha256,
         docqa_k=cfg.retriever.top_k, docqa_read_pages=cfg.rollout.max_images_per_prompt,
-        docqa_sampling=cfg.rollout.eval_sampling, answer_extraction=cfg.reward.extraction)
+        docqa_sampling=cfg.rollout.eval_sampling, answer_extraction=cfg.reward.extraction,
+        feedback=resolved_feedback_config(cfg.feedback, absolute(cfg.run.output_dir), base) if cfg.feedback.enabled else None,
+        feedback_metrics_interval_s=sc.feedback_metrics_interval_s)
+    ingress = Ingress.options(**sc.ingress.serve_options())
+    if share_models_of is not None:
+        return ingress.bind(serve.get_deployment_handle("retriever", app_name=share_models_of),
+                            serve.get_deployment_handle("policy", app_name=share_models_of), settings)
+
+    retriever_model = resolve_model(cfg.retriever.model, "retriever", absolute(cfg.run.models_dir))
+    if Path(absolute(retriever_model)).exists():  # a local model; a hub id stays as it is
+        retriever_model = absolute(retriever_model)
     pages_folder = absolute(sc.pages_folder) if sc.pages_folder else None
     retriever = Retriever.options(**sc.retriever.serve_options()).bind(
         index_dir, retriever_model, cfg.retriever, int(max(1, sc.retriever.num_cpus)), sc.retriever.num_gpus > 0,
         str(base), pages_folder)
     policy_app = Policy.options(**sc.policy.serve_options()).bind(
         policy, rollout_cfg, int(max(1, sc.policy.num_cpus)), cfg.run.seed)
-    return Ingress.options(**sc.ingress.serve_options()).bind(retriever, policy_app, settings)
+    return ingress.bind(retriever, policy_app, settings)
 
 
 BUILD_ARGS = {"checkpoint", "index", "config", "overrides", "base_dir"}

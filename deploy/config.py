@@ -75,6 +75,8 @@ class ServeConfig(Section):
     request_timeout_s: float = Field(120.0, gt=0.0)  # one request end to end, inside the server
     default_max_tokens: int = Field(256, ge=1)  # a chat request that names no max_tokens
     pages_folder: str | None = None  # re-render PDF pages of an index built with `docrl index --folder`
+    # how often each ingress replica sets the docrl_feedback_* gauges (when feedback.enabled)
+    feedback_metrics_interval_s: float = Field(5.0, gt=0.0)
     ingress: IngressConfig = IngressConfig()
     retriever: DeploymentConfig = DeploymentConfig()
     policy: DeploymentConfig = DeploymentConfig()

@@ -7,7 +7,8 @@ create databases), else one started here with Debian's binaries (/usr/lib/postgr
 initdb + pg_ctl, trust auth, a random port on 127.0.0.1, its socket and data in a temp dir, run
 as the `postgres` user when we are root), else the test is skipped, or fails when
 DOCRL_REQUIRE_POSTGRES=1 (CI sets it: .ci/run installs the postgresql package).
-`postgres_url` (function): a new empty database on that server, dropped afterwards.
+`postgres_url` (function): a new empty database on that server, dropped afterwards
+(`create_database` / `drop_database` do the same for fixtures of other scopes).
 """
 
 from __future__ import annotations
@@ -119,13 +120,12 @@ def postgres_server():
         server.stop()
 
 
-@pytest.fixture
-def postgres_url(postgres_server):
-    """A fresh, empty database on the test server; dropped after the test."""
+def create_database(server_url: str) -> str:
+    """A new empty database on the server at `server_url`; returns its SQLAlchemy URL."""
     import psycopg
     from sqlalchemy.engine import make_url
 
-    admin = make_url(postgres_server).set(drivername="postgresql")
+    admin = make_url(server_url).set(drivername="postgresql")
     name = f"docrl_test_{uuid.uuid4().hex[:12]}"
     dsn = admin.render_as_string(hide_password=False)
     deadline = time.monotonic() + 10
@@ -138,6 +138,29 @@ def postgres_url(postgres_server):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-    yield make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def admin_execute(server_url: str, *statements: str) -> None:
+    """Run statements on the server's maintenance database (autocommit), e.g. ALTER DATABASE."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(server_url).set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for statement in statements:
+            conn.execute(statement)
+
+
+def drop_database(server_url: str, url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    admin_execute(server_url, f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the test server; dropped after the test."""
+    url = create_database(postgres_server)
+    yield url
+    drop_database(postgres_server, url)

@@ -33,40 +33,59 @@ def _png_data_url(size=(64, 48), color="white") -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def lora_checkpoint(policy: str, work, version: int = 3):
+    """A training checkpoint holding a random LoRA adapter (rank 8) on the tiny policy."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from cluster.checkpoint import write_policy
+    from learner.types import ExportedWeights
+    from rollout.parity import random_lora_adapter
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(policy, dtype=torch.float32)
+    random_lora_adapter(model, work / "adapter", r=8)
+    write_policy(work / "lora-ckpt" / "policy", policy, ExportedWeights(version, "lora", adapter_dir=str(work / "adapter")),
+                 step=version)
+    return work / "lora-ckpt"
+
+
+def page_index(retriever_model: str, pages, out):
+    """A page index of `pages`, built as `docrl index` does."""
+    from retriever.config import RetrieverConfig
+    from retriever.group import RetrieverGroup
+
+    group = RetrieverGroup(retriever_model, RetrieverConfig(model=retriever_model, num_cpus_per_actor=0.5))
+    group.build(pages, out)
+    group.shutdown()
+    return out
+
+
 @pytest.fixture(scope="module")
 def served(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
     """Checkpoints and indexes built once; both applications started together; Serve shut down at the end."""
-    import torch
     from ray import serve
-    from transformers import Qwen2VLForConditionalGeneration
 
     from cluster.checkpoint import write_policy
     from cluster.config import load_config
     from deploy.app import build_application, wait_until_running
     from docvqa.loaders import load_docvqa_json
     from learner.types import ExportedWeights
-    from retriever.config import RetrieverConfig
-    from retriever.group import RetrieverGroup
     from retriever.index import load_index, save_index
-    from rollout.parity import perturbed_state_dict, random_lora_adapter
+    from rollout.parity import perturbed_state_dict
 
     work = tmp_path_factory.mktemp("serve")
     policy = str(tiny_models["policy"])
-    model = Qwen2VLForConditionalGeneration.from_pretrained(policy, dtype=torch.float32)
-    random_lora_adapter(model, work / "adapter", r=8)
-    write_policy(work / "lora-ckpt" / "policy", policy, ExportedWeights(3, "lora", adapter_dir=str(work / "adapter")), step=3)
+    lora_checkpoint(policy, work, version=3)
     write_policy(work / "full-ckpt" / "policy", policy,
                  ExportedWeights(5, "full", tensors=perturbed_state_dict(policy, scale=0.1)), step=5)
 
     corpus = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
     pages = sorted(corpus.pages.values(), key=lambda p: p.page_id)
-    group = RetrieverGroup(str(tiny_models["retriever"]), RetrieverConfig(model=str(tiny_models["retriever"]), num_cpus_per_actor=0.5))
-    group.build(pages[:6], work / "index")  # as `docrl index` does
-    group.shutdown()
+    page_index(str(tiny_models["retriever"]), pages[:6], work / "index")
     save_index(load_index(work / "index", page_range=(0, 1)), work / "one-page-index")  # its first page alone
 
     os.environ[KEY_ENV] = API_KEY
-    common = [f"retriever.model={tiny_models['retriever']}", "rollout.max_model_len=1024",
+    common = [f"run.output_dir={work}", f"retriever.model={tiny_models['retriever']}", "rollout.max_model_len=1024",
               "serve.retriever.num_cpus=0.5", "serve.policy.num_cpus=1", "serve.request_timeout_s=60",
               "serve.limits.max_request_bytes=262144", "serve.limits.max_images_per_request=2",
               "serve.limits.max_image_pixels=250000", "serve.limits.max_tokens=64", "serve.default_max_tokens=8"]

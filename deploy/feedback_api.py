@@ -1,0 +1,135 @@
+"""The feedback loop in the Serve ingress: what `POST /v1/feedback` and `GET /v1/feedback/stats`
+answer, and the `docrl_feedback_*` gauges. The storage itself is the `feedback` package
+(`InteractionRecorder` in front of a `FeedbackStore`); the routes are in `deploy/app.py`.
+
+Gauges (Ray metrics; Prometheus shows them as `ray_docrl_feedback_*`), set every
+`serve.feedback_metrics_interval_s` by a background thread of each ingress replica:
+
+* the replica's recorder (tag `replica`): recorded, dropped, write_errors, queue_depth,
+  queued_image_bytes, storage_ok (1/0);
+* the database's ratings per model version (tags `model`, `checkpoint`, `weights_version`):
+  answers, up, down, corrections, and up_rate / down_rate once something was rated. Every replica
+  publishes the same database-wide numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+from deploy.api import APIError
+from feedback.config import FeedbackConfig
+from feedback.recorder import RecorderStats
+from feedback.store import MAX_RESPONSE_ID_CHARS, FeedbackError, FeedbackRecord, StorageError, VersionStats, resolve_url
+
+log = logging.getLogger(__name__)
+
+RECORDER_TAGS = ("replica",)
+VERSION_TAGS = ("model", "checkpoint", "weights_version")
+
+# HTTP status of a FeedbackError -> (OpenAI error type, code)
+_ERROR_KINDS = {404: ("not_found_error", "response_not_found"), 409: ("invalid_request_error", "feedback_exists"),
+                422: ("invalid_request_error", "invalid_feedback"), 503: ("server_error", "feedback_unavailable")}
+
+
+def resolved_feedback_config(cfg: FeedbackConfig, output_dir: str | Path, base_dir: str | Path) -> FeedbackConfig:
+    """The feedback section as the replicas get it: `database_url` set (the default SQLite file
+    under `output_dir`; a relative SQLite path taken from `base_dir`) and checked now, so that a
+    bad URL or an unset password variable stops the application at build time. A database that
+    is down is not an error here (answers are recorded once it is back). The password stays in
+    its environment variable; replicas read it there."""
+    from sqlalchemy.engine import make_url
+
+    url = cfg.url(output_dir)
+    try:
+        resolve_url(url, cfg.password_env)
+    except StorageError as e:
+        raise ValueError(f"feedback: {e.message} (or set feedback.enabled=false to serve without recording "
+                         f"answers)") from None
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:") and not Path(u.database).is_absolute():
+        url = u.set(database=str(Path(base_dir) / u.database)).render_as_string(hide_password=False)
+    return cfg.model_copy(update={"database_url": url})
+
+
+def feedback_body_limit(cfg: FeedbackConfig, max_request_bytes: int) -> int:
+    """Bytes a POST /v1/feedback body may have: room for the longest texts the feedback section
+    accepts, each character JSON-escaped at worst (12 bytes: an escaped surrogate pair), and never
+    more than serve.limits.max_request_bytes. Longer texts in a body under this get 422."""
+    return min(max_request_bytes, 12 * (cfg.max_correction_chars + cfg.max_comment_chars + MAX_RESPONSE_ID_CHARS) + 4096)
+
+
+def feedback_api_error(e: FeedbackError) -> APIError:
+    type_, code = _ERROR_KINDS.get(e.status, ("invalid_request_error", None))
+    return APIError(e.status, e.message, type=type_, code=code)
+
+
+def feedback_body(rec: FeedbackRecord) -> dict:
+    return {"object": "feedback", "response_id": rec.response_id, "rating": rec.rating, "correction": rec.correction,
+            "comment": rec.comment, "created_at": rec.created_at.isoformat(), "updated_at": rec.updated_at.isoformat(),
+            "replaced": rec.replaced}
+
+
+def version_body(v: VersionStats) -> dict:
+    return {"model": v.model, "checkpoint": v.checkpoint, "weights_version": v.weights_version, "answers": v.answers,
+            "rated": v.rated, "up": v.up, "down": v.down, "corrections": v.corrections, "up_rate": v.up_rate,
+            "down_rate": v.down_rate}
+
+
+def stats_body(recorder_stats: RecorderStats, versions: list[VersionStats] | None, error: str | None) -> dict:
+    """GET /v1/feedback/stats: this replica's recorder, and the ratings per model version (None,
+    with `error`, while the database cannot be read)."""
+    return {"object": "feedback.stats", "recorder": asdict(recorder_stats),
+            "versions": None if versions is None else [version_body(v) for v in versions], "error": error}
+
+
+class FeedbackPublisher:
+    """A daemon thread that sets the `docrl_feedback_*` gauges every `interval_s` (module docstring).
+    It queries the database (blocking), so it runs beside the event loop, not on it."""
+
+    def __init__(self, recorder, interval_s: float, replica: str):
+        self.recorder, self.interval_s, self.replica = recorder, interval_s, replica
+        self._gauges: dict[str, object] = {}
+        self._stop = threading.Event()
+        self._stats_ok = True
+        self._thread = threading.Thread(target=self._run, name="docrl-feedback-metrics", daemon=True)
+        self._thread.start()
+
+    def _gauge(self, name: str, tag_keys: tuple[str, ...]):
+        from ray.util.metrics import Gauge
+
+        if name not in self._gauges:
+            self._gauges[name] = Gauge(name, description=f"docrl feedback: {name.removeprefix('docrl_feedback_')}",
+                                       tag_keys=tag_keys)
+        return self._gauges[name]
+
+    def publish(self) -> None:
+        for name, value in self.recorder.stats().as_metrics().items():
+            self._gauge(name, RECORDER_TAGS).set(value, tags={"replica": self.replica})
+        try:
+            versions = self.recorder.store.stats()
+        except StorageError as e:
+            if self._stats_ok:  # once per outage; the recorder warns about writes itself
+                log.warning("feedback metrics: cannot read the ratings per model version: %s", e.message)
+            self._stats_ok = False
+            return
+        if not self._stats_ok:
+            log.warning("feedback metrics: the feedback database is readable again")
+        self._stats_ok = True
+        for v in versions:
+            for name, value in v.as_metrics().items():
+                self._gauge(name, VERSION_TAGS).set(value, tags=v.tags())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.publish()
+            except Exception as e:  # noqa: BLE001 - metrics must never take the replica down
+                log.warning("feedback metrics: publishing failed: %r", e)
+            self._stop.wait(self.interval_s)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)

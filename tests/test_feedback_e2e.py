@@ -1,0 +1,448 @@
+"""The human feedback loop end to end, on SQLite and on PostgreSQL: answers served by Ray Serve on
+loopback (the real `openai` client and httpx) are recorded, rated through POST /v1/feedback,
+exported by `docrl feedback export` in the DocVQA layout, read back by `load_docvqa_json`, and
+trained on by `cluster.train.Trainer` (mixed into the main data through `data.extra_sources`).
+
+One Serve application starts the models (retriever + policy) with an SQLite feedback store at /;
+a second application at /pg is an ingress alone, over the same models (`build_application(...,
+share_models_of=...)`), with a PostgreSQL store (tests/pg_server.py; skipped without a server,
+failed under DOCRL_REQUIRE_POSTGRES=1). The two stores have opposite policies, so each rule is
+seen both ways: SQLite replaces duplicate ratings and takes down-votes without a correction;
+PostgreSQL refuses duplicates (409) and requires a correction on down-votes (422). One training
+run reads the exports of both backends. The PostgreSQL database is taken offline last: answering
+goes on, the outage shows in /v1/feedback/stats and in the gauges, and what was queued is written
+once it is back.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import time
+from datetime import datetime, timezone
+
+import httpx
+import pytest
+from pg_server import admin_execute, create_database, drop_database, postgres_server  # noqa: F401 - fixture
+from test_serve import API_KEY, KEY_ENV, _free_port, _png_data_url, lora_checkpoint, page_index
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
+
+BACKENDS = ("sqlite", "postgresql")
+# the feedback rules of each application's store
+RULES = {"sqlite": {"on_duplicate": "replace", "require_correction_on_down": False},
+         "postgresql": {"on_duplicate": "refuse", "require_correction_on_down": True}}
+MAX_CORRECTION, MAX_COMMENT = 200, 300
+BODY_LIMIT = 12 * (MAX_CORRECTION + MAX_COMMENT + 128) + 4096  # deploy.feedback_api.feedback_body_limit
+
+
+@pytest.fixture(scope="module")
+def postgres_db(request):
+    """A database on the test PostgreSQL server for this module, or the skip/fail outcome of
+    getting a server (raised again by the PostgreSQL tests only)."""
+    try:
+        server = request.getfixturevalue("postgres_server")
+    except (pytest.skip.Exception, pytest.fail.Exception) as e:
+        yield e
+        return
+    url = create_database(server)
+    yield {"server": server, "url": url}
+    drop_database(server, url)
+
+
+@pytest.fixture(scope="module")
+def feedback_apps(ray_cluster, tiny_models, synthetic_corpus, postgres_db, tmp_path_factory):
+    import os
+
+    from ray import serve
+
+    from cluster.config import load_config
+    from deploy.app import build_application, wait_until_running
+    from docvqa.loaders import load_docvqa_json
+
+    work = tmp_path_factory.mktemp("feedback-e2e")
+    checkpoint = lora_checkpoint(str(tiny_models["policy"]), work, version=3)
+    corpus = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
+    pages = sorted(corpus.pages.values(), key=lambda p: p.page_id)[:6]
+    index = page_index(str(tiny_models["retriever"]), pages, work / "index")
+
+    os.environ[KEY_ENV] = API_KEY
+    port = _free_port()
+    common = [f"run.output_dir={work}", f"retriever.model={tiny_models['retriever']}", "rollout.max_model_len=1024",
+              "serve.retriever.num_cpus=0.5", "serve.policy.num_cpus=1", "serve.request_timeout_s=60",
+              f"serve.port={port}", f"serve.api_key_env={KEY_ENV}", "retriever.top_k=3",
+              "serve.limits.max_request_bytes=262144", "serve.limits.max_image_pixels=250000",
+              "serve.limits.max_tokens=64", "serve.default_max_tokens=8", "serve.feedback_metrics_interval_s=1",
+              f"feedback.max_correction_chars={MAX_CORRECTION}", f"feedback.max_comment_chars={MAX_COMMENT}",
+              "feedback.flush_interval_s=0.2", "feedback.retry_max_s=1", "feedback.pending_wait_s=1"]
+
+    def rules(backend):
+        return [f"feedback.{k}={str(v).lower()}" for k, v in RULES[backend].items()]
+
+    sqlite_url = f"sqlite:///{work / 'sqlite' / 'feedback.db'}"
+    apps: dict = {"sqlite": {"backend": "sqlite", "url": f"http://127.0.0.1:{port}", "db_url": sqlite_url, "prefix": ""}}
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        cfg = load_config(None, common + rules("sqlite") + [f"feedback.database_url={sqlite_url}"])
+        serve.run_many([serve.api.RunTarget(build_application(cfg, str(checkpoint), str(index)), name="fb-sqlite",
+                                            route_prefix="/")],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        wait_until_running(["fb-sqlite"], timeout_s=300)
+        if isinstance(postgres_db, BaseException):
+            apps["postgresql"] = postgres_db
+        else:
+            cfg = load_config(None, common + rules("postgresql") + [f"feedback.database_url={postgres_db['url']}"])
+            app = build_application(cfg, str(checkpoint), str(index), share_models_of="fb-sqlite")
+            serve.run_many([serve.api.RunTarget(app, name="fb-pg", route_prefix="/pg")],
+                           wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+            wait_until_running(["fb-pg"], timeout_s=120)
+            apps["postgresql"] = {"backend": "postgresql", "url": f"http://127.0.0.1:{port}/pg", "prefix": "/pg",
+                                  "db_url": postgres_db["url"], "server": postgres_db["server"]}
+        yield {"work": work, "index": index, "checkpoint": checkpoint, "apps": apps, "exports": {}}
+    finally:
+        serve.shutdown()
+
+
+def _app(feedback_apps, backend: str) -> dict:
+    app = feedback_apps["apps"][backend]
+    if isinstance(app, pytest.fail.Exception):
+        pytest.fail(str(app))
+    if isinstance(app, BaseException):
+        pytest.skip(str(app))
+    return app
+
+
+@pytest.fixture(params=BACKENDS)
+def app(request, feedback_apps):
+    return _app(feedback_apps, request.param)
+
+
+def _client(app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=app["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def _post(app, path, body, key=API_KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(app["url"] + path, json=body, headers=headers, timeout=60, **kw)
+
+
+def _stats(app, key=API_KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.get(app["url"] + "/v1/feedback/stats", headers=headers, timeout=60)
+
+
+def _docqa(app, question: str) -> dict:
+    r = _post(app, "/v1/docqa", {"question": question, "k": 3, "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _rate(app, response_id: str, rating: str, **fields):
+    return _post(app, "/v1/feedback", {"response_id": response_id, "rating": rating, **fields})
+
+
+def _store(app):
+    from feedback.store import FeedbackStore
+
+    return FeedbackStore(app["db_url"])
+
+
+def _wait_until(condition, timeout_s: float, what: str, every_s: float = 0.25):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s:g}s: {what}")
+        time.sleep(every_s)
+
+
+def _image(color) -> tuple[str, bytes]:
+    url = _png_data_url(size=(64, 48), color=color)
+    return url, base64.b64decode(url.split(",", 1)[1])
+
+
+# -- serve -> feedback -> export --------------------------------------------------------------
+
+
+def test_answers_are_rated_and_exported_as_training_data(app, feedback_apps):
+    from cluster.cli import main
+    from docvqa.loaders import load_docvqa_json
+
+    client, rules = _client(app), RULES[app["backend"]]
+    since = datetime.now(timezone.utc)
+    a = _docqa(app, "What is the invoice total?")
+    b = _docqa(app, "Who signed the letter?")
+    image_url, image_bytes = _image("navy" if app["backend"] == "sqlite" else "teal")
+    c = client.chat.completions.create(model="docrl", max_tokens=6, temperature=0, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": "What is the date on this page?"}]}])
+    stream = client.chat.completions.create(model="docrl", max_tokens=6, temperature=0, stream=True, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                     {"type": "text", "text": "Who is the sender?"}]}])
+    chunks = list(stream)
+    d_id, d_text = chunks[0].id, "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    for answer in (a["answer"], b["answer"], c.choices[0].message.content, d_text):
+        assert answer.strip(), "the tiny policy gave an empty answer; an up-vote of it would not export"
+
+    # up; down with a correction; down without one (refused where a correction is required)
+    r = _rate(app, a["id"], "up", comment="right page, right total")
+    assert r.status_code == 200, r.text
+    assert r.json() | {"created_at": None, "updated_at": None} == {
+        "object": "feedback", "response_id": a["id"], "rating": "up", "correction": None,
+        "comment": "right page, right total", "created_at": None, "updated_at": None, "replaced": False}
+    fb = client.post("/feedback", cast_to=object, body={"response_id": c.id, "rating": "down", "correction": "March 3, 2026"})
+    assert fb["rating"] == "down" and fb["correction"] == "March 3, 2026" and fb["replaced"] is False
+    assert _rate(app, d_id, "up").status_code == 200
+    r = _rate(app, b["id"], "down", comment="wrong person")
+    if rules["require_correction_on_down"]:
+        assert r.status_code == 422 and "require_correction_on_down" in r.json()["error"]["message"], r.text
+        r = _rate(app, b["id"], "down", correction="J. Smith")
+    assert r.status_code == 200, r.text
+
+    # what the store holds: cited pages for docqa, the uploaded image (once, by hash) for chat
+    store = _store(app)
+    try:
+        got_a, got_c, got_d = (store.get_interaction(x) for x in (a["id"], c.id, d_id))
+        assert got_a.kind == "docqa" and got_a.page_ids == tuple(x["page_id"] for x in a["citations"])
+        assert got_a.answer == a["answer"] and got_a.question == "What is the invoice total?"
+        assert got_a.model == "docrl" and got_a.weights_version == 3 and got_a.checkpoint == str(feedback_apps["checkpoint"])
+        digest = hashlib.sha256(image_bytes).hexdigest()
+        assert got_c.kind == "chat" and got_c.image_hashes == (digest,) and got_c.answer == c.choices[0].message.content
+        assert got_d.image_hashes == (digest,) and got_d.answer == d_text and got_d.question == "Who is the sender?"
+        assert store.get_image(digest) == image_bytes
+    finally:
+        store.close()
+
+    # docrl feedback export, as an operator runs it; the DocVQA loader reads what it wrote
+    out = feedback_apps["work"] / f"export-{app['backend']}"
+    assert main(["feedback", "export", "--since", since.isoformat(), "--index", str(feedback_apps["index"]), str(out),
+                 f"feedback.database_url={app['db_url']}", f"run.output_dir={feedback_apps['work']}"]) == 0
+    train = load_docvqa_json(out / "train.json")
+    negative = load_docvqa_json(out / "negative.json")
+    by_id = {s.question_id: s for s in train.samples}
+    assert by_id[f"fb-{a['id']}"].answers == (a["answer"].strip(),)
+    assert by_id[f"fb-{a['id']}"].gold_page == a["citations"][0]["page_id"]
+    assert by_id[f"fb-{c.id}"].answers == ("March 3, 2026",)
+    assert by_id[f"fb-{c.id}"].gold_page == f"upload-{digest}/p1"
+    assert by_id[f"fb-{d_id}"].answers == (d_text.strip(),)
+    assert by_id[f"fb-{c.id}"].gold_page in train.pages and by_id[f"fb-{a['id']}"].gold_page in train.pages
+    if rules["require_correction_on_down"]:
+        assert set(by_id) == {f"fb-{x}" for x in (a["id"], b["id"], c.id, d_id)} and not negative.samples
+        assert by_id[f"fb-{b['id']}"].answers == ("J. Smith",)
+    else:
+        assert set(by_id) == {f"fb-{x}" for x in (a["id"], c.id, d_id)}
+        [neg] = negative.samples
+        assert neg.question_id == f"fb-{b['id']}" and neg.answers == () and neg.rejected_answers == (b["answer"].strip(),)
+    assert all(p.load_image().size[0] > 0 for p in train.pages.values())
+    feedback_apps["exports"][app["backend"]] = out
+
+
+def test_training_reads_the_feedback_exports(ray_cluster, tiny_models, synthetic_corpus, feedback_apps):
+    """One short training run (1 step, retrieval off: the gold page) on one synthetic question mixed
+    with the exports of both backends by `data.extra_sources`, weighted so that one epoch is one
+    step: every feedback question is in the batch."""
+    from cluster.config import load_config
+    from cluster.metrics import read_jsonl
+    from cluster.train import Trainer
+    from docvqa.loaders import load_docvqa_json
+
+    exports = feedback_apps["exports"]
+    if "sqlite" not in exports:
+        pytest.fail("test_answers_are_rated_and_exported_as_training_data[sqlite] did not export anything")
+    sources, feedback_ids = [], set()
+    for out in exports.values():
+        for name in ("train.json", "negative.json"):
+            samples = load_docvqa_json(out / name).samples
+            if samples:
+                sources.append(f"{{path: {out / name}, weight: {len(samples)}}}")
+                feedback_ids |= {s.question_id for s in samples}
+    prompts = len(feedback_ids) + 1
+    out_dir = feedback_apps["work"] / "train"
+    cfg = load_config(None, [
+        f"run.output_dir={out_dir}", f"run.models_dir={tiny_models['policy'].parent}", "trainer.total_steps=1",
+        f"trainer.prompts_per_step={prompts}", "rollout.sampling.n=2", f"algorithm.minibatch_size={2 * prompts}",
+        "learner.micro_batch_size=4", "data.max_eval_samples=1", "trainer.eval_every=0", "trainer.save_every=0",
+        "trainer.warm_start.steps=0", "retriever.use_gold_page=true", "rollout.max_model_len=1024",
+        "rollout.sampling.max_tokens=8", "rollout.eval_sampling.max_tokens=8",
+        "rollout.num_cpus_per_worker=0.5", "retriever.num_cpus_per_actor=0.5", "reward.num_cpus_per_actor=0.5",
+        "learner.num_cpus_per_rank=0.5", "data.source=docvqa_json", f"data.path={synthetic_corpus}",
+        "data.max_train_samples=1", "data.weight=1", f"data.extra_sources=[{', '.join(sources)}]"])
+    trainer = Trainer(cfg)
+    drawn: list[str] = []
+    next_questions = trainer.next_questions
+
+    def recording_next_questions():
+        questions = next_questions()
+        drawn.extend(q.question_id for q in questions)
+        return questions
+
+    trainer.next_questions = recording_next_questions
+    try:
+        trainer.run()
+        assert trainer.learner.version == 1
+    finally:
+        trainer.shutdown()
+    assert feedback_ids <= set(drawn) and len(drawn) == prompts, (sorted(feedback_ids), drawn)
+    [row] = [r for r in read_jsonl(out_dir / "logs" / "metrics.jsonl") if "reward/mean" in r]
+    assert row["step"] == 1 and row["learner/num_experiences"] == 2 * prompts
+    assert "reward/reproduced_rejected" in row
+
+
+# -- the rules of POST /v1/feedback -----------------------------------------------------------
+
+
+def test_refusals_have_their_status_and_the_openai_error_shape(app):
+    import openai
+
+    client = _client(app)
+    rid = _docqa(app, "What is the date?")["id"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.post("/feedback", cast_to=object, body={"response_id": "docqa-" + "0" * 32, "rating": "up"})
+    assert e.value.code == "response_not_found" and "unknown response_id" in e.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.post("/feedback", cast_to=object, body={"response_id": rid, "rating": "up", "correction": "no"})
+    assert e.value.code == "invalid_feedback" and "correction comes with rating 'down'" in e.value.message
+    for body, words in [
+        ({"response_id": rid, "rating": "meh"}, "rating must be 'up' or 'down'"),
+        ({"response_id": rid, "rating": "up", "score": 5}, "unknown field(s) 'score'"),
+        ({"response_id": rid, "rating": "down", "correction": 42}, "correction must be a string"),
+        ({"response_id": rid, "rating": "down", "correction": "x" * (MAX_CORRECTION + 1)},
+         f"the limit is {MAX_CORRECTION}"),
+        ({"response_id": rid, "rating": "up", "comment": "y" * (MAX_COMMENT + 1)}, f"the limit is {MAX_COMMENT}"),
+        ({"response_id": rid, "rating": "down", "correction": "a\x00b"}, "NUL"),
+        ({"rating": "up"}, "response_id is required"),
+    ]:
+        r = _post(app, "/v1/feedback", body)
+        assert r.status_code == 422, (body, r.text)
+        assert words in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
+    # a body larger than the longest texts allowed could be: 413 before it is read whole
+    r = _rate(app, rid, "down", correction="z" * (BODY_LIMIT + 10))
+    assert r.status_code == 413 and f"limit of {BODY_LIMIT} bytes" in r.json()["error"]["message"], r.text
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    r = httpx.post(app["url"] + "/v1/feedback", content=b"{not json", headers=headers, timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    # the endpoint's key rules
+    assert _rate(app, rid, "up").status_code == 200
+    for key in (None, "wrong"):
+        r = _post(app, "/v1/feedback", {"response_id": rid, "rating": "down"}, key=key)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert _stats(app, key=key).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=app["url"] + "/v1", api_key="wrong", max_retries=0).post(
+            "/feedback", cast_to=object, body={"response_id": rid, "rating": "up"})
+
+
+def test_duplicates_and_down_votes_follow_the_feedback_config(app):
+    import openai
+
+    rules = RULES[app["backend"]]
+    rid = _docqa(app, "What is the amount due?")["id"]
+    first = _rate(app, rid, "up")
+    assert first.status_code == 200 and first.json()["replaced"] is False
+    for correction in ("", "   ", None):
+        r = _rate(app, _docqa(app, "What is the reference number?")["id"], "down",
+                  **({"correction": correction} if correction is not None else {}))
+        if rules["require_correction_on_down"]:
+            assert r.status_code == 422 and "needs a correction" in r.json()["error"]["message"], r.text
+        else:
+            assert r.status_code == 200 and r.json()["correction"] is None, r.text
+    if rules["on_duplicate"] == "refuse":
+        with pytest.raises(openai.ConflictError) as e:
+            _client(app).post("/feedback", cast_to=object, body={"response_id": rid, "rating": "down", "correction": "7"})
+        assert e.value.code == "feedback_exists" and "already has feedback" in e.value.message
+        expected = ("up", None)
+    else:
+        second = _rate(app, rid, "down", correction="7")
+        assert second.status_code == 200 and second.json()["replaced"] is True
+        assert second.json()["created_at"] == first.json()["created_at"] != second.json()["updated_at"]
+        expected = ("down", "7")
+    store = _store(app)
+    try:
+        [rated] = [x for x in store.feedback() if x.interaction.response_id == rid]
+        assert (rated.feedback.rating, rated.feedback.correction) == expected
+    finally:
+        store.close()
+
+
+def test_stats_endpoint_and_gauges(app, feedback_apps):
+    assert _rate(app, _docqa(app, "What is the subtotal?")["id"], "up").status_code == 200
+    assert _rate(app, _docqa(app, "What is the tax?")["id"], "down", correction="$12.00").status_code == 200
+    r = _stats(app)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    rec = body["recorder"]
+    assert rec["recorded"] >= 4 and rec["dropped"] == 0 and rec["storage_ok"] is True and body["error"] is None
+    [version] = body["versions"]
+    assert version["model"] == "docrl" and version["weights_version"] == 3
+    assert version["checkpoint"] == str(feedback_apps["checkpoint"])
+    assert version["up"] >= 1 and version["down"] >= 1 and version["corrections"] >= 1
+    assert version["answers"] >= rec["recorded"] >= version["rated"]
+    assert version["up_rate"] == pytest.approx(version["up"] / version["rated"])
+    # the same numbers as Ray metrics, on the node's Prometheus endpoint (ray_ prefix; ~10 s delay)
+    scraped = _wait_until(lambda: _scrape(r'^ray_docrl_feedback_up_rate\{[^}]*weights_version="3"'), 60,
+                          "ray_docrl_feedback_up_rate on the metrics endpoint", every_s=2)
+    names = set(re.findall(r"^(ray_docrl_feedback_[a-z_]+)\{", scraped, re.M))
+    assert {"ray_docrl_feedback_recorded", "ray_docrl_feedback_dropped", "ray_docrl_feedback_write_errors",
+            "ray_docrl_feedback_queue_depth", "ray_docrl_feedback_storage_ok", "ray_docrl_feedback_answers",
+            "ray_docrl_feedback_up", "ray_docrl_feedback_down", "ray_docrl_feedback_down_rate"} <= names, sorted(names)
+
+
+def _scrape(pattern: str) -> str | None:
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    return text if re.search(pattern, text, re.M) else None
+
+
+# -- a storage outage (last: it takes the PostgreSQL database offline for a while) ------------
+
+
+def test_database_outage_does_not_fail_answers_and_shows_in_stats(feedback_apps):
+    import openai
+
+    app = _app(feedback_apps, "postgresql")
+    database = re.search(r"/([^/?]+)(\?|$)", app["db_url"]).group(1)
+    before = _docqa(app, "What is the invoice number?")["id"]
+    _wait_until(lambda: _stats(app).json()["recorder"]["queue_depth"] == 0, 30, "the answer written")
+    recorded_before = _stats(app).json()["recorder"]["recorded"]
+    admin_execute(app["server"], f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false',
+                  f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'")
+    try:
+        client = _client(app)
+        t0 = time.monotonic()
+        during = [_docqa(app, "What is the total?")["id"]]
+        image_url, _ = _image("maroon")
+        during.append(client.chat.completions.create(model="docrl", max_tokens=4, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                         {"type": "text", "text": "Read it."}]}]).id)
+        during.append(list(client.chat.completions.create(model="docrl", max_tokens=4, stream=True, messages=[
+            {"role": "user", "content": "Hello"}]))[0].id)
+        assert time.monotonic() - t0 < 60
+        stats = _wait_until(lambda: ((s := _stats(app).json())["recorder"]["write_errors"] > 0
+                                     and s["recorder"]["queue_depth"] == 3 and s), 30, "three answers waiting, a failed write")
+        assert stats["recorder"]["storage_ok"] is False and stats["recorder"]["dropped"] == 0
+        assert "unavailable" in stats["recorder"]["last_error"]
+        assert stats["versions"] is None and "unavailable" in stats["error"]
+        for rid in (before, during[0]):  # stored before the outage / still queued: 503 either way
+            with pytest.raises(openai.InternalServerError) as e:
+                client.post("/feedback", cast_to=object, body={"response_id": rid, "rating": "up"})
+            assert e.value.status_code == 503 and e.value.code == "feedback_unavailable"
+        assert _scrape(r'^ray_docrl_feedback_storage_ok\{.*\} 0\.0$') or _wait_until(
+            lambda: _scrape(r'^ray_docrl_feedback_storage_ok\{.*\} 0\.0$'), 60, "storage_ok 0 on the metrics endpoint",
+            every_s=2)
+    finally:
+        admin_execute(app["server"], f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    stats = _wait_until(lambda: (s := _stats(app).json())["recorder"]["queue_depth"] == 0 and s, 60,
+                        "the queued answers written after the outage")
+    assert stats["recorder"]["storage_ok"] is True and stats["recorder"]["recorded"] == recorded_before + 3
+    assert stats["error"] is None and stats["versions"]
+    for rid in during:
+        assert _rate(app, rid, "up").status_code == 200
