@@ -328,6 +328,7 @@ class Ingress:
     def __del__(self):
         """Serve calls this when the replica shuts down: write what is queued, release the database."""
         publisher, recorder = getattr(self, "publisher", None), getattr(self, "recorder", None)
+        self.publisher = self.recorder = None  # once: Serve calls this, and then the garbage collector
         if publisher is not None:
             publisher.stop()
         if recorder is not None:
@@ -467,7 +468,7 @@ class Ingress:
             versions, error = await asyncio.to_thread(recorder.store.stats), None
         except StorageError as e:
             versions, error = None, e.message
-        return stats_body(recorder.stats(), versions, error)
+        return stats_body(recorder.stats(), versions, error, replica=self.publisher.replica)
 
 
 # ---------------------------------------------------------------------------------------------

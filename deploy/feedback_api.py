@@ -78,10 +78,11 @@ def version_body(v: VersionStats) -> dict:
             "down_rate": v.down_rate}
 
 
-def stats_body(recorder_stats: RecorderStats, versions: list[VersionStats] | None, error: str | None) -> dict:
-    """GET /v1/feedback/stats: this replica's recorder, and the ratings per model version (None,
-    with `error`, while the database cannot be read)."""
-    return {"object": "feedback.stats", "recorder": asdict(recorder_stats),
+def stats_body(recorder_stats: RecorderStats, versions: list[VersionStats] | None, error: str | None,
+               replica: str) -> dict:
+    """GET /v1/feedback/stats: this replica's recorder (`replica`: its gauges' tag), and the ratings
+    per model version (None, with `error`, while the database cannot be read)."""
+    return {"object": "feedback.stats", "replica": replica, "recorder": asdict(recorder_stats),
             "versions": None if versions is None else [version_body(v) for v in versions], "error": error}
 
 

@@ -251,8 +251,8 @@ def test_training_reads_the_feedback_exports(ray_cluster, tiny_models, synthetic
     from docvqa.loaders import load_docvqa_json
 
     exports = feedback_apps["exports"]
-    if "sqlite" not in exports:
-        pytest.fail("test_answers_are_rated_and_exported_as_training_data[sqlite] did not export anything")
+    if "sqlite" not in exports:  # deselected, or failed (then reported there)
+        pytest.skip("needs the exports of test_answers_are_rated_and_exported_as_training_data, run before it")
     sources, feedback_ids = [], set()
     for out in exports.values():
         for name in ("train.json", "negative.json"):
@@ -383,8 +383,9 @@ def test_stats_endpoint_and_gauges(app, feedback_apps):
     assert version["answers"] >= rec["recorded"] >= version["rated"]
     assert version["up_rate"] == pytest.approx(version["up"] / version["rated"])
     # the same numbers as Ray metrics, on the node's Prometheus endpoint (ray_ prefix; ~10 s delay)
-    scraped = _wait_until(lambda: _scrape(r'^ray_docrl_feedback_up_rate\{[^}]*weights_version="3"'), 60,
-                          "ray_docrl_feedback_up_rate on the metrics endpoint", every_s=2)
+    scraped = _wait_until(lambda: _scrape(r'^ray_docrl_feedback_up_rate\{[^}]*weights_version="3"')
+                          and _scrape(rf'^ray_docrl_feedback_recorded\{{[^}}]*replica="{body["replica"]}"'), 60,
+                          "this replica's gauges on the metrics endpoint", every_s=2)
     names = set(re.findall(r"^(ray_docrl_feedback_[a-z_]+)\{", scraped, re.M))
     assert {"ray_docrl_feedback_recorded", "ray_docrl_feedback_dropped", "ray_docrl_feedback_write_errors",
             "ray_docrl_feedback_queue_depth", "ray_docrl_feedback_storage_ok", "ray_docrl_feedback_answers",
@@ -400,6 +401,36 @@ def _scrape(pattern: str) -> str | None:
     except httpx.HTTPError:
         return None
     return text if re.search(pattern, text, re.M) else None
+
+
+def test_feedback_disabled_or_misconfigured(feedback_apps, tiny_models):
+    """feedback.enabled=false: answers as usual, /v1/feedback is 404. A database URL that cannot
+    work stops the application at build time, before any replica starts."""
+    from ray import serve
+
+    from cluster.config import load_config
+    from deploy.app import build_application, wait_until_running
+
+    base = [f"run.output_dir={feedback_apps['work']}", f"retriever.model={tiny_models['retriever']}"]
+    ckpt, index = str(feedback_apps["checkpoint"]), str(feedback_apps["index"])
+    for override, words in [("feedback.database_url=mysql://docrl@db.internal/docrl", "unsupported database 'mysql'"),
+                            ("feedback.database_url=not a url", "is not a database URL"),
+                            ("feedback.password_env=DOCRL_TEST_FEEDBACK_PASSWORD_UNSET", "is not set")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            build_application(load_config(None, base + [override]), ckpt, index, share_models_of="fb-sqlite")
+    app = build_application(load_config(None, base + ["feedback.enabled=false"]), ckpt, index, share_models_of="fb-sqlite")
+    serve.run_many([serve.api.RunTarget(app, name="fb-off", route_prefix="/off")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    try:
+        wait_until_running(["fb-off"], timeout_s=120)
+        url = feedback_apps["apps"]["sqlite"]["url"] + "/off"
+        r = httpx.post(url + "/v1/docqa", json={"question": "What is the total?", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200, r.text
+        r = httpx.post(url + "/v1/feedback", json={"response_id": r.json()["id"], "rating": "up"}, timeout=60)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "feedback_disabled"
+        assert httpx.get(url + "/v1/feedback/stats", timeout=60).status_code == 404
+    finally:
+        serve.delete("fb-off")
 
 
 # -- a storage outage (last: it takes the PostgreSQL database offline for a while) ------------
@@ -435,9 +466,8 @@ def test_database_outage_does_not_fail_answers_and_shows_in_stats(feedback_apps)
             with pytest.raises(openai.InternalServerError) as e:
                 client.post("/feedback", cast_to=object, body={"response_id": rid, "rating": "up"})
             assert e.value.status_code == 503 and e.value.code == "feedback_unavailable"
-        assert _scrape(r'^ray_docrl_feedback_storage_ok\{.*\} 0\.0$') or _wait_until(
-            lambda: _scrape(r'^ray_docrl_feedback_storage_ok\{.*\} 0\.0$'), 60, "storage_ok 0 on the metrics endpoint",
-            every_s=2)
+        down = rf'^ray_docrl_feedback_storage_ok\{{[^}}]*replica="{stats["replica"]}"[^}}]*\}} 0\.0$'
+        _wait_until(lambda: _scrape(down), 60, "storage_ok 0 on the metrics endpoint", every_s=2)
     finally:
         admin_execute(app["server"], f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
     stats = _wait_until(lambda: (s := _stats(app).json())["recorder"]["queue_depth"] == 0 and s, 60,

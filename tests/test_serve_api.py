@@ -379,3 +379,43 @@ def test_engine_loop_aborts_a_cancelled_request():
         time.sleep(0.01)
     assert engine.aborted == ["slow"] and not engine.active
     loop.stop()
+
+
+# -- feedback (deploy/feedback_api.py) --------------------------------------------------------
+
+
+def test_feedback_database_url_is_checked_and_made_absolute_at_build_time(tmp_path, monkeypatch):
+    from deploy.feedback_api import resolved_feedback_config
+    from feedback.config import FeedbackConfig
+
+    cfg = resolved_feedback_config(FeedbackConfig(), "runs/x", tmp_path)  # the default: SQLite under run.output_dir
+    assert cfg.database_url == f"sqlite:///{tmp_path}/runs/x/feedback/feedback.db"
+    cfg = resolved_feedback_config(FeedbackConfig(database_url="sqlite:///fb/feedback.db"), "runs/x", tmp_path)
+    assert cfg.database_url == f"sqlite:///{tmp_path}/fb/feedback.db"
+    pg = "postgresql://docrl@db.internal:5432/docrl"
+    assert resolved_feedback_config(FeedbackConfig(database_url=pg), "o", tmp_path).database_url == pg  # no connection
+    with pytest.raises(ValueError, match=r"unsupported database 'mysql'.*feedback.enabled=false"):
+        resolved_feedback_config(FeedbackConfig(database_url="mysql://u@h/db"), "o", tmp_path)
+    monkeypatch.delenv("DOCRL_TEST_UNSET_PASSWORD", raising=False)
+    with pytest.raises(ValueError, match="DOCRL_TEST_UNSET_PASSWORD is not set"):
+        resolved_feedback_config(FeedbackConfig(database_url=pg, password_env="DOCRL_TEST_UNSET_PASSWORD"), "o", tmp_path)
+    monkeypatch.setenv("DOCRL_TEST_UNSET_PASSWORD", "s3cret")
+    cfg = resolved_feedback_config(FeedbackConfig(database_url=pg, password_env="DOCRL_TEST_UNSET_PASSWORD"), "o", tmp_path)
+    assert "s3cret" not in cfg.database_url  # replicas read the password from their environment
+
+
+def test_feedback_errors_keep_their_status_in_the_openai_error_shape():
+    from deploy.feedback_api import feedback_api_error, feedback_body_limit
+    from feedback.config import FeedbackConfig
+    from feedback.store import (DuplicateFeedbackError, FeedbackValidationError, StorageError,
+                                UnknownResponseError)
+
+    for exc, status, code in [(UnknownResponseError("unknown response_id 'x'"), 404, "response_not_found"),
+                              (DuplicateFeedbackError("already has feedback"), 409, "feedback_exists"),
+                              (FeedbackValidationError("rating must be 'up' or 'down'"), 422, "invalid_feedback"),
+                              (StorageError("feedback database unavailable"), 503, "feedback_unavailable")]:
+        err = feedback_api_error(exc)
+        assert err.status == status and err.body()["error"]["code"] == code and err.body()["error"]["message"] == exc.message
+    cfg = FeedbackConfig(max_correction_chars=100, max_comment_chars=100)
+    assert feedback_body_limit(cfg, 8 * 1024 * 1024) == 12 * (100 + 100 + 128) + 4096
+    assert feedback_body_limit(FeedbackConfig(max_correction_chars=10**6), 65536) == 65536
