@@ -66,6 +66,7 @@ def start_server(work: Path, max_tokens: int) -> tuple[str, list[str], str]:
 
     port = _free_port()
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"run.output_dir={work}",  # the feedback recorder's SQLite file, not the tiny run's
         f"retriever.model={models['retriever']}", f"serve.port={port}", "serve.policy.num_cpus=2",
         f"rollout.eval_sampling.max_tokens={max_tokens}", "rollout.max_model_len=2048"])
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -207,8 +207,15 @@ def cmd_serve(args) -> int:
     except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
         print(f"docrl serve: {e}", file=sys.stderr)
         return 2
+    feedback = "off (feedback.enabled is false)"
+    if cfg.feedback.enabled:
+        from sqlalchemy.engine import make_url
+
+        where = make_url(cfg.feedback.url(cfg.run.output_dir)).render_as_string(hide_password=True)
+        feedback = f"POST {url}/v1/feedback, GET {url}/v1/feedback/stats (answers recorded in {where})"
     print(f"docrl serve: {checkpoint} on {url}\n  OpenAI-compatible: {url}/v1 (chat/completions, models)\n"
-          f"  document QA: POST {url}/v1/docqa\n  health: {url}/healthz\n  Ctrl-C stops", flush=True)
+          f"  document QA: POST {url}/v1/docqa\n  feedback: {feedback}\n  health: {url}/healthz\n  Ctrl-C stops",
+          flush=True)
     def stop(signum, frame):
         raise KeyboardInterrupt
 
