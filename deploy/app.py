@@ -333,8 +333,8 @@ class Ingress:
             publisher.stop()
         if recorder is not None:
             stats = recorder.close(timeout=10)
-            if stats.dropped or stats.queue_depth:
-                log.warning("feedback: recorder closed with %d interaction(s) dropped", stats.dropped)
+            if stats.dropped:
+                log.warning("feedback: recorder closed; %d interaction(s) were dropped in all", stats.dropped)
 
     # -- endpoints -----------------------------------------------------------------------------
 
