@@ -180,20 +180,6 @@ class RolloutEngine:
     def abort(self, request_ids: list[str]) -> None:
         self.llm.llm_engine.abort_request(list(request_ids))
 
-    def score(self, prompt_text: str, images: Sequence, response_ids: Sequence[int]) -> tuple[list[int], list[float]]:
-        """Logprobs of fixed response tokens after a prompt (the parity probe). Returns the
-        expanded prompt ids as vLLM saw them and one logprob per response token."""
-        from vllm import SamplingParams
-
-        ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"] + list(response_ids)
-        prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": list(images)}} if images else {"prompt_token_ids": ids}
-        (out,) = self.llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
-                                   use_tqdm=False, lora_request=self.lora_request)
-        full = list(out.prompt_token_ids)
-        n = len(response_ids)
-        logprobs = [out.prompt_logprobs[i][full[i]].logprob for i in range(len(full) - n, len(full))]
-        return full[: len(full) - n], logprobs
-
     # -- weights -------------------------------------------------------------------------------
 
     def _check_version(self, version: int) -> None:

@@ -25,12 +25,6 @@ class RolloutWorker:
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> GenerateOutput:
         return self.engine.generate(requests, sampling)
 
-    def score(self, prompt_text: str, pages: list, response_ids: list[int]) -> tuple[list[int], list[float]]:
-        from rollout.prompts import fit_image
-
-        images = [fit_image(p.load_image(), self.engine.cfg.max_image_pixels) for p in pages]
-        return self.engine.score(prompt_text, images, response_ids)
-
     def weights_version(self) -> int:
         return self.engine.weights_version
 
