@@ -252,6 +252,15 @@ class _Out:
     outputs: list = field(default_factory=list)
 
 
+def _wait_for_abort(engine, request_id: str, timeout_s: float = 5.0) -> None:
+    """The engine thread aborts asynchronously: poll until `request_id` is aborted or time runs out."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while request_id not in engine.aborted and time.time() < deadline:
+        time.sleep(0.01)
+
+
 class _FakeEngine:
     """Each request yields `steps` outputs, one per engine step, all requests advancing together."""
 
@@ -326,11 +335,7 @@ def test_engine_loop_aborts_abandoned_requests_and_refuses_bad_ones():
     assert asyncio.run(first_only()) == "quitter:1"
     with pytest.raises(RequestRefused, match="prompt too long"):
         asyncio.run(bad())
-    import time
-
-    deadline = time.time() + 5
-    while "quitter" not in engine.aborted and time.time() < deadline:
-        time.sleep(0.01)
+    _wait_for_abort(engine, "quitter")
     assert engine.aborted == ["quitter"] and not engine.active
     loop.stop()
 
@@ -355,8 +360,6 @@ def test_engine_loop_failure_reaches_every_waiter_and_the_health_check():
 
 def test_engine_loop_aborts_a_cancelled_request():
     """What a request timeout or a client that goes away does: the task is cancelled mid-generation."""
-    import time
-
     from deploy.engine_loop import EngineLoop
 
     engine = _FakeEngine(steps=10_000)
@@ -374,9 +377,7 @@ def test_engine_loop_aborts_a_cancelled_request():
             await task
 
     asyncio.run(main())
-    deadline = time.time() + 5
-    while "slow" not in engine.aborted and time.time() < deadline:
-        time.sleep(0.01)
+    _wait_for_abort(engine, "slow")
     assert engine.aborted == ["slow"] and not engine.active
     loop.stop()
 
