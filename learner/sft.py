@@ -40,21 +40,28 @@ class SFTSettings:
     seed: int = 0
 
 
+def encode_question(builder: InputBuilder, sample: DocVQASample, pages_by_id: dict[str, Page], rollout_cfg):
+    """The rollout's prompt for `sample` on its gold page: (page, fitted image, chat text, processor
+    inputs with the image placeholders expanded)."""
+    from rollout.prompts import build_chat_text, fit_image
+
+    page = pages_by_id[sample.gold_page]
+    image = fit_image(page.load_image(), rollout_cfg.max_image_pixels)
+    text = build_chat_text(builder.processor, sample.question, 1, rollout_cfg.system_prompt, rollout_cfg.instruction)
+    return page, image, text, builder.processor(text=[text], images=[image], return_tensors="pt")
+
+
 def sft_examples(samples: Sequence[DocVQASample], pages_by_id: dict[str, Page], builder: InputBuilder,
                  rollout_cfg) -> list[Experience]:
     """One example per sample that has a gold answer (feedback down-votes have none): the rollout's
     prompt on the gold page, the first gold answer as the response."""
-    from rollout.prompts import build_chat_text, fit_image
-
     tokenizer = builder.processor.tokenizer
     out = []
     for s in samples:
         if not s.answers:
             continue
-        page = pages_by_id[s.gold_page]
-        image = fit_image(page.load_image(), rollout_cfg.max_image_pixels)
-        text = build_chat_text(builder.processor, s.question, 1, rollout_cfg.system_prompt, rollout_cfg.instruction)
-        prompt_ids = builder.processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+        page, image, text, inputs = encode_question(builder, s, pages_by_id, rollout_cfg)
+        prompt_ids = inputs["input_ids"][0].tolist()
         answer_ids = tokenizer(s.answers[0] + END_OF_TURN, add_special_tokens=False)["input_ids"]
         out.append(Experience(sample_id=s.question_id, request_id=s.question_id, group_id=0, prompt_text=text,
                               prompt_ids=tuple(prompt_ids), pages=(page,), image_sizes=(image.size,),
@@ -69,16 +76,13 @@ def greedy_anls(model, builder: InputBuilder, samples: Sequence[DocVQASample], p
     """Mean ANLS of greedy answers (plain transformers generate, one question at a time): the
     warm start's own before/after measurement, independent of the rollout engine."""
     from reward.metrics import anls_score
-    from rollout.prompts import build_chat_text, fit_image
 
     samples = [s for s in samples if s.answers]
     if not samples:
         return float("nan")
     tokenizer, total = builder.processor.tokenizer, 0.0
     for s in samples:
-        image = fit_image(pages_by_id[s.gold_page].load_image(), rollout_cfg.max_image_pixels)
-        text = build_chat_text(builder.processor, s.question, 1, rollout_cfg.system_prompt, rollout_cfg.instruction)
-        inputs = builder.processor(text=[text], images=[image], return_tensors="pt")
+        _, _, _, inputs = encode_question(builder, s, pages_by_id, rollout_cfg)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.convert_tokens_to_ids(END_OF_TURN), pad_token_id=builder.pad_id)
         answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
