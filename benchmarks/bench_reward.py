@@ -96,11 +96,13 @@ def plain_levenshtein(a: str, b: str) -> int:
 
 
 def plain_anls(pred: str, golds: list[str], threshold: float = 0.5) -> float:
+    # the official DocVQA script: edit distance of the normalized strings over the longer RAW
+    # string's .upper() length
     p = " ".join(pred.strip().lower().split())
     values = []
     for gold in golds:
         g = " ".join(gold.strip().lower().split())
-        length = max(len(p), len(g))
+        length = max(len(pred.upper()), len(gold.upper()))
         values.append(0.0 if length == 0 else plain_levenshtein(p, g) / length)
     result = 1 - min(values)
     return 0.0 if result < threshold else result
@@ -169,8 +171,7 @@ def main() -> None:
         theirs = results["`anls` PyPI package"]
         diff = [(a, b) for a, b in zip(ours, theirs) if a != b]
         print(f"\nagreement: docrl == plain official formula on all {len(ours)} pairs; "
-              f"differs from the `anls` package on {len(diff)} (all at similarity exactly 0.5: "
-              f"{all(a == 0.5 and b == 0.0 for a, b in diff)})")
+              f"differs from the `anls` package (normalized lengths, 0.5 excluded) on {len(diff)}")
     rate = rows[len(methods) - 1][1]
     print(f"targets: >= 10x plain Python: {rate / base:.1f}x {'OK' if rate / base >= 10 else 'MISSED'}; "
           f">= 100,000 pairs/s: {rate:,.0f} {'OK' if rate >= 100_000 else 'MISSED'}")

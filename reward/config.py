@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from cluster.schema import Section
+from reward.metrics import AnlsLength
 from reward.types import COMPONENT_NAMES
 
 _USER_FN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
@@ -19,6 +20,11 @@ class RewardConfig(Section):
     # allowed (penalties). Known: anls, exact_match, containment, format, retrieval, user.
     components: dict[str, float] = Field(default_factory=lambda: {"anls": 1.0})
     anls_threshold: float = Field(0.5, ge=0.0, le=1.0)  # similarity below this scores 0 (0.5 kept)
+    # The ANLS denominator. "official": the official DocVQA script's max of the raw strings'
+    # .upper() lengths, so the anls component equals the published metric. "normalized": the max
+    # of the normalized (stripped, whitespace-collapsed) lengths: a reward that a policy cannot
+    # raise by padding its answer with whitespace (officially "ab   " vs "abc" earns 0.8, "ab" 0.67).
+    anls_length: AnlsLength = "official"
     extraction: Literal["none", "answer_prefix", "last_line", "first_line"] = "none"
     max_answer_chars: int = Field(128, ge=1)  # the format component's limit, in characters
     # An answer whose normalized similarity to one of the sample's rejected answers (down-voted in

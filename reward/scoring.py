@@ -1,7 +1,8 @@
 """The composite reward: named components, weighted as `reward.components` says. Pure; no Ray.
 
 Components (each in [0, 1]):
-* ``anls``: ANLS of the extracted answer against the gold answers (`reward.metrics.anls_score`).
+* ``anls``: ANLS of the extracted answer against the gold answers (`reward.metrics.anls_score`,
+  with `reward.anls_threshold` and the `reward.anls_length` denominator).
 * ``exact_match``: normalized exact match.
 * ``containment``: partial credit len(gold)/len(answer) when a gold answer is inside the answer.
 * ``format``: 1 when the answer was found by the extraction mode, is non-empty and is at most
@@ -33,7 +34,7 @@ from collections.abc import Callable, Sequence
 from retriever.metrics import hit_at_k, ndcg_at_k
 from reward.config import RewardConfig
 from reward.extract import extract_answer
-from reward.metrics import check_gold_answers, normalize_answer, normalized_similarity
+from reward.metrics import anls_score, check_gold_answers, normalize_answer, normalized_similarity
 from reward.types import BUILTIN_COMPONENTS, COMPONENT_NAMES, RewardError, ScoreRequest, ScoreResult
 
 # ---------------------------------------------------------------------------------------------
@@ -168,18 +169,16 @@ def _run_user(runner: UserFunctionRunner, req: ScoreRequest, timeout_s: float) -
 
 
 def _text_components(answer: str, found: bool, golds: Sequence[str], config: RewardConfig) -> dict[str, float]:
+    # no gold answer (a down-vote without a correction): the gold-based components score 0
+    anls = anls_score(answer, golds, config.anls_threshold, config.anls_length) if golds else 0.0
     pred = normalize_answer(answer)
     lp = len(pred)
-    threshold = config.anls_threshold
-    anls = exact = contain = 0.0
+    exact = contain = 0.0
     for gold in golds:
         g = normalize_answer(gold)
         if g == pred:
-            anls = exact = contain = 1.0
+            exact = contain = 1.0
             break
-        s = normalized_similarity(pred, g, threshold)
-        if s > anls:
-            anls = s
         if g and g in pred:
             c = len(g) / lp
             if c > contain:

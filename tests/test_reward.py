@@ -39,7 +39,25 @@ def ref_levenshtein(a: str, b: str) -> int:
     return prev[-1]
 
 
-def ref_anls(pred: str, golds: list[str], threshold: float = 0.5) -> float:
+def ref_anls_official(pred: str | None, golds: list[str], threshold: float = 0.5) -> float:
+    """The official DocVQA/RRC evaluation script's per-question score, written as it is there:
+    the distance between the normalized strings over the RAW strings' ``.upper()`` lengths."""
+    det = "" if pred is None else pred
+    values = []
+    for answer in golds:
+        gt_answer = " ".join(answer.strip().lower().split())
+        det_answer = " ".join(det.strip().lower().split())
+        dist = ref_levenshtein(gt_answer, det_answer)
+        length = max(len(answer.upper()), len(det.upper()))
+        values.append(0.0 if length == 0 else float(dist) / float(length))
+    question_result = 1 - min(values)
+    if question_result < threshold:
+        question_result = 0
+    return question_result
+
+
+def ref_anls_normalized(pred: str, golds: list[str], threshold: float = 0.5) -> float:
+    """The same rule over the normalized lengths (docrl's `length="normalized"`, the `anls` package)."""
     p = " ".join(pred.strip().lower().split())
     values = []
     for gold in golds:
@@ -48,6 +66,9 @@ def ref_anls(pred: str, golds: list[str], threshold: float = 0.5) -> float:
         values.append(0.0 if length == 0 else ref_levenshtein(p, g) / length)
     result = 1 - min(values)
     return 0.0 if result < threshold else result
+
+
+REF_ANLS = {"official": ref_anls_official, "normalized": ref_anls_normalized}
 
 
 ALPHABET = "abcAB C\t\né東京😀"
@@ -84,7 +105,8 @@ def test_boundary_exactly_half_is_kept():
     # dist("abcd", "abxy") = 2, max len 4: NL = 0.5, similarity exactly 0.5 -> kept (official script)
     assert levenshtein("abcd", "abxy") == 2
     assert anls_score("abcd", ["abxy"]) == 0.5
-    assert anls_score("ABCD ", ["abxy"]) == 0.5
+    assert anls_score("ABCD ", ["abxy"], length="normalized") == 0.5
+    assert anls_score("ABCD ", ["abxy"]) == 1 - 2 / 5  # official: the raw "ABCD " has 5 characters
     # one edit more falls below
     assert anls_score("abcd", ["axyz"]) == 0.0
     # other thresholds: similarity == threshold kept, below dropped
@@ -100,6 +122,54 @@ def test_boundary_differs_from_anls_package():
     # script (and docrl) keep it
     assert anls_pkg.anls_score("abcd", ["abxy"]) == 0.0
     assert anls_score("abcd", ["abxy"]) == 0.5
+
+
+def test_official_denominator_hand_worked():
+    # the official script divides the distance of the NORMALIZED strings by the max of the RAW
+    # strings' .upper() lengths; "normalized" divides by the normalized lengths
+    # "  Hello  " vs "hello": normalized equal, dist 0 -> 1 - 0/9 = 1.0 in both modes
+    assert anls_score("  Hello  ", ["hello"]) == 1.0
+    assert anls_score("  Hello  ", ["hello"], length="normalized") == 1.0
+    # "ab " vs "abc": dist("ab", "abc") = 1; raw lengths 3 and 3 -> 1 - 1/3 in both modes
+    assert anls_score("ab ", ["abc"]) == 1 - 1 / 3
+    assert anls_score("ab ", ["abc"], length="normalized") == 1 - 1 / 3
+    # "ab   " vs "abc": dist 1; official max(len("AB   "), len("ABC")) = 5 -> 1 - 1/5 = 0.8;
+    # normalized max(2, 3) = 3 -> 1 - 1/3
+    assert anls_score("ab   ", ["abc"]) == 1 - 1 / 5 == 0.8
+    assert anls_score("ab   ", ["abc"], length="normalized") == 1 - 1 / 3
+    # padding lifts a miss over the threshold officially: "a    " vs "abc": dist("a", "abc") = 2;
+    # official max(5, 3) = 5 -> 1 - 2/5 = 0.6 kept; normalized max(1, 3) = 3 -> 1/3 < 0.5 -> 0
+    assert anls_score("a    ", ["abc"]) == 1 - 2 / 5
+    assert anls_score("a    ", ["abc"], length="normalized") == 0.0
+    # the gold's raw padding counts too: "abc" vs gold " ab  ": dist 1, official max(3, 5) = 5
+    assert anls_score("abc", [" ab  "]) == 1 - 1 / 5
+    # "ß".upper() is "SS": "Straße 12" vs "Straße 13": dist 1; official len("STRASSE 12") = 10
+    # -> 1 - 1/10 = 0.9; normalized 9 characters -> 1 - 1/9
+    assert len("Straße 12") == 9 and len("Straße 12".upper()) == 10
+    assert anls_score("Straße 12", ["Straße 13"]) == 1 - 1 / 10 == 0.9
+    assert anls_score("Straße 12", ["Straße 13"], length="normalized") == 1 - 1 / 9
+    # "ßa" vs "ßb": dist 1; official max(len("SSA"), len("SSB")) = 3 -> 1 - 1/3; normalized
+    # max(2, 2) -> exactly 0.5, kept
+    assert anls_score("ßa", ["ßb"]) == 1 - 1 / 3
+    assert anls_score("ßa", ["ßb"], length="normalized") == 0.5
+    # lowercasing can lengthen: "İ".lower() is "i̇" (2 code points), "İ".upper() is 1; "İ" vs
+    # "x": dist("i̇", "x") = 2, official length 1 -> 1 - 2/1 = -1 < threshold -> 0, even at 0
+    assert anls_score("İ", ["x"]) == 0.0 and anls_score("İ", ["x"], threshold=0.0) == 0.0
+    # None is the empty string: dist("", "abc") = 3 over 3 -> 0; both empty -> 1
+    assert anls_score(None, ["abc"]) == 0.0 and anls_score(None, [""]) == 1.0
+    # several golds: 1 - min(NL) over the per-gold raw denominators; "ab   " vs "abc" (1/5)
+    # and "abd" (1/5) and "xyz" (3/5) -> 0.8
+    assert anls_score("ab   ", ["xyz", "abd", "abc"]) == 0.8
+    for pred, gold in [("ab   ", "abc"), ("a    ", "abc"), ("Straße 12", "Straße 13"), ("ßa", "ßb"), ("İ", "x")]:
+        assert anls_score(pred, [gold]) == ref_anls_official(pred, [gold])
+        assert anls_score(pred, [gold], length="normalized") == ref_anls_normalized(pred, [gold])
+
+
+def test_unknown_length_is_an_error():
+    with pytest.raises(ValueError, match=r"ANLS length must be one of 'official', 'normalized' \(got 'raw'\)"):
+        anls_score("a", ["a"], length="raw")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ANLS length"):
+        anls_corpus([], [], length="raw")  # type: ignore[arg-type]
 
 
 def test_several_gold_answers_take_the_max():
@@ -171,7 +241,8 @@ def test_matches_reference_on_random_strings():
         if rng.random() < 0.3:  # near misses so scores land above the threshold too
             golds.append(a[: len(a) // 2] + "x" + a[len(a) // 2 + 1 :])
         threshold = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0])
-        assert anls_score(a, golds, threshold) == ref_anls(a, golds, threshold), (a, golds, threshold)
+        for length, ref in REF_ANLS.items():
+            assert anls_score(a, golds, threshold, length) == ref(a, golds, threshold), (a, golds, threshold, length)
 
 
 def test_agrees_with_anls_package_except_exact_boundary():
@@ -181,7 +252,7 @@ def test_agrees_with_anls_package_except_exact_boundary():
     for _ in range(1500):
         pred = rand_str(rng, 0, 10)
         golds = [pred[:-1] + rng.choice("abz"), rand_str(rng, 1, 10)] if pred else [rand_str(rng, 1, 6)]
-        ours, theirs = anls_score(pred, golds), anls_pkg.anls_score(pred, golds)
+        ours, theirs = anls_score(pred, golds, length="normalized"), anls_pkg.anls_score(pred, golds)
         if ours == 0.5:
             boundary += 1
             assert theirs == 0.0
@@ -194,6 +265,9 @@ def test_agrees_with_anls_package_except_exact_boundary():
 def test_corpus_anls():
     assert anls_corpus(["abc", "abcd", None], [["abc"], ["abxy"], ["x"]]) == pytest.approx((1 + 0.5 + 0) / 3)
     assert anls_corpus([], []) == 0.0
+    # (1 - 1/5 + 0) / 2 officially; (1 - 1/3 + 0) / 2 over normalized lengths
+    assert anls_corpus(["ab   ", "zz"], [["abc"], ["x"]]) == (ref_anls_official("ab   ", ["abc"]) + 0.0) / 2 == 0.4
+    assert anls_corpus(["ab   ", "zz"], [["abc"], ["x"]], length="normalized") == pytest.approx((1 - 1 / 3) / 2)
     with pytest.raises(ValueError, match="2 predictions but 1"):
         anls_corpus(["a", "b"], [["a"]])
     with pytest.raises(ValueError, match="question 1"):
@@ -208,10 +282,27 @@ gold_lists = st.lists(texts, min_size=1, max_size=4)
 quick = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+# spaces, tabs, case, accents, CJK, emoji, and characters whose case mapping changes the length
+# ("ß".upper() == "SS", "İ".lower() == "i̇", "ŉ".upper() == "ʼN")
+odd_texts = st.text(alphabet=st.sampled_from(list("aAbB  \t\n.") + ["é", "東", "😀", "ß", "İ", "ŉ", "ﬃ"]), max_size=14)
+
+
+@quick
+@given(st.one_of(st.none(), odd_texts), st.lists(odd_texts, min_size=1, max_size=4),
+       st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), st.sampled_from(["official", "normalized"]))
+def test_matches_references_property(pred, golds, threshold, length):
+    ours = anls_score(pred, golds, threshold, length)
+    assert ours == REF_ANLS[length]("" if pred is None else pred, golds, threshold)
+    # near misses of the first gold, so scores above the threshold are common too
+    near = golds[0][:-1] + "x" if golds[0] else "x"
+    assert anls_score(near, golds, threshold, length) == REF_ANLS[length](near, golds, threshold)
+
+
 @quick
 @given(texts, gold_lists, st.sampled_from([0.0, 0.3, 0.5, 0.9]))
 def test_scores_in_unit_interval(pred, golds, threshold):
-    for s in (anls_score(pred, golds, threshold), exact_match(pred, golds), containment_score(pred, golds)):
+    for s in (anls_score(pred, golds, threshold), anls_score(pred, golds, threshold, "normalized"),
+              exact_match(pred, golds), containment_score(pred, golds)):
         assert 0.0 <= s <= 1.0
 
 
@@ -321,15 +412,33 @@ def test_composite_is_the_weighted_sum_and_reports_every_component():
     assert c["containment"] == pytest.approx(8 / 12) and c["format"] == 1.0 and c["retrieval"] == 1.0
     assert r.reward == pytest.approx(sum(w * c[k] for k, w in weights.items()))
     assert (r.question_id, r.sample_index, r.response_index, r.error) == ("q1", 3, 1, None)
-    # the anls component is the public anls_score of the scored answer
+    # the anls component is the public anls_score of the scored answer, with reward.anls_length
     rng = random.Random(5)
+    configs = {length: RewardConfig(anls_length=length) for length in ("official", "normalized")}
     for _ in range(300):
         golds = tuple(rand_str(rng, 0, 8) for _ in range(rng.randint(1, 3)))
-        pred = rng.choice([rand_str(rng), golds[0] + rand_str(rng, 0, 3), golds[-1][1:]])
-        res = score_one(ScoreRequest(sample(answers=golds), pred), RewardConfig())
-        assert res.components["anls"] == anls_score(pred, golds)
-        assert res.components["containment"] == containment_score(pred, golds)
-        assert res.components["exact_match"] == exact_match(pred, golds)
+        pred = rng.choice([rand_str(rng), golds[0] + rand_str(rng, 0, 3), golds[-1][1:], " " + golds[0] + "  "])
+        for length, cfg in configs.items():
+            res = score_one(ScoreRequest(sample(answers=golds), pred), cfg)
+            assert res.components["anls"] == anls_score(pred, golds, length=length), (pred, golds, length)
+            assert res.components["containment"] == containment_score(pred, golds)
+            assert res.components["exact_match"] == exact_match(pred, golds)
+
+
+def test_anls_component_follows_anls_length():
+    # hand-worked: "ab   " vs "abc" is 1 - 1/5 officially, 1 - 1/3 over normalized lengths
+    # (extraction "none" scores the response verbatim, padding included)
+    s = sample(answers=("abc",))
+    official = score_one(ScoreRequest(s, "ab   "), RewardConfig())
+    normalized = score_one(ScoreRequest(s, "ab   "), RewardConfig(anls_length="normalized"))
+    assert official.components["anls"] == official.reward == 0.8
+    assert normalized.components["anls"] == normalized.reward == 1 - 1 / 3
+    # the threshold applies to the chosen denominator: "a    " passes officially (0.6) only
+    assert score_one(ScoreRequest(s, "a    "), RewardConfig()).reward == 1 - 2 / 5
+    assert score_one(ScoreRequest(s, "a    "), RewardConfig(anls_length="normalized")).reward == 0.0
+    # no gold answer (a down-vote without a correction): anls is 0, not an error
+    no_gold = DocVQASample("q-r", "Who?", (), "d1", "d1/p1", ("d1/p1",), rejected_answers=("abc",))
+    assert score_one(ScoreRequest(no_gold, "xyz"), RewardConfig()).components["anls"] == 0.0
 
 
 def test_score_batch_keeps_order():
@@ -346,6 +455,9 @@ def test_score_batch_keeps_order():
 def test_config_defaults_and_errors():
     cfg = RewardConfig()
     assert cfg.components == {"anls": 1.0} and cfg.anls_threshold == 0.5 and cfg.on_error == "skip"
+    assert cfg.anls_length == "official"
+    with pytest.raises(ValidationError, match="anls_length"):
+        RewardConfig(anls_length="raw")
     with pytest.raises(ValidationError, match=r"unknown component 'foo'; known: anls, exact_match, containment, format, retrieval, user"):
         RewardConfig(components={"anls": 1.0, "foo": 1.0})
     with pytest.raises(ValidationError, match="at least one"):
@@ -372,6 +484,9 @@ def test_config_composes_into_the_run_config():
     assert cfg.reward.components == {"anls": 1.0, "format": 0.1}
     with pytest.raises(ConfigError, match=r"reward\.components: unknown component 'foo'"):
         load_config(None, ["reward.components.foo=1"])
+    assert load_config(None, ["reward.anls_length=normalized"]).reward.anls_length == "normalized"
+    with pytest.raises(ConfigError, match=r"reward\.anls_length"):
+        load_config(None, ["reward.anls_length=raw"])
 
 
 # ---------------------------------------------------------------------------------------------
