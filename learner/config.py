@@ -67,8 +67,17 @@ class AlgorithmConfig(Section):
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     kl_coef: float = Field(0.01, ge=0.0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    # "reward" under grpo/rloo: the sequence's summed KL is subtracted AFTER the group baseline, so
+    # the group's reward std does not rescale the penalty (a group of near-equal rewards would blow it up)
     kl_in: Literal["reward", "loss"] = "loss"
+    # 0: the training forward skips the full-vocabulary entropy and logs `entropy_estimate` instead
     entropy_coef: float = Field(0.0, ge=0.0)
     whiten_advantages: bool = True  # GAE only: group advantages (grpo/rloo) are normalised within their group
-    tis_cap: float | None = Field(2.0, gt=0.0)  # truncated importance sampling in async mode
+    # grpo: divide by the group's reward std; false = Dr. GRPO (subtract the group mean only), which
+    # does not up-weight prompts whose answers score nearly alike
+    scale_by_std: bool = True
+    # truncated importance sampling against the rollout logprobs, in sync and async mode alike: the
+    # rollout (vLLM kernels, bf16, a stale version in async mode) is never exactly the learner's old
+    # policy. None disables it.
+    tis_cap: float | None = Field(2.0, gt=0.0)
 

@@ -32,18 +32,21 @@ log = logging.getLogger(__name__)
 
 class LearnerGroup:
     def __init__(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, *, seed: int = 0,
-                 async_mode: bool = False, export_dir: str | None = None, local: bool = False,
+                 sampling_temperature: float = 1.0, export_dir: str | None = None, local: bool = False,
                  placement_strategy: str = "PACK", start_timeout_s: float = 600.0):
-        """`async_mode` (trainer.mode == "async") turns on truncated importance sampling against the
-        rollout logprobs. `export_dir` holds exported LoRA adapters (shared storage on a cluster:
-        rollout workers read them); a temporary directory by default."""
+        """`sampling_temperature` is the rollout's (rollout.sampling.temperature): the learner scores
+        and trains softmax(logits / T), the distribution the answers were sampled from, so the PPO
+        ratio, the TIS weights and the logged rollout-vs-learner mismatch compare like with like.
+        `export_dir` holds exported LoRA adapters (shared storage on a cluster: rollout workers
+        read them); a temporary directory by default."""
+        U.check_sampling_temperature(sampling_temperature)
         if algo.minibatch_size % cfg.num_ranks:
             raise ValueError(f"algorithm.minibatch_size={algo.minibatch_size} must be divisible by "
                              f"learner.num_ranks={cfg.num_ranks}")
         if algo.advantage == "gae" and cfg.value_model == "none":
             raise ValueError("algorithm.advantage='gae' needs a critic: learner.value_model must be 'head' or 'separate'")
         self.policy_path, self.cfg, self.algo = str(policy_path), cfg, algo
-        self.seed, self.async_mode, self.local = seed, async_mode, local
+        self.seed, self.sampling_temperature, self.local = seed, sampling_temperature, local
         self.export_dir = Path(export_dir or tempfile.mkdtemp(prefix="docrl-learner-exports-"))
         self.num_ranks = 1 if local else cfg.num_ranks
         self.version = 0  # updates that changed the weights; 0 = the base policy
@@ -55,7 +58,8 @@ class LearnerGroup:
         if local:
             from learner.worker import LearnerWorker
 
-            self.worker = LearnerWorker(self.policy_path, cfg, algo, seed=seed)
+            self.worker = LearnerWorker(self.policy_path, cfg, algo, seed=seed,
+                                        sampling_temperature=sampling_temperature)
         else:
             self._start_ranks(placement_strategy, start_timeout_s)
 
@@ -91,8 +95,8 @@ class LearnerGroup:
             for i in range(cfg.num_ranks)
         ]
         infos = self._get([r.node_info.remote() for r in self.ranks], "starting the learner ranks", start_timeout_s)
-        # Rendezvous at rank 0. On one node everything stays on loopback (DESIGN.md: local clusters
-        # must not leave 127.0.0.1); across nodes, rank 0's node address.
+        # Rendezvous at rank 0. On one node everything stays on loopback (a local cluster must not
+        # leave 127.0.0.1); across nodes, rank 0's node address.
         one_node = len({i["node_id"] for i in infos}) == 1
         master_addr = "127.0.0.1" if one_node else infos[0]["ip"]
         master_port = infos[0]["free_port"]
@@ -102,7 +106,7 @@ class LearnerGroup:
             seen[info["node_id"]] = local_ranks[-1] + 1
         self.rank_nodes = [i["node_id"] for i in infos]
         self._get([r.setup.remote(self.policy_path, cfg, self.algo, rank, cfg.num_ranks, local_ranks[rank],
-                                  master_addr, master_port, self.seed, threads)
+                                  master_addr, master_port, self.seed, threads, self.sampling_temperature)
                    for rank, r in enumerate(self.ranks)],
                   "initializing DeepSpeed on the learner ranks", max(start_timeout_s, cfg.collective_timeout_s))
 
@@ -191,7 +195,7 @@ class LearnerGroup:
         t0 = time.perf_counter()
         plan = self._plan(experiences)
         scores, metrics = self.compute_ref_and_old(experiences, plan)
-        targets, adv_stats = U.compute_advantages(experiences, scores, self.algo, self.async_mode)
+        targets, adv_stats = U.compute_advantages(experiences, scores, self.algo)
         metrics.update(adv_stats)
         if scores.values is not None and targets.returns is not None:
             values, mask = U.pad_right(scores.values)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, LoraConfig
 from learner.ppo import entropy_from_logits, logprobs_from_logits
 from learner.types import Experience
 
@@ -59,12 +59,12 @@ def lora_target_regex(target_modules: Sequence[str]) -> str:
     return re.escape(LANGUAGE_MODEL_PREFIX) + r".*\.(?:" + names + r")"
 
 
-def apply_lora(model, cfg: LearnerConfig):
+def apply_lora(model, lora: LoraConfig):
     """Wrap `model` in a peft LoRA model on the language model. peft freezes every base weight."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
-    lora = cfg.lora
-    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora_target_regex(lora.target_modules), bias="none")
     peft_model = get_peft_model(model, peft_cfg)
     adapted = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
@@ -207,7 +207,7 @@ class BuiltModels:
 def _make_trainable(model, cfg: LearnerConfig):
     """LoRA (or not), the vision tower frozen (or not), gradient checkpointing (or not), as configured."""
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg.lora)
     if cfg.freeze_vision_tower:
         freeze_vision_tower(model)
     if cfg.gradient_checkpointing:
@@ -374,22 +374,22 @@ class ForwardOutputs:
 
 
 def forward_outputs(module, inputs: ModelInputs, with_entropy: bool = True, with_values: bool = True,
-                    entropy_grad: bool = True) -> ForwardOutputs:
+                    temperature: float = 1.0) -> ForwardOutputs:
     """Run `module` (an ActorCritic, a DeepSpeed engine around one, or a bare policy) on a batch and
     turn its response logits into per-token logprobs (ppo.logprobs_from_logits), entropy, values.
-    `entropy_grad=False` computes the entropy as a metric only (no [B, T, vocab] softmax kept for
-    backward)."""
+    `temperature` is the rollout's sampling temperature: logprobs and entropy are those of
+    softmax(logits / temperature), the distribution vLLM sampled the response from. The entropy
+    costs a [B, T, vocab] softmax (kept for backward under grad): ask for it only when it is used."""
     if isinstance(module, ActorCritic) or hasattr(module, "module") and isinstance(module.module, ActorCritic):
         logits, values = module(**inputs.model_kwargs(), with_values=with_values)
     else:  # a bare policy (the frozen reference copy)
         logits, values = ActorCritic(module)(**inputs.model_kwargs(), with_values=False)
     mask = inputs.response_mask
     zero = torch.zeros((), device=logits.device)
-    logprobs = torch.where(mask, logprobs_from_logits(logits, inputs.response_ids), zero)
+    logprobs = torch.where(mask, logprobs_from_logits(logits, inputs.response_ids, temperature), zero)
     entropy = None
     if with_entropy:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-            entropy = torch.where(mask, entropy_from_logits(logits if entropy_grad else logits.detach()), zero)
+        entropy = torch.where(mask, entropy_from_logits(logits, temperature), zero)
     if values is not None:
         values = torch.where(mask, values, zero)
     return ForwardOutputs(logprobs, entropy, values, mask)
@@ -397,11 +397,12 @@ def forward_outputs(module, inputs: ModelInputs, with_entropy: bool = True, with
 
 @torch.no_grad()
 def sequence_logprobs(model, builder: InputBuilder, experiences: Sequence[Experience],
-                      adapters_disabled: bool = False) -> list[torch.Tensor]:
-    """Per-experience response logprobs under `model` (ActorCritic or bare policy), one batch."""
+                      adapters_disabled: bool = False, temperature: float = 1.0) -> list[torch.Tensor]:
+    """Per-experience response logprobs under `model` (ActorCritic or bare policy), one batch, of
+    the distribution softmax(logits / temperature)."""
     inputs = builder.build(experiences)
     module = model
     ctx = module.adapters_disabled() if adapters_disabled else nullcontext()
     with ctx:
-        out = forward_outputs(module, inputs, with_entropy=False, with_values=False)
+        out = forward_outputs(module, inputs, with_entropy=False, with_values=False, temperature=temperature)
     return [out.logprobs[i, : len(e.response_ids)].clone() for i, e in enumerate(experiences)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
@@ -568,40 +569,59 @@ def _over_rows(fn, logits: torch.Tensor, *row_args: torch.Tensor) -> torch.Tenso
     return torch.cat(pieces).reshape(logits.shape[:-1])
 
 
-def _logprobs_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(
+            f"temperature must be > 0, got {temperature}: temperature 0 is greedy decoding, which "
+            "has no sampling distribution to score"
+        )
+
+
+def _logprobs_rows(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    if temperature != 1.0:  # after the float32 upcast, as vLLM divides its float32 logits
+        logits = logits / temperature
     # log_softmax(z)[y] = z[y] - logsumexp(z): gather one logit per row and subtract the row's
     # logsumexp, so the [N, vocab] log_softmax matrix is never built.
     picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def _entropy_rows(logits: torch.Tensor) -> torch.Tensor:
+def _entropy_rows(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    if temperature != 1.0:
+        logits = logits / temperature
     # H = -sum p log p with log p = z - logsumexp(z)  =>  H = logsumexp(z) - sum p z.
     # Needs only softmax(z) (stable: max-subtracted) and one product, no log of tiny p.
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(logits)[..., labels]`` for logits [..., vocab] and int labels [...].
+def logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``log_softmax(logits / temperature)[..., labels]`` for logits [..., vocab] and int labels [...].
 
-    Computed as ``logits[label] - logsumexp(logits)`` (no log_softmax matrix); bf16/fp16 logits
-    are upcast to float32 in row chunks and the result is float32. Labels must be valid token ids
+    ``temperature`` is the sampler's: the rollout samples from ``softmax(logits / T)``, so the PPO
+    ratio and the importance weights must use that distribution's log-probabilities, not the raw
+    logits' (T must be > 0; T = 1 is the raw distribution). Computed as
+    ``z[label] - logsumexp(z)`` (no log_softmax matrix); bf16/fp16 logits are upcast to float32 in
+    row chunks before the division, and the result is float32. Labels must be valid token ids
     everywhere, padding included (mask the result afterwards).
     """
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"labels has shape {tuple(labels.shape)}, expected {tuple(logits.shape[:-1])}"
         )
-    return _over_rows(_logprobs_rows, logits, labels.long())
+    _check_temperature(temperature)
+    return _over_rows(partial(_logprobs_rows, temperature=temperature), logits, labels.long())
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of ``softmax(logits)`` over the last dim, [..., vocab] -> [...].
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` over the last dim, [..., vocab] -> [...].
 
     Stable (logsumexp based, no overflow); bf16/fp16 upcast to float32 in row chunks. Absolute
-    error is ~ float eps * max|logit| (logits are not re-centred, to save a [N, vocab] temporary;
-    fine for model logits of magnitude < ~100). Logits must be finite (a model's raw output is):
-    ``-inf`` vocabulary masking is not supported here.
+    error is ~ float eps * max|logit| / T (logits are not re-centred, to save a [N, vocab]
+    temporary; fine for model logits of magnitude < ~100). Logits must be finite (a model's raw
+    output is): ``-inf`` vocabulary masking is not supported here.
     """
-    return _over_rows(_entropy_rows, logits)
+    _check_temperature(temperature)
+    return _over_rows(partial(_entropy_rows, temperature=temperature), logits)

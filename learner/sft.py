@@ -5,8 +5,13 @@ A tiny policy from random weights almost never samples a right answer, so its re
 zero and GRPO has nothing to compare. The warm start is plain next-token cross-entropy on the gold
 answer (followed by the end-of-turn token), given exactly the prompt the rollout workers build
 (`rollout.prompts`) and the same `InputBuilder` the PPO learner uses, so what it trains is what
-RL later samples from. It fine-tunes every weight (vision tower included: the tiny vision tower
-is random and must learn to see) and writes a complete model directory that then replaces the
+RL later samples from.
+
+It trains the way the learner is configured (`SFTSettings` carries the `learner` section's
+choices): on the GPU when the process has one, in `learner.dtype`, with LoRA on the language model
+when `learner.lora.enabled` (else every weight, the vision tower too unless
+`learner.freeze_vision_tower`: the tiny vision tower is random and must learn to see). It writes a
+complete model directory (a LoRA adapter is merged into the base first), which then replaces the
 policy for the rollout workers, the learner, and the reference of the KL penalty.
 
 It runs before RL, on a split of the training questions the caller chooses, and never on the
@@ -19,25 +24,40 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from docvqa.sample import DocVQASample, Page
-from learner.model import InputBuilder, forward_outputs, load_policy
+from learner.config import LoraConfig
+from learner.model import InputBuilder, apply_lora, forward_outputs, freeze_vision_tower, load_policy
 from learner.types import Experience
 
 END_OF_TURN = "<|im_end|>"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class SFTSettings:
+    """The warm start's own settings, and the learner's choices it must follow (`dtype`, `lora`,
+    `freeze_vision_tower` are `learner.dtype`, `learner.lora`, `learner.freeze_vision_tower`)."""
+
     steps: int
     batch_size: int = 16
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-5  # a pretrained model; a random tiny one wants ~1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    dtype: str = "float32"
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=False))
+    freeze_vision_tower: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"warm start: dtype {self.dtype!r} (learner.dtype) must be one of {sorted(_DTYPES)}")
+        if self.lora.enabled and not self.freeze_vision_tower:
+            raise ValueError("warm start: LoRA adapts the language model only; it needs freeze_vision_tower=True "
+                             "(learner.freeze_vision_tower)")
 
 
 def encode_question(builder: InputBuilder, sample: DocVQASample, pages_by_id: dict[str, Page], rollout_cfg):
@@ -83,41 +103,80 @@ def greedy_anls(model, builder: InputBuilder, samples: Sequence[DocVQASample], p
     tokenizer, total = builder.processor.tokenizer, 0.0
     for s in samples:
         _, _, _, inputs = encode_question(builder, s, pages_by_id, rollout_cfg)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+        out = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.convert_tokens_to_ids(END_OF_TURN), pad_token_id=builder.pad_id)
         answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         total += anls_score(answer.strip(), s.answers)
     return total / len(samples)
 
 
+class _Fp32Master:
+    """fp32 copies of the low-precision trainable parameters for the optimizer to update, copied
+    back after each step (as DeepSpeed's bf16 optimizer keeps them): a bf16 weight cannot absorb an
+    update 1e-5 times its size, it rounds away. float32 parameters are optimized as they are."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.pairs = [(p, p.detach().float().clone()) for p in params if p.dtype != torch.float32]
+        shadowed = {id(p) for p, _ in self.pairs}
+        self.params = [p for p in params if id(p) not in shadowed] + [m for _, m in self.pairs]
+
+    def grads_to_master(self) -> None:
+        for p, master in self.pairs:
+            master.grad = None if p.grad is None else p.grad.float()
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        for p, master in self.pairs:
+            p.copy_(master)
+
+
+def _trainable_model(policy_path: str, settings: SFTSettings, device: torch.device):
+    """The policy in the learner's dtype on `device`, with LoRA or a frozen vision tower as set."""
+    model = load_policy(policy_path, _DTYPES[settings.dtype]).to(device)
+    if settings.lora.enabled:
+        model = apply_lora(model, settings.lora)  # freezes every base weight, vision tower included
+    else:
+        model.requires_grad_(True)
+        if settings.freeze_vision_tower:
+            freeze_vision_tower(model)
+    return model
+
+
 def supervised_finetune(policy_path: str, out_dir: str | Path, samples: Sequence[DocVQASample],
                         pages_by_id: dict[str, Page], rollout_cfg, settings: SFTSettings,
                         eval_samples: Sequence[DocVQASample] = ()) -> dict:
     """Train `settings.steps` AdamW steps of mean token cross-entropy on random minibatches of
-    `samples`; save the model (with its processor) to `out_dir`. Returns the loss curve and, with
-    `eval_samples` (held out), the greedy ANLS on them before and after."""
+    `samples`; save the model (LoRA merged, with its processor) to `out_dir`. Returns the loss
+    curve and, with `eval_samples` (held out), the greedy ANLS on them before and after."""
     if not any(s.answers for s in samples):
         raise ValueError("warm start: no training questions (with a gold answer) to fine-tune on")
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
-    model = load_policy(policy_path)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     builder = InputBuilder.for_model(policy_path)
+    model = _trainable_model(policy_path, settings, device)
     anls_before = greedy_anls(model, builder, eval_samples, pages_by_id, rollout_cfg) if eval_samples else None
-    model.requires_grad_(True)
     examples = sft_examples(samples, pages_by_id, builder, rollout_cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    master = _Fp32Master([p for p in model.parameters() if p.requires_grad])
+    optimizer = torch.optim.AdamW(master.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     losses, t0 = [], time.perf_counter()
     model.train()
     for _ in range(settings.steps):
         batch = rng.sample(examples, min(settings.batch_size, len(examples)))
-        out = forward_outputs(model, builder.build(batch), with_entropy=False, with_values=False)
+        out = forward_outputs(model, builder.build(batch).to(device), with_entropy=False, with_values=False)
         loss = -(out.logprobs.sum() / out.mask.sum())
         optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        master.grads_to_master()
+        torch.nn.utils.clip_grad_norm_(master.params, 1.0)
         optimizer.step()
+        master.master_to_model()
         losses.append(float(loss.detach()))
     model.eval()
+    if settings.lora.enabled:
+        # The result is a base model for the rollout and the learner: a plain checkpoint, no adapter.
+        model = model.merge_and_unload()
     anls_after = greedy_anls(model, builder, eval_samples, pages_by_id, rollout_cfg) if eval_samples else None
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -125,7 +184,8 @@ def supervised_finetune(policy_path: str, out_dir: str | Path, samples: Sequence
     builder.processor.save_pretrained(tmp)
     summary = {"steps": settings.steps, "examples": len(examples), "loss_first": losses[0] if losses else None,
                "loss_last": losses[-1] if losses else None, "seconds": time.perf_counter() - t0, "losses": losses,
-               "eval_anls_before": anls_before, "eval_anls_after": anls_after, "base_policy": str(policy_path)}
+               "eval_anls_before": anls_before, "eval_anls_after": anls_after, "base_policy": str(policy_path),
+               "device": str(device), "dtype": settings.dtype, "lora": settings.lora.enabled}
     (tmp / "docrl_warm_start.json").write_text(json.dumps(summary, indent=2))
     if out.exists():
         import shutil

@@ -26,7 +26,7 @@ class Experience:
     """One sampled answer to one question, with its reward: the unit the learner trains on."""
 
     sample_id: str  # unique within a batch: "<request_id>#<answer index>"
-    request_id: str  # the question id (RolloutResult.request_id)
+    request_id: str  # RolloutResult.request_id: unique in the batch (the driver's "<index>:<question id>")
     group_id: int  # answers to the same question share it (GRPO/RLOO baselines)
     prompt_text: str  # chat text with ONE <|image_pad|> per image (the processor expands it)
     prompt_ids: tuple[int, ...]  # as vLLM saw them, image placeholders expanded
@@ -63,14 +63,6 @@ class TrainBatch:
 
     def __len__(self) -> int:
         return len(self.experiences)
-
-    @property
-    def rewards(self) -> torch.Tensor:
-        return torch.tensor([e.reward for e in self.experiences], dtype=torch.float32)
-
-    @property
-    def group_ids(self) -> torch.Tensor:
-        return torch.tensor([e.group_id for e in self.experiences], dtype=torch.long)
 
     @classmethod
     def from_rollouts(cls, results: Sequence[RolloutResult], rewards, pages_by_id: Mapping[str, Page],

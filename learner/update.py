@@ -12,8 +12,9 @@ The update of a batch of N experiences, step by step:
    micro-batch then runs the identical computation on identical tensors, so its importance ratio
    is exactly 1 - a bug check, not an approximation.
 4. `compute_advantages` (the driver, on the whole batch): GAE over token rewards (with the KL
-   penalty in the reward, if so configured), or group baselines (GRPO/RLOO) broadcast to tokens;
-   statistics such as whitening see the whole batch, not one rank's shard.
+   penalty in the reward, if so configured), or group baselines (GRPO/RLOO) broadcast to tokens,
+   and the truncated importance weights against the rollout logprobs; statistics such as
+   whitening see the whole batch, not one rank's shard.
 5. Training (the ranks): `micro_batch_loss` per micro-batch, backward, one optimizer step per
    minibatch. Each micro-batch loss is weighted by its share of the minibatch (tokens or
    sequences), times the number of ranks, because DeepSpeed averages gradients over ranks: the
@@ -53,6 +54,14 @@ def validate_batch(experiences: Sequence[Experience]) -> None:
     bad = [f"{e.sample_id}={e.reward}" for e in experiences if not math.isfinite(e.reward)]
     if bad:
         raise ValueError(f"learner: non-finite rewards: {bad[:10]}")
+
+
+def check_sampling_temperature(temperature: float) -> None:
+    """The learner scores softmax(logits / T): refuse a T that names no sampling distribution."""
+    if not temperature > 0:
+        raise ValueError(
+            f"learner: sampling temperature {temperature} (rollout.sampling.temperature) must be > 0 to train on: "
+            "temperature 0 is greedy decoding, for evaluation only (rollout.eval_sampling)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +166,7 @@ class Targets:
     old_logprobs: list[torch.Tensor]
     ref_logprobs: list[torch.Tensor] | None
     old_values: list[torch.Tensor] | None
-    importance_weights: list[torch.Tensor] | None  # TIS weights, async mode only
+    importance_weights: list[torch.Tensor] | None  # TIS weights, None when algorithm.tis_cap is None
 
 
 def pad_right(rows: Sequence[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,15 +184,18 @@ def unpad(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
     return [x[i, :n].clone() for i, n in enumerate(lengths)]
 
 
-def compute_advantages(experiences: Sequence[Experience], scores: Scores, algo: AlgorithmConfig,
-                       async_mode: bool = False) -> tuple[Targets, dict[str, float]]:
+def compute_advantages(experiences: Sequence[Experience], scores: Scores,
+                       algo: AlgorithmConfig) -> tuple[Targets, dict[str, float]]:
     """Advantages (and returns) for the whole batch, as `algorithm.advantage` says.
 
     * gae: token rewards = sequence reward on the last token, minus kl_coef * KL(old || ref) per
       token when `kl_in == "reward"`; GAE(gamma, lam) with the critic's values; optional whitening.
-    * grpo / rloo: group baselines over answers to the same question; with `kl_in == "reward"` each
-      sequence reward first pays kl_coef * its summed KL. Broadcast to every token of the answer.
-    In async mode the TIS weights min(pi_old_learner / pi_rollout, tis_cap) are added.
+    * grpo / rloo: group baselines over answers to the same question (grpo divides by the group
+      std when `scale_by_std`); with `kl_in == "reward"` each answer then pays kl_coef * its summed
+      KL, after the normalisation, so the group's std does not rescale the penalty:
+          advantage = group_advantage(rewards) - kl_coef * sum_t KL_t
+      Broadcast to every token of the answer.
+    With `tis_cap` set, the TIS weights min(pi_old_learner / pi_rollout, tis_cap) are added.
     """
     lengths = [len(e.response_ids) for e in experiences]
     old, mask = pad_right(scores.old_logprobs)
@@ -210,15 +222,14 @@ def compute_advantages(experiences: Sequence[Experience], scores: Scores, algo: 
         stats["returns_mean"] = float(ppo.masked_mean(returns_t, mask))
         stats["values_mean"] = float(ppo.masked_mean(values, mask))
     else:
-        seq_rewards = rewards
-        if kl_in_reward:
-            seq_rewards = rewards - algo.kl_coef * ppo.masked_sum(kl, mask, dim=-1)
         group_ids = [e.group_id for e in experiences]
-        seq_adv = ppo.group_advantages(seq_rewards, group_ids, kind=algo.advantage)
+        seq_adv = ppo.group_advantages(rewards, group_ids, kind=algo.advantage, scale_by_std=algo.scale_by_std)
+        if kl_in_reward:
+            seq_adv = seq_adv - algo.kl_coef * ppo.masked_sum(kl, mask, dim=-1)
         advantages = torch.where(mask, seq_adv[:, None].expand_as(mask), 0.0)
 
     tis = None
-    if async_mode and algo.tis_cap is not None:
+    if algo.tis_cap is not None:
         rollout, _ = pad_right([torch.tensor(e.rollout_logprobs) for e in experiences])
         tis_t = ppo.truncated_importance_weights(old, rollout, mask, algo.tis_cap)
         tis = unpad(tis_t, lengths)
@@ -254,7 +265,7 @@ def gather_targets(targets: Targets, indices: Sequence[int]) -> dict[str, torch.
             "old_values": pick(targets.old_values), "importance_weights": pick(targets.importance_weights)}
 
 
-def micro_batch_loss(logprobs: torch.Tensor, entropy: torch.Tensor, values: torch.Tensor | None,
+def micro_batch_loss(logprobs: torch.Tensor, entropy: torch.Tensor | None, values: torch.Tensor | None,
                      mask: torch.Tensor, target: dict, algo: AlgorithmConfig,
                      share: float) -> tuple[torch.Tensor, dict[str, float]]:
     """The PPO objective of one micro-batch, scaled by `share` (its weight in the minibatch mean,
@@ -264,6 +275,10 @@ def micro_batch_loss(logprobs: torch.Tensor, entropy: torch.Tensor, values: torc
              + value_loss_coef * value_loss            (when there is a critic and returns)
              + kl_coef * KL(pi || ref)                 (when kl_in == "loss")
              - entropy_coef * entropy
+
+    `entropy` (the exact full-vocabulary entropy per token) is needed only when entropy_coef > 0;
+    without it the stats carry `entropy_estimate`, the aggregated -logprob of the sampled tokens:
+    its expectation over on-policy samples is the entropy, at no cost over the vocabulary.
     """
     device = logprobs.device
     t = {k: (v.to(device) if v is not None else None) for k, v in target.items()}
@@ -284,10 +299,15 @@ def micro_batch_loss(logprobs: torch.Tensor, entropy: torch.Tensor, values: torc
         stats["kl_to_ref"] = kl_term.detach()
         if algo.kl_in == "loss" and algo.kl_coef > 0:
             loss = loss + algo.kl_coef * kl_term
-    entropy_term = ppo.aggregate_loss(entropy, mask, aggregation)
-    stats["entropy"] = entropy_term.detach()
-    if algo.entropy_coef > 0:
-        loss = loss - algo.entropy_coef * entropy_term
+    if entropy is not None:
+        entropy_term = ppo.aggregate_loss(entropy, mask, aggregation)
+        stats["entropy"] = entropy_term.detach()
+        if algo.entropy_coef > 0:
+            loss = loss - algo.entropy_coef * entropy_term
+    elif algo.entropy_coef > 0:
+        raise ValueError("algorithm.entropy_coef > 0 needs the exact entropy of the training forward")
+    else:
+        stats["entropy_estimate"] = ppo.aggregate_loss(-logprobs.detach(), mask, aggregation)
     stats["loss"] = loss.detach()
     return loss * share, {k: float(v) for k, v in stats.items()}
 

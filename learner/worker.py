@@ -7,6 +7,8 @@ the driver (`learner.group.LearnerGroup`), which owns the algorithm:
 
 * `score`: old logprobs / reference logprobs / values of its share of the batch, no gradient,
   eval mode, on exactly the micro-batches it will train on first (see `learner.update`);
+  every logprob (policy, reference, training) is of softmax(logits / T) with T the rollout's
+  sampling temperature, the distribution vLLM sampled from;
 * `train`: the PPO epochs over its shards, one optimizer step per minibatch;
 * export, checkpoints, and a parameter hash that proves the ranks stayed identical.
 
@@ -105,10 +107,12 @@ class LearnerWorker:
 
     def __init__(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, *, rank: int = 0,
                  world_size: int = 1, local_rank: int = 0, master_addr: str = "127.0.0.1",
-                 master_port: int | None = None, seed: int = 0):
+                 master_port: int | None = None, seed: int = 0, sampling_temperature: float = 1.0):
         import deepspeed
 
+        U.check_sampling_temperature(sampling_temperature)
         self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
+        self.temperature = sampling_temperature
         self.policy_path = str(policy_path)
         self.name = f"learner rank {rank}"
         if master_port is None:
@@ -185,14 +189,17 @@ class LearnerWorker:
         out: dict[int, dict] = {}
         for micro in micro_batches:
             inputs = self._inputs(experiences, micro)
-            pol = forward_outputs(self.engine, inputs, with_entropy=False, with_values=self.module.has_values)
+            pol = forward_outputs(self.engine, inputs, with_entropy=False, with_values=self.module.has_values,
+                                  temperature=self.temperature)
             ref = None
             if self.use_reference:
                 if self.reference is not None:
-                    ref = forward_outputs(self.reference, inputs, with_entropy=False, with_values=False)
+                    ref = forward_outputs(self.reference, inputs, with_entropy=False, with_values=False,
+                                          temperature=self.temperature)
                 else:
                     with self.module.adapters_disabled():
-                        ref = forward_outputs(self.engine, inputs, with_entropy=False, with_values=False)
+                        ref = forward_outputs(self.engine, inputs, with_entropy=False, with_values=False,
+                                              temperature=self.temperature)
             for row, (i, ghost) in enumerate(zip(micro.indices, micro.ghost)):
                 if ghost:
                     continue
@@ -220,8 +227,10 @@ class LearnerWorker:
                     input_tokens += inputs.num_tokens
                     target = U.gather_targets(targets, micro.indices)
                     with_values = self.module.has_values and target["returns"] is not None
-                    out = forward_outputs(self.engine, inputs, with_entropy=True, with_values=with_values,
-                                          entropy_grad=self.algo.entropy_coef > 0)
+                    # The full-vocabulary entropy only when it is in the loss (micro_batch_loss logs a
+                    # free estimate otherwise).
+                    out = forward_outputs(self.engine, inputs, with_entropy=self.algo.entropy_coef > 0,
+                                          with_values=with_values, temperature=self.temperature)
                     out = out.first_rows(len(micro.indices))
                     share = U.micro_batch_share(self.algo.loss_aggregation, out.mask, mb_sequences, mb_tokens,
                                                 self.world_size)
@@ -453,10 +462,12 @@ class LearnerRank:
                 "free_port": port, "pid": os.getpid()}
 
     def setup(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, rank: int, world_size: int,
-              local_rank: int, master_addr: str, master_port: int, seed: int, num_threads: int) -> bool:
+              local_rank: int, master_addr: str, master_port: int, seed: int, num_threads: int,
+              sampling_temperature: float = 1.0) -> bool:
         torch.set_num_threads(max(1, num_threads))
         self.worker = LearnerWorker(policy_path, cfg, algo, rank=rank, world_size=world_size, local_rank=local_rank,
-                                    master_addr=master_addr, master_port=master_port, seed=seed)
+                                    master_addr=master_addr, master_port=master_port, seed=seed,
+                                    sampling_temperature=sampling_temperature)
         return True
 
     def describe(self) -> dict:
@@ -482,7 +493,7 @@ class LearnerRank:
         return self.worker.trainable_state()
 
     def full_state_dict_numpy(self):
-        """Rank 0 returns numpy arrays (fast through the object store, DESIGN.md); others None."""
+        """Rank 0 returns numpy arrays (fast through the object store); others None."""
         from rollout.weight_sync import to_numpy
 
         named = self.worker.full_state_dict()

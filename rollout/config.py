@@ -54,3 +54,16 @@ class RolloutConfig(Section):
                 f"rollout.num_gpus_per_worker >= {self.tensor_parallel_size} (got {self.num_gpus_per_worker})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _training_samples_the_full_distribution(self) -> RolloutConfig:
+        # The learner scores softmax(logits / temperature) over the whole vocabulary; a top-p
+        # truncated sampler draws from a renormalised subset it cannot reproduce, so the PPO ratio
+        # and the importance weights would be off. Evaluation and Serve (eval_sampling, requests)
+        # train nothing and may truncate.
+        if self.sampling.top_p < 1.0:
+            raise ValueError(
+                f"rollout.sampling.top_p={self.sampling.top_p} must be 1.0: the learner cannot reproduce a "
+                "top-p truncated sampling distribution (rollout.eval_sampling.top_p may be < 1)"
+            )
+        return self

@@ -3,9 +3,11 @@ learner scores exactly what vLLM sampled.
 
 `reference_logprobs` is the plain-transformers computation (teacher forcing with Qwen2-VL's
 3-D mrope positions, which need `mm_token_type_ids`: without them transformers silently falls
-back to 1-D positions, DESIGN.md). `run_doctor` measures max |Δlogprob| between a rollout worker
-and the reference for the base weights, after a full push of perturbed weights, and after a LoRA
-push, plus whether greedy decoding picks the same tokens.
+back to 1-D positions). `run_doctor` measures max |Δlogprob| between a rollout worker and the
+reference for the base weights, after a full push of perturbed weights, and after a LoRA push,
+plus whether greedy decoding picks the same tokens; and, on the base weights, for answers
+sampled at a temperature other than 1 (`sampled_parity`): the logprobs vLLM returns must be those
+of the temperature-scaled distribution it sampled from, which is what the learner trains on.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import torch
 
 @torch.no_grad()
 def reference_logprobs(model, processor, prompt_text: str, images: Sequence, response_ids: Sequence[int],
-                       expect_prompt_ids: Sequence[int] | None = None) -> torch.Tensor:
-    """Logprob of each response token under `model` (a Qwen2-VL, possibly peft-wrapped)."""
+                       expect_prompt_ids: Sequence[int] | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Logprob of each response token under `model` (a Qwen2-VL, possibly peft-wrapped), in the
+    distribution softmax(logits / temperature) (float32 logits divided, as vLLM's sampler does)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     inputs = processor(text=[prompt_text], images=list(images) or None, return_tensors="pt")
     prompt_ids = inputs["input_ids"][0].tolist()
     if expect_prompt_ids is not None and prompt_ids != list(expect_prompt_ids):
@@ -33,7 +38,7 @@ def reference_logprobs(model, processor, prompt_text: str, images: Sequence, res
     kwargs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **kwargs).logits
     p = len(prompt_ids)
-    logp = torch.log_softmax(logits[0, p - 1:-1].float(), dim=-1)
+    logp = torch.log_softmax(logits[0, p - 1:-1].float() / temperature, dim=-1)
     return logp.gather(-1, torch.tensor(list(response_ids))[:, None])[:, 0]
 
 
@@ -87,8 +92,30 @@ def random_lora_adapter(model, out_dir: str | Path, r: int = 8, seed: int = 0, t
     return peft_model.eval()
 
 
-def run_doctor(policy_path: str, rollout_cfg, lora_rank: int = 8, timeout_s: float = 600.0) -> dict:
-    """Start one rollout worker and measure parity three ways. Returns a report dict."""
+def sampled_parity(group, request, images: Sequence, reference, processor, temperature: float, n: int = 4,
+                   max_tokens: int = 16, seed: int = 0) -> dict:
+    """Sample `n` answers at `temperature` (seeded) from the rollout `group` and compare the logprob
+    vLLM returns for each sampled token with `reference`'s logprob of that token under the same
+    temperature-scaled distribution. Returns max/mean |Δlogprob| over all sampled tokens."""
+    from rollout.config import SamplingConfig
+
+    sampling = SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
+    (res,) = group.generate([request], sampling).results
+    deltas = []
+    for ans in res.answers:
+        ref = reference_logprobs(reference, processor, res.prompt_text, images, ans.token_ids, res.prompt_ids,
+                                 temperature=temperature)
+        deltas.append((ref - torch.tensor(ans.logprobs, dtype=torch.float32)).abs())
+    delta = torch.cat(deltas)
+    return {"max_abs_dlogprob": float(delta.max()), "mean_abs_dlogprob": float(delta.mean()),
+            "tokens": int(delta.numel()), "temperature": temperature, "weights_version": res.weights_version}
+
+
+def run_doctor(policy_path: str, rollout_cfg, lora_rank: int = 8, timeout_s: float = 600.0,
+               sample_temperature: float = 0.7) -> dict:
+    """Start one rollout worker and measure parity: greedy on the base weights, after a full push
+    and after a LoRA push ("base", "full_push", "lora_push"), and answers sampled at
+    `sample_temperature` on the base weights ("base_sampled"). Returns a report dict."""
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     from docvqa.sample import Page
@@ -128,6 +155,7 @@ def run_doctor(policy_path: str, rollout_cfg, lora_rank: int = 8, timeout_s: flo
                          "weights_version": res.weights_version}
 
     measure("base", model)
+    report["base_sampled"] = sampled_parity(group, request, [image], model, processor, sample_temperature)
     perturbed = perturbed_state_dict(policy_path)
     t0 = time.perf_counter()
     group.push_full(perturbed, version=1)

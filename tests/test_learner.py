@@ -33,10 +33,20 @@ def builder(policy):
     return InputBuilder.for_model(policy)
 
 
+def _with_rollout_logprobs(experiences, policy, builder, temperature=1.0):
+    """The experiences as an exactly on-policy rollout at `temperature` would report them: the
+    base policy's own logprobs of the sampling distribution (so TIS weights are ~1)."""
+    from dataclasses import replace
+
+    logprobs = sequence_logprobs(load_policy(policy), builder, experiences, temperature=temperature)
+    return [replace(e, rollout_logprobs=tuple(lp.tolist())) for e, lp in zip(experiences, logprobs)]
+
+
 @pytest.fixture(scope="module")
 def experiences(policy, pages, builder):
     # two image prompts of different sizes and a text-only one; answers of 2..8 tokens
-    return synthetic_experiences(policy, [pages[0], pages[1], None], answers_per_question=2, processor=builder.processor)
+    exps = synthetic_experiences(policy, [pages[0], pages[1], None], answers_per_question=2, processor=builder.processor)
+    return _with_rollout_logprobs(exps, policy, builder)
 
 
 def _config(**overrides) -> LearnerConfig:
@@ -70,6 +80,22 @@ def test_batched_logprobs_equal_per_sequence_teacher_forcing(policy, builder, ex
         torch.testing.assert_close(lp, ref, atol=2e-5, rtol=0)
         alone = sequence_logprobs(model, builder, [exp])[0]
         torch.testing.assert_close(lp, alone, atol=2e-5, rtol=0)
+
+
+def test_logprobs_at_the_sampling_temperature_equal_the_reference(policy, builder, experiences):
+    """The learner scores softmax(logits / T), the distribution vLLM samples from: equal to the
+    plain-transformers reference at the same temperature, and not to the raw distribution."""
+    from rollout.parity import reference_logprobs
+
+    model = load_policy(policy)
+    tempered = sequence_logprobs(model, builder, experiences, temperature=0.7)
+    raw = sequence_logprobs(model, builder, experiences)
+    for exp, lp, lp_raw in zip(experiences, tempered, raw):
+        images = [p.load_image() for p in exp.pages]
+        ref = reference_logprobs(model, builder.processor, exp.prompt_text, images, exp.response_ids, exp.prompt_ids,
+                                 temperature=0.7)
+        torch.testing.assert_close(lp, ref, atol=2e-5, rtol=0)
+        assert float((lp - lp_raw).abs().max()) > 1e-2
 
 
 def test_mrope_positions_are_three_dimensional_and_padding_safe(policy, builder, experiences):
@@ -221,9 +247,126 @@ def test_advantages_follow_the_algorithm(experiences):
     torch.testing.assert_close(U.pad_right(targets.advantages)[0], adv)
     torch.testing.assert_close(U.pad_right(targets.returns)[0], ret)
     assert stats["kl_to_ref"] == pytest.approx(float(ppo.masked_mean(old - ref, mask)), abs=1e-6)
-    # async mode adds capped importance weights against the rollout logprobs
-    targets, stats = U.compute_advantages(experiences, scores, AlgorithmConfig(tis_cap=2.0), async_mode=True)
-    assert all(float(w.max()) <= 2.0 for w in targets.importance_weights) and "tis_weight_mean" in stats
+    # capped importance weights against the rollout logprobs (sync or async alike), or none
+    targets, stats = U.compute_advantages(experiences, scores, AlgorithmConfig(tis_cap=1.5))
+    for w, old, exp in zip(targets.importance_weights, scores.old_logprobs, experiences):
+        expected = [min(math.exp(o - r), 1.5) for o, r in zip(old.tolist(), exp.rollout_logprobs)]
+        assert w.tolist() == pytest.approx(expected, rel=1e-6)
+    assert stats["tis_weight_mean"] > 0
+    targets, stats = U.compute_advantages(experiences, scores, AlgorithmConfig(tis_cap=None))
+    assert targets.importance_weights is None and "tis_weight_mean" not in stats
+
+
+def _exp(sample_id: str, group: int, reward: float, rollout_logprobs: list[float]):
+    from learner.types import Experience
+
+    n = len(rollout_logprobs)
+    return Experience(sample_id=sample_id, request_id=f"q{group}", group_id=group, prompt_text="", prompt_ids=(1,),
+                      pages=(), image_sizes=(), response_ids=(5,) * n, rollout_logprobs=tuple(rollout_logprobs),
+                      reward=reward)
+
+
+def _hand_batch():
+    """Two groups of two answers, with k1 KL sums (old - ref, summed over tokens) of 1.0, 0, 0.2, 0."""
+    exps = [_exp("a", 0, 1.0, [-1.2, -2.0]), _exp("b", 0, 0.0, [-3.0]),
+            _exp("c", 1, 1.0, [-1.0]), _exp("d", 1, 1.0, [-1.0, -1.0])]
+    old = [torch.tensor([-1.0, -2.0]), torch.tensor([-1.0]), torch.tensor([-1.0]), torch.tensor([-1.0, -1.0])]
+    ref = [torch.tensor([-1.5, -2.5]), torch.tensor([-1.0]), torch.tensor([-1.2]), torch.tensor([-1.0, -1.0])]
+    return exps, U.Scores(old, ref, None)
+
+
+def _sequence_advantages(targets) -> list[float]:
+    for adv in targets.advantages:  # one value per answer, on every one of its tokens
+        assert torch.all(adv == adv[0])
+    return [float(adv[0]) for adv in targets.advantages]
+
+
+def test_kl_in_reward_under_grpo_is_subtracted_after_the_group_normalisation():
+    # group 0: rewards [1, 0]: mean 0.5, unbiased std sqrt(0.5), advantages +-0.70711; KL sums [1, 0]
+    # group 1: rewards [1, 1]: advantages [0, 0];                                    KL sums [0.2, 0]
+    # advantage = group advantage - 0.1 * KL sum. Subtracted from the rewards before normalising,
+    # the penalty would vanish in group 0 (a group of two is always +-0.70711) and become a full
+    # +-0.70711 in group 1 (its std would be that of the KL alone).
+    exps, scores = _hand_batch()
+    algo = AlgorithmConfig(advantage="grpo", kl_in="reward", kl_coef=0.1, kl_estimator="k1", tis_cap=None)
+    targets, stats = U.compute_advantages(exps, scores, algo)
+    s = math.sqrt(0.5)
+    assert _sequence_advantages(targets) == pytest.approx([0.5 / s - 0.1, -0.5 / s, -0.02, 0.0], abs=1e-5)
+    assert [len(a) for a in targets.advantages] == [2, 1, 1, 2]
+    assert stats["kl_to_ref"] == pytest.approx(1.2 / 6)  # mean per token
+    # rloo: leave-one-out baselines [1, -1] and [0, 0], then the same penalty
+    targets, _ = U.compute_advantages(exps, scores, algo.model_copy(update={"advantage": "rloo"}))
+    assert _sequence_advantages(targets) == pytest.approx([0.9, -1.0, -0.02, 0.0], abs=1e-6)
+    # kl_in="loss" leaves the advantages alone
+    targets, _ = U.compute_advantages(exps, scores, algo.model_copy(update={"kl_in": "loss"}))
+    assert _sequence_advantages(targets) == pytest.approx([s, -s, 0.0, 0.0], abs=1e-5)
+
+
+def test_scale_by_std_false_is_dr_grpo():
+    # group means 0.5 and 1 subtracted, no division: [0.5, -0.5, 0, 0]; with the KL penalty of the
+    # test above: [0.4, -0.5, -0.02, 0]
+    exps, scores = _hand_batch()
+    algo = AlgorithmConfig(advantage="grpo", scale_by_std=False, kl_coef=0.0, tis_cap=None)
+    targets, _ = U.compute_advantages(exps, U.Scores(scores.old_logprobs, None, None), algo)
+    assert _sequence_advantages(targets) == pytest.approx([0.5, -0.5, 0.0, 0.0], abs=1e-7)
+    algo = algo.model_copy(update={"kl_in": "reward", "kl_coef": 0.1, "kl_estimator": "k1"})
+    targets, _ = U.compute_advantages(exps, scores, algo)
+    assert _sequence_advantages(targets) == pytest.approx([0.4, -0.5, -0.02, 0.0], abs=1e-6)
+    assert AlgorithmConfig().scale_by_std is True
+
+
+def test_tis_weights_by_hand():
+    # min(exp(old - rollout), 2): a: exp(0.2) = 1.2214, exp(0) = 1; b: exp(2) = 7.39 -> 2
+    exps, scores = _hand_batch()
+    targets, stats = U.compute_advantages(exps, scores, AlgorithmConfig(tis_cap=2.0, kl_coef=0.0))
+    assert targets.importance_weights[0].tolist() == pytest.approx([math.exp(0.2), 1.0], rel=1e-6)
+    assert targets.importance_weights[1].tolist() == pytest.approx([2.0])
+    assert stats["tis_weight_mean"] == pytest.approx((math.exp(0.2) + 1.0 + 2.0 + 1.0 + 1.0 + 1.0) / 6, rel=1e-6)
+
+
+def test_entropy_estimate_replaces_the_exact_entropy_when_unused():
+    # logprobs of the sampled tokens [[-1, -3], [-4, pad]]: token-mean of -logprob = 8/3,
+    # seq-mean-token-mean = mean(2, 4) = 3
+    logp = torch.tensor([[-1.0, -3.0], [-4.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False]])
+    target = {"advantages": torch.ones(2, 2), "old_logprobs": logp.detach().clone(), "returns": None,
+              "ref_logprobs": None, "old_values": None, "importance_weights": None}
+    for aggregation, expected in (("token-mean", 8 / 3), ("seq-mean-token-mean", 3.0)):
+        algo = AlgorithmConfig(loss_aggregation=aggregation, entropy_coef=0.0)
+        loss, stats = U.micro_batch_loss(logp, None, None, mask, target, algo, share=1.0)
+        assert stats["entropy_estimate"] == pytest.approx(expected) and "entropy" not in stats
+        exact = torch.full((2, 2), 0.5)
+        loss_exact, stats_exact = U.micro_batch_loss(logp, exact, None, mask, target, algo, share=1.0)
+        assert stats_exact["entropy"] == pytest.approx(0.5) and "entropy_estimate" not in stats_exact
+        assert float(loss.detach()) == float(loss_exact.detach())  # entropy_coef 0: the entropy is a metric only
+    with pytest.raises(ValueError, match="entropy_coef > 0 needs the exact entropy"):
+        U.micro_batch_loss(logp, None, None, mask, target, AlgorithmConfig(entropy_coef=0.01), share=1.0)
+
+
+def test_entropy_estimate_is_unbiased_for_on_policy_samples():
+    """-logprob of tokens sampled from the (temperature-scaled) policy averages to its entropy."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=gen, dtype=torch.float64) * 3
+    temperature, n = 0.7, 20000
+    probs = torch.softmax(logits / temperature, dim=-1)
+    tokens = torch.multinomial(probs, n, replacement=True, generator=gen)
+    logp = ppo.logprobs_from_logits(logits.expand(1, n, 50), tokens[None], temperature)
+    entropy = float(ppo.entropy_from_logits(logits, temperature))
+    target = {"advantages": torch.zeros(1, n), "old_logprobs": logp, "returns": None, "ref_logprobs": None,
+              "old_values": None, "importance_weights": None}
+    _, stats = U.micro_batch_loss(logp, None, None, torch.ones(1, n, dtype=torch.bool), target, AlgorithmConfig(), 1.0)
+    standard_error = float((-logp).std()) / math.sqrt(n)
+    assert abs(stats["entropy_estimate"] - entropy) < 4 * standard_error
+
+
+def test_training_sampling_the_learner_cannot_score_is_refused(policy):
+    from rollout.config import RolloutConfig
+
+    with pytest.raises(ValueError, match=r"rollout\.sampling\.top_p=0\.9 must be 1\.0"):
+        RolloutConfig(sampling={"top_p": 0.9})
+    RolloutConfig(eval_sampling={"n": 1, "temperature": 0.0, "top_p": 0.9})  # evaluation may truncate
+    with pytest.raises(ValueError, match=r"sampling temperature 0\.0 \(rollout\.sampling\.temperature\) must be > 0"):
+        _group(policy, sampling_temperature=0.0)
 
 
 def test_bad_batches_are_refused(experiences):
@@ -264,7 +407,13 @@ def test_experiences_from_rollouts(pages):
 # the update on DeepSpeed (one in-process rank)
 
 
-def test_lora_update_moves_only_adapter_and_value_head_with_ratio_one_at_start(policy, experiences):
+def test_lora_update_moves_only_adapter_and_value_head_with_ratio_one_at_start(policy, experiences, monkeypatch):
+    import learner.model
+
+    def no_full_vocabulary_entropy(*args, **kwargs):
+        raise AssertionError("entropy_coef is 0: the training forward must not compute the exact entropy")
+
+    monkeypatch.setattr(learner.model, "entropy_from_logits", no_full_vocabulary_entropy)
     algo = AlgorithmConfig(advantage="gae", minibatch_size=4, ppo_epochs=2, kl_coef=0.05)
     group = _group(policy, _config(), algo)
     before = group.trainable_state()
@@ -278,12 +427,30 @@ def test_lora_update_moves_only_adapter_and_value_head_with_ratio_one_at_start(p
     assert changed and all("lora_" in n or n.startswith("value_head.") for n in changed)
     assert any(n.startswith("value_head.") for n in changed)
     assert all(n in changed for n in before if "lora_B" in n)  # every adapter learned something
-    for key in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "kl_to_ref", "entropy", "grad_norm",
-                "explained_variance", "tokens_per_s", "logprob_mismatch_max", "logprob_mismatch_mean"):
+    for key in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "kl_to_ref", "entropy_estimate",
+                "grad_norm", "explained_variance", "tokens_per_s", "logprob_mismatch_max", "logprob_mismatch_mean",
+                "tis_weight_mean"):
         assert key in metrics, key
+    assert "entropy" not in metrics  # entropy_coef 0: no full-vocabulary entropy in the training forward
     assert math.isfinite(metrics["grad_norm"]) and metrics["tokens_per_s"] > 0
     assert metrics["kl_to_ref"] == 0.0  # before the first step the adapter is a no-op (B = 0)
     assert metrics["kl_to_ref_during_update"] > 0.0
+
+
+def test_update_scores_and_trains_at_the_sampling_temperature(policy, builder, experiences):
+    """sampling_temperature=0.7: old, reference and training logprobs are all of softmax(logits / 0.7),
+    so a rollout at 0.7 shows no mismatch, the first ratio is exactly 1 and the (still no-op)
+    adapter has exactly 0 KL to the reference."""
+    at_07 = _with_rollout_logprobs(experiences, policy, builder, temperature=0.7)
+    algo = AlgorithmConfig(minibatch_size=6, kl_coef=0.05, entropy_coef=0.01)
+    group = _group(policy, _config(value_model="none"), algo, sampling_temperature=0.7)
+    metrics = group.update(at_07)
+    assert metrics["logprob_mismatch_max"] < 1e-4 and metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["first_micro_batch/ratio_mean"] == 1.0 and metrics["kl_to_ref"] == 0.0
+    assert "entropy" in metrics and "entropy_estimate" not in metrics  # entropy_coef > 0: the exact one
+    # a learner at the raw temperature disagrees with the same rollout
+    _, raw = _group(policy, _config(value_model="none"), algo).compute_ref_and_old(at_07)
+    assert raw["logprob_mismatch_max"] > 1e-2
 
 
 def test_separate_critic_trains_its_own_trunk(policy, experiences):

@@ -566,6 +566,35 @@ def test_logprobs_and_entropy_match_loop_reference():
             assert float(ent[b, t]) == pytest.approx(-sum(math.exp(q) * q for q in log_p), rel=1e-10)
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_logprobs_and_entropy_at_a_temperature_match_loop_reference(temperature):
+    """The sampler's distribution softmax(z / T): the reference divides each logit by T first."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 11, generator=gen, dtype=F64) * 4
+    labels = torch.randint(0, 11, (2, 3), generator=gen)
+    lp = logprobs_from_logits(logits, labels, temperature)
+    ent = entropy_from_logits(logits, temperature)
+    for b in range(2):
+        for t in range(3):
+            log_p = ref_log_softmax_row([z / temperature for z in logits[b, t].tolist()])
+            assert float(lp[b, t]) == pytest.approx(log_p[int(labels[b, t])], rel=1e-12, abs=1e-12)
+            assert float(ent[b, t]) == pytest.approx(-sum(math.exp(q) * q for q in log_p), rel=1e-10)
+    # differs from the raw logits' distribution (the rollout-vs-learner mismatch this prevents)
+    assert float((lp - logprobs_from_logits(logits, labels)).abs().max()) > 0.1
+
+
+def test_temperature_by_hand_and_refusal():
+    # logits [0, ln 2] at T = 0.5 are [0, 2 ln 2] = log-weights [1, 4]: probabilities 1/5, 4/5
+    logits = torch.tensor([[0.0, math.log(2.0)]], dtype=F64)
+    close(logprobs_from_logits(logits, torch.tensor([1]), 0.5), [math.log(0.8)])
+    close(entropy_from_logits(logits, 0.5), [-(0.2 * math.log(0.2) + 0.8 * math.log(0.8))])
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            logprobs_from_logits(logits, torch.tensor([1]), bad)
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            entropy_from_logits(logits, bad)
+
+
 def test_logits_by_hand_and_stability():
     # uniform over 4 -> entropy log 4, every logprob log(1/4), whatever the common offset (no
     # overflow at 1e4; absolute error ~ eps * max|logit|, so float32 is checked at a realistic 50)
@@ -593,6 +622,11 @@ def test_low_precision_logits_are_upcast_in_chunks(monkeypatch):
     # same bf16 values, computed in float32: equal to the float32 path to float32 precision
     close(lp, ppo.logprobs_from_logits(logits32, labels), rtol=1e-6, atol=1e-5)
     close(ent, ppo.entropy_from_logits(logits32), rtol=1e-6, atol=1e-5)
+    # the temperature divides the float32 upcast, chunk by chunk, like the float32 path
+    close(ppo.logprobs_from_logits(logits32.bfloat16(), labels, 0.7),
+          ppo.logprobs_from_logits(logits32, labels, 0.7), rtol=1e-6, atol=1e-5)
+    close(ppo.entropy_from_logits(logits32.bfloat16(), 0.7), ppo.entropy_from_logits(logits32, 0.7),
+          rtol=1e-6, atol=1e-5)
     # gradients flow through the chunked path
     leaf = logits32.bfloat16().requires_grad_(True)
     ppo.logprobs_from_logits(leaf, labels).sum().backward()

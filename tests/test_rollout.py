@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from rollout.config import RolloutConfig, SamplingConfig
-from rollout.parity import perturbed_state_dict, random_lora_adapter, reference_logprobs, write_model_copy
+from rollout.parity import (perturbed_state_dict, random_lora_adapter, reference_logprobs, sampled_parity,
+                            write_model_copy)
 from rollout.prompts import build_chat_text
 from rollout.types import RolloutRequest
 
@@ -69,6 +70,22 @@ def test_generation_with_image_is_consistent_with_transformers(group, hf, page):
         assert len(ans.token_ids) == len(ans.logprobs) >= 1 and all(lp <= 0 for lp in ans.logprobs)
         assert ans.finish_reason in ("stop", "length")
     assert _max_delta(model, processor, page, res) < 1e-3
+
+
+def test_sampled_logprobs_are_those_of_the_temperature_scaled_distribution(group, hf, page):
+    """`docrl doctor`'s sampled measurement: answers sampled at temperature 0.7 (seeded, not greedy)
+    carry the logprobs of softmax(logits / 0.7), the distribution they were drawn from and the one
+    the learner scores, not those of the raw logits."""
+    processor, model = hf
+    request = RolloutRequest("q-t07", "What is the total?", (page,))
+    image = page.load_image()
+    report = sampled_parity(group, request, [image], model, processor, temperature=0.7, n=4, max_tokens=8, seed=3)
+    assert report["tokens"] >= 4 and report["temperature"] == 0.7
+    assert report["max_abs_dlogprob"] < 1e-3
+    (res,) = group.generate([request], SamplingConfig(n=4, temperature=0.7, max_tokens=8, seed=3)).results
+    raw_gap = max(float((reference_logprobs(model, processor, res.prompt_text, [image], a.token_ids, res.prompt_ids)
+                         - torch.tensor(a.logprobs)).abs().max()) for a in res.answers)
+    assert raw_gap > 1e-2
 
 
 def test_prompt_too_long_is_skipped_and_named(group, page):
