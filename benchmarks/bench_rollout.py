@@ -4,8 +4,8 @@ batch, same machine, same run; and weight push time, full weights against a LoRA
     .venv/bin/python benchmarks/bench_rollout.py            # tiny and ~100M, fp32 and bf16
     .venv/bin/python benchmarks/bench_rollout.py --quick    # tiny only
 
-Each case runs in its own subprocess: in-process vLLM changes the thread settings of its process
-(DESIGN.md), which would skew a transformers run after it. Generated tokens are forced to the
+Each case runs in its own subprocess: in-process vLLM changes the thread settings of its process,
+which would skew a transformers run after it. Generated tokens are forced to the
 same count on both sides (ignore EOS / min_new_tokens). Reported: median of the repeats, tokens/s
 and the ratio vLLM / transformers.
 """

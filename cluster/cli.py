@@ -144,6 +144,9 @@ def cmd_train(args) -> int:
     trainer = Trainer(cfg)
     try:
         final = trainer.run(resume=args.resume)
+    except KeyboardInterrupt as stop:
+        print(f"docrl train: {stop or 'interrupted'}", file=sys.stderr)
+        return 130
     finally:
         trainer.shutdown()
     print(json.dumps(final, indent=2))
@@ -162,7 +165,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    """Rollout-vs-reference logprob parity: base weights, after a full push, after a LoRA push."""
+    """Rollout-vs-reference logprob parity: base weights (greedy, and sampled at temperature 0.7),
+    after a full push, after a LoRA push."""
     from cluster.ray_setup import init_ray
     from docvqa.tiny_models import resolve_model
     from rollout.parity import run_doctor
@@ -179,6 +183,11 @@ def cmd_doctor(args) -> int:
         print(f"  {label:10s} max |dlogprob| {r['max_abs_dlogprob']:.2e}  mean {r['mean_abs_dlogprob']:.2e}  "
               f"over {r['tokens']} tokens  greedy tokens identical: {r['greedy_tokens_identical']}  "
               f"(weights v{r['weights_version']})")
+    sampled = report["base_sampled"]
+    ok &= sampled["max_abs_dlogprob"] < args.tolerance
+    print(f"  {'sampled':10s} max |dlogprob| {sampled['max_abs_dlogprob']:.2e}  mean {sampled['mean_abs_dlogprob']:.2e}  "
+          f"over {sampled['tokens']} sampled tokens at temperature {sampled['temperature']:g} (the learner scores "
+          f"softmax(logits / T), vLLM returns the sampled distribution's logprobs)")
     print(f"  push time: full {report['full_push_seconds']:.2f}s, LoRA {report['lora_push_seconds']:.2f}s")
     print("  PASS" if ok else f"  FAIL: a figure exceeds {args.tolerance:g} or greedy tokens differ")
     return 0 if ok else 1
@@ -281,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5])
     p.set_defaults(func=cmd_retrieval_eval)
 
-    p = sub.add_parser("train", help="run PPO/GRPO training (synchronous mode) on the configured cluster")
+    p = sub.add_parser("train", help="run PPO/GRPO training (trainer.mode: sync or async) on the configured cluster")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir")
     p.set_defaults(func=cmd_train)

@@ -47,12 +47,13 @@ class RayConfig(Section):
 
 
 class WarmStartConfig(Section):
-    """Supervised warm start before RL (learner/sft.py): full fine-tuning on gold answers of the
-    first `fraction` of the (shuffled) training questions; evaluation questions are never used."""
+    """Supervised warm start before RL (learner/sft.py) on gold answers of the first `fraction` of
+    the (shuffled) training questions, where the learner runs and as it trains (`learner.dtype`,
+    `learner.lora`, `learner.freeze_vision_tower`); evaluation questions are never used."""
 
     steps: int = Field(0, ge=0)  # 0: no warm start, RL starts from learner.policy
     fraction: float = Field(0.5, gt=0.0, le=1.0)
-    learning_rate: float = Field(2e-3, gt=0.0)
+    learning_rate: float = Field(1e-5, gt=0.0)  # for a pretrained policy; the tiny preset sets its own
     batch_size: int = Field(16, ge=1)
     max_eval_questions: int = Field(64, ge=0)  # held-out questions for its before/after greedy ANLS
 
@@ -64,7 +65,6 @@ class TrainerConfig(Section):
     eval_every: int = Field(5, ge=0)  # 0: only before and after training
     save_every: int = Field(5, ge=0)
     keep_last: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
     num_eval_examples_logged: int = Field(8, ge=0)
     warm_start: WarmStartConfig = WarmStartConfig()
 

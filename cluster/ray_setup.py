@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Ray rewrites 127.0.0.1 to the machine's interface address unless this is off (DESIGN.md). It
+# Ray rewrites 127.0.0.1 to the machine's interface address unless this is off. It
 # must be set before `ray` is imported anywhere in the process, so this module sets it on import.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 

@@ -21,10 +21,12 @@ importance sampling against the rollout logprobs, `algorithm.tis_cap`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import random
+import shutil
 import signal
 import threading
 import time
@@ -40,43 +42,59 @@ from docvqa.data import load_train_eval
 from docvqa.sample import DocVQASample
 from docvqa.tiny_models import resolve_model
 from learner.types import TrainBatch
+from reward.types import ScoreResult
+from rollout.types import RolloutResult
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class QuestionSampler:
-    """Questions in a seeded random order, epoch after epoch; its state resumes exactly."""
+    """Training questions in a seeded random order, epoch after epoch; its state resumes exactly.
+
+    A step never holds one question twice. When a step's draw crosses an epoch boundary, the
+    questions it already took from the end of the old epoch are moved to the end of the new
+    epoch's order (`deferred`), so the new epoch still holds every question once and the step
+    does not repeat one. Questions are told apart by their index in `samples`: user data (a
+    feedback export) may repeat a question id, and both copies are trained on.
+    """
 
     samples: list[DocVQASample]
     seed: int
     epoch: int = 0
     position: int = 0
+    deferred: tuple[int, ...] = ()  # indices moved to the end of this epoch's order
     _order: list[int] = field(default_factory=list, repr=False)
 
     def _shuffle(self) -> None:
-        self._order = list(range(len(self.samples)))
-        random.Random(f"{self.seed}-{self.epoch}").shuffle(self._order)
+        order = list(range(len(self.samples)))
+        random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        moved = set(self.deferred)
+        self._order = [i for i in order if i not in moved] + list(self.deferred)
 
     def next(self, n: int) -> list[DocVQASample]:
         if not self.samples:
             raise ValueError("no training questions")
-        out = []
-        while len(out) < n:
-            if not self._order:
-                self._shuffle()
+        if n > len(self.samples):
+            raise ValueError(f"trainer.prompts_per_step={n} exceeds the {len(self.samples)} training questions: "
+                             "a step cannot hold a question twice")
+        if not self._order:
+            self._shuffle()
+        picked: list[int] = []
+        while len(picked) < n:
             if self.position >= len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
+                self.epoch, self.position, self.deferred = self.epoch + 1, 0, tuple(picked)
                 self._shuffle()
-            out.append(self.samples[self._order[self.position]])
+            picked.append(self._order[self.position])
             self.position += 1
-        return out
+        return [self.samples[i] for i in picked]
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "deferred": list(self.deferred)}
 
     def load(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
+        self.deferred = tuple(state.get("deferred", ()))
         self._shuffle()
 
 
@@ -92,8 +110,57 @@ class CollectedBatch:
     generated_tokens: int
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+@dataclass
+class ScoredRollouts:
+    """One rollout call over a list of questions, by question index (its position in the list)."""
+
+    questions: list[DocVQASample]
+    retrieved: list[tuple[str, ...]]  # the page ids each question was shown, best first
+    results: dict[int, RolloutResult] = field(default_factory=dict)  # absent: skipped by the rollout
+    scores: dict[int, list[ScoreResult]] = field(default_factory=dict)  # in answer order
+    skipped: dict[int, str] = field(default_factory=dict)  # why: rollout refusal or reward error
+
+    def kept(self) -> list[int]:
+        """Question indices with answers and every answer scored, in order."""
+        return [i for i in sorted(self.results) if i not in self.skipped]
+
+    def counts(self) -> dict[str, int]:
+        rollout = sum(i not in self.results for i in self.skipped)
+        return {"skipped_rollout": rollout, "skipped_reward": len(self.skipped) - rollout}
+
+
+def heldout_metrics(scored: ScoredRollouts, prefix: str = "eval/") -> dict[str, float]:
+    """Mean reward and mean of each component over ALL questions: a question's score is the mean
+    over its answers, and a skipped question scores 0 (the official DocVQA evaluation divides by
+    every question, answered or not)."""
+    from reward.types import COMPONENT_NAMES
+
+    n = len(scored.questions)
+    totals: dict[str, float] = {}
+    for i in scored.kept():
+        answers = scored.scores[i]
+        totals["mean"] = totals.get("mean", 0.0) + sum(r.reward for r in answers) / len(answers)
+        for name in COMPONENT_NAMES:
+            if name in answers[0].components:
+                totals[name] = totals.get(name, 0.0) + sum(r.components[name] for r in answers) / len(answers)
+    out = {f"{prefix}{name}": value / max(n, 1) for name, value in totals.items()}
+    out.setdefault(f"{prefix}mean", 0.0)
+    counts = scored.counts()
+    out.update({f"{prefix}questions": float(n), f"{prefix}skipped_rollout": float(counts["skipped_rollout"]),
+                f"{prefix}skipped_reward": float(counts["skipped_reward"])})
+    return out
+
+
+def request_seed(run_seed: int, sampling_seed: int | None, key: str, index: int) -> int | None:
+    """vLLM's sampling seed of one request: a hash of (run seed, rollout.sampling.seed, step key,
+    index in the step), so answers are independent across questions and steps, yet a run and its
+    resume draw exactly the same ones. vLLM seeds answer j with seed + j: 62 bits leave room for
+    that and make overlapping ranges between requests practically impossible. None when
+    `rollout.sampling.seed` is None (unseeded sampling)."""
+    if sampling_seed is None:
+        return None
+    digest = hashlib.sha256(f"{run_seed}/{sampling_seed}/{key}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
 
 
 def with_derived_lr_decay(cfg: DocRLConfig) -> DocRLConfig:
@@ -115,6 +182,7 @@ class Trainer:
         self._ahead: Future | None = None  # async mode: the next step's batch, being collected
         self._rollout_thread = ThreadPoolExecutor(1, thread_name_prefix="docrl-rollout")
         self._sampler_state: dict | None = None
+        self._stop_requested: str | None = None  # the signal's name, once SIGINT/SIGTERM arrived
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -142,18 +210,16 @@ class Trainer:
         self.retriever = None
         if not cfg.retriever.use_gold_page:
             self.retriever = RetrieverGroup(retriever_model, cfg.retriever, timeout, self.placement["retriever"].strategies())
-            index_dir = Path(cfg.retriever.index_dir or self.out / "index")
-            if (index_dir / "manifest.json").exists():
-                self.retriever.load(index_dir)
-            else:
-                self.retriever.build(list(self.corpus.pages.values()), index_dir)
+            self.retriever.open(list(self.corpus.pages.values()), cfg.retriever.index_dir or self.out / "index",
+                                owned=cfg.retriever.index_dir is None)
         lora_rank = cfg.learner.lora.r if cfg.learner.lora.enabled else None
         self.rollout = RolloutGroup(policy, cfg.rollout, seed=cfg.run.seed, max_lora_rank=lora_rank,
                                     scheduling=self.placement["rollout"].strategies())
         # any bundle of the reward role's group (index -1): the pool creates its actors itself
         self.rewards = RewardPool(cfg.reward, actor_options={"scheduling_strategy": PlacementGroupSchedulingStrategy(
             self.placement["reward"].group, placement_group_bundle_index=-1)})
-        self.learner = LearnerGroup(policy, cfg.learner, cfg.algorithm, seed=cfg.run.seed, async_mode=cfg.trainer.mode == "async",
+        self.learner = LearnerGroup(policy, cfg.learner, cfg.algorithm, seed=cfg.run.seed,
+                                    sampling_temperature=cfg.rollout.sampling.temperature,
                                     export_dir=str(self.out / "exports"), placement_strategy=cfg.ray.placement_strategy,
                                     start_timeout_s=timeout)
         self.rollout.ready()
@@ -164,22 +230,40 @@ class Trainer:
         roles reserve theirs); later runs and resumes reuse its model directory."""
         import ray
 
+        from docvqa.data import files_fingerprint
         from learner.sft import SFTSettings, supervised_finetune
 
-        ws = self.cfg.trainer.warm_start
+        cfg = self.cfg
+        ws = cfg.trainer.warm_start
         out = self.out / "warm_start" / "model"
         summary_file = out / "docrl_warm_start.json"
+        stamp = self.out / "warm_start" / "built_from.json"
+        samples = list(self.train_set.samples)
+        random.Random(f"{cfg.run.seed}-warm-start").shuffle(samples)
+        samples = samples[: max(1, int(len(samples) * ws.fraction))]
+        # everything the warm-start model depends on: a change to any of it rebuilds the model
+        built_from = {
+            "base_policy": files_fingerprint(policy), "warm_start": ws.model_dump(mode="json"), "seed": cfg.run.seed,
+            "questions": hashlib.sha256("\n".join(q.question_id for q in samples).encode()).hexdigest(),
+            "learner": cfg.learner.model_dump(mode="json", include={"dtype", "lora", "freeze_vision_tower"}),
+            "prompt": cfg.rollout.model_dump(mode="json", include={"system_prompt", "instruction", "max_image_pixels"}),
+        }
+        if summary_file.exists():
+            before = json.loads(stamp.read_text()) if stamp.exists() else {}
+            changed = sorted(k for k in built_from if before.get(k) != built_from[k])
+            if changed:
+                log.warning("warm start: rebuilding %s: what it was built from changed (%s)", out, ", ".join(changed))
+                shutil.rmtree(out)
         if not summary_file.exists():
-            samples = list(self.train_set.samples)
-            random.Random(f"{self.cfg.run.seed}-warm-start").shuffle(samples)
-            samples = samples[: max(1, int(len(samples) * ws.fraction))]
-            settings = SFTSettings(ws.steps, ws.batch_size, ws.learning_rate, seed=self.cfg.run.seed)
+            settings = SFTSettings(ws.steps, ws.batch_size, ws.learning_rate, seed=cfg.run.seed, dtype=cfg.learner.dtype,
+                                   lora=cfg.learner.lora, freeze_vision_tower=cfg.learner.freeze_vision_tower)
             log.info("warm start: %d supervised steps on %d training questions", ws.steps, len(samples))
             task = ray.remote(num_cpus=self.cfg.learner.num_cpus_per_rank,
                               num_gpus=self.cfg.learner.num_gpus_per_rank)(supervised_finetune)
             ref = task.remote(policy, str(out), samples, self.corpus.pages, self.cfg.rollout, settings,
                               self.eval_set.samples[: ws.max_eval_questions])
             get_with_timeout(ref, self.cfg.ray.actor_start_timeout_s + 60 * ws.steps, "the warm start (learner/sft.py)")
+            stamp.write_text(json.dumps(built_from, indent=1, sort_keys=True))
         summary = json.loads(summary_file.read_text())
         self.metrics.log(0, {"warm_start/loss_first": summary["loss_first"], "warm_start/loss_last": summary["loss_last"],
                              "warm_start/seconds": summary["seconds"],
@@ -198,26 +282,32 @@ class Trainer:
         hits = self.retriever.search([q.question for q in questions], self.cfg.retriever.top_k)
         return [tuple(pid for pid, _ in h) for h in hits]
 
-    def rollout_and_score(self, questions: list[DocVQASample], sampling):
-        """Generate for each question and score every answer; drop (and count) what failed."""
+    def rollout_and_score(self, questions: list[DocVQASample], sampling, seed_key: str) -> ScoredRollouts:
+        """Generate for each question and score every answer; what failed is named in `skipped`.
+        Requests are keyed by their index in `questions`, so a question that appears twice (user
+        data may repeat one) is two requests."""
         from reward.types import ScoreRequest
         from rollout.types import RolloutRequest
 
-        by_id = {q.question_id: q for q in questions}
-        page_ids = self.pages_for(questions)
-        requests = [RolloutRequest(q.question_id, q.question, tuple(self.corpus.pages[p] for p in pids))
-                    for q, pids in zip(questions, page_ids)]
-        retrieved = {q.question_id: pids for q, pids in zip(questions, page_ids)}
+        retrieved = self.pages_for(questions)
+        request_ids = [f"{i}:{q.question_id}" for i, q in enumerate(questions)]
+        index_of = {rid: i for i, rid in enumerate(request_ids)}
+        requests = [RolloutRequest(rid, q.question, tuple(self.corpus.pages[p] for p in pids),
+                                   seed=request_seed(self.cfg.run.seed, sampling.seed, seed_key, i))
+                    for i, (rid, q, pids) in enumerate(zip(request_ids, questions, retrieved))]
         generated = self.rollout.generate(requests, sampling)
-        score_requests = [ScoreRequest(by_id[r.request_id], a.text, retrieved[r.request_id], i, j)
-                          for i, r in enumerate(generated.results) for j, a in enumerate(r.answers)]
-        results = self.rewards.collect(self.rewards.submit(score_requests), self.cfg.reward.collect_timeout_s)
-        per_request: dict[str, list] = {}
-        for res in results:
-            per_request.setdefault(generated.results[res.sample_index].request_id, []).append(res)
-        failed = {rid for rid, rs in per_request.items() if any(r.error for r in rs)}
-        kept = [r for r in generated.results if r.request_id not in failed]
-        return kept, per_request, retrieved, {"skipped_rollout": len(generated.skipped), "skipped_reward": len(failed)}
+        out = ScoredRollouts(questions, retrieved, skipped={index_of[rid]: why for rid, why in generated.skipped.items()})
+        out.results = {index_of[r.request_id]: r for r in generated.results}
+        score_requests = [ScoreRequest(questions[i], a.text, retrieved[i], i, j)
+                          for i, r in out.results.items() for j, a in enumerate(r.answers)]
+        for res in self.rewards.collect(self.rewards.submit(score_requests), self.cfg.reward.collect_timeout_s):
+            out.scores.setdefault(res.sample_index, []).append(res)
+        for i, scores in out.scores.items():
+            scores.sort(key=lambda r: r.response_index)
+            errors = [r.error for r in scores if r.error]
+            if errors:
+                out.skipped[i] = errors[0]
+        return out
 
     def push_weights(self) -> float:
         t0 = time.perf_counter()
@@ -235,12 +325,13 @@ class Trainer:
 
         cfg = self.cfg
         t0 = time.perf_counter()
-        kept, per_request, _, counts = self.rollout_and_score(questions, cfg.rollout.sampling)
-        rewards = {rid: [r.reward for r in sorted(rs, key=lambda r: r.response_index)] for rid, rs in per_request.items()}
-        batch = TrainBatch.from_rollouts(kept, {r.request_id: rewards[r.request_id] for r in kept}, self.corpus.pages,
-                                         cfg.rollout.max_image_pixels, step=step)
-        tokens = sum(len(a.token_ids) for r in kept for a in r.answers)
-        return CollectedBatch(step, batch, [r for rs in per_request.values() for r in rs], counts,
+        scored = self.rollout_and_score(questions, cfg.rollout.sampling, seed_key=f"step-{step}")
+        kept = scored.kept()
+        results = [scored.results[i] for i in kept]
+        rewards = [[r.reward for r in scored.scores[i]] for i in kept]
+        batch = TrainBatch.from_rollouts(results, rewards, self.corpus.pages, cfg.rollout.max_image_pixels, step=step)
+        tokens = sum(len(a.token_ids) for r in results for a in r.answers)
+        return CollectedBatch(step, batch, [r for rs in scored.scores.values() for r in rs], scored.counts(),
                               time.perf_counter() - t0, tokens)
 
     def next_questions(self) -> list[DocVQASample]:
@@ -290,22 +381,30 @@ class Trainer:
                 "weights/version": float(self.rollout.version), "weights/staleness": float(staleness)}
 
     def evaluate(self, tag: str) -> dict[str, float]:
-        """Greedy answers on the held-out questions: ANLS, exact match, retrieval recall@k."""
+        """Greedy answers on the held-out questions: ANLS, exact match, retrieval recall@k. Every
+        question counts: one that was skipped (prompt too long, unreadable page, reward error)
+        scores 0, as in the official evaluation, and the skips are counted."""
         from retriever.metrics import hit_at_k
-        from reward.scoring import reward_metrics
+        from reward.metrics import anls_score
 
         questions = self.eval_set.samples
-        kept, per_request, retrieved, counts = self.rollout_and_score(questions, self.cfg.rollout.eval_sampling)
-        scored = [r for rs in per_request.values() for r in rs]
-        out = reward_metrics(scored, prefix="eval/")
+        scored = self.rollout_and_score(questions, self.cfg.rollout.eval_sampling, seed_key=f"eval-{tag}")
+        out = heldout_metrics(scored, prefix="eval/")
+        # the official metric (threshold 0.5, raw-length denominator) whatever reward.anls_* say,
+        # so held-out figures compare with published ones
+        out["eval/anls"] = sum(sum(anls_score(r.answer, questions[i].answers) for r in scored.scores[i])
+                               / len(scored.scores[i]) for i in scored.kept() if questions[i].answers) / max(1, len(questions))
         k = self.cfg.retriever.top_k
-        out[f"eval/retrieval_recall@{k}"] = sum(hit_at_k(retrieved[q.question_id], q.gold_page, k) for q in questions) / max(1, len(questions))
-        examples = self.out / "logs" / f"eval-{tag}.jsonl"
-        with examples.open("w") as f:
-            for res in [r for r in scored if not r.error][: self.cfg.trainer.num_eval_examples_logged]:
-                q = next(q for q in questions if q.question_id == res.question_id)
+        out[f"eval/retrieval_recall@{k}"] = (sum(hit_at_k(pids, q.gold_page, k) for q, pids in zip(questions, scored.retrieved))
+                                             / max(1, len(questions)))
+        if scored.skipped:
+            log.warning("evaluation %s: %d of %d held-out questions skipped (scored 0), e.g. %s", tag,
+                        len(scored.skipped), len(questions), next(iter(scored.skipped.values())))
+        with (self.out / "logs" / f"eval-{tag}.jsonl").open("w") as f:
+            for i in scored.kept()[: self.cfg.trainer.num_eval_examples_logged]:
+                q, res = questions[i], scored.scores[i][0]
                 f.write(json.dumps({"question_id": q.question_id, "question": q.question, "answer": res.answer,
-                                    "gold": list(q.answers), "retrieved": list(retrieved[q.question_id]),
+                                    "gold": list(q.answers), "retrieved": list(scored.retrieved[i]),
                                     "components": res.components}) + "\n")
         return out
 
@@ -334,32 +433,51 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------
 
+    def _request_stop(self, signum, frame) -> None:
+        """SIGINT/SIGTERM (Ctrl-C, `ray job stop`): finish the step, checkpoint, stop. A signal
+        that lands mid-step must not checkpoint there: the update may be applied while the step
+        counter is not advanced, and the step would be trained twice after a resume. A second
+        signal stops at once, without a checkpoint (the last one written stays valid)."""
+        if self._stop_requested:
+            raise KeyboardInterrupt(f"signal {signum} received twice: stopping without a checkpoint")
+        self._stop_requested = signal.Signals(signum).name
+        log.warning("%s received: finishing step %d, then writing a checkpoint and stopping "
+                    "(send it again to stop at once without a checkpoint)", self._stop_requested, self.step + 1)
+
     def run(self, resume: bool = False) -> dict[str, float]:
+        """Train to `trainer.total_steps`. Raises KeyboardInterrupt after checkpointing when a
+        stop was requested by a signal."""
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._run(resume)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _run(self, resume: bool) -> dict[str, float]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg.trainer
-        # `ray job stop` sends SIGTERM: treat it like Ctrl-C, so the run writes a checkpoint first
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _interrupt)
         self.setup(resume)
         if not (resume and self.resume()):
             self.metrics.log(0, self.evaluate("step-0"))
-        try:
-            with tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="step") as bar:
-                while self.step < cfg.total_steps:
-                    metrics = self.train_step(self.step + 1)
-                    self.step += 1  # only now: an interrupted step is redone after a resume
-                    self.metrics.log(self.step, metrics)
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
-                    bar.update(1)
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps:
-                        self.metrics.log(self.step, self.evaluate(f"step-{self.step}"))
-                    if cfg.save_every and self.step % cfg.save_every == 0:
-                        self.save()
-        except KeyboardInterrupt:
-            log.warning("interrupted: writing a checkpoint at step %d before exiting", self.step)
-            self.save()
-            raise
+        with tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="step") as bar:
+            while self.step < cfg.total_steps:
+                metrics = self.train_step(self.step + 1)
+                self.step += 1  # only now: an interrupted step is redone after a resume
+                self.metrics.log(self.step, metrics)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+                bar.update(1)
+                if self._stop_requested:
+                    path = self.save()
+                    raise KeyboardInterrupt(f"{self._stop_requested}: stopped after step {self.step}; checkpoint "
+                                            f"{path} (continue with --resume)")
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps:
+                    self.metrics.log(self.step, self.evaluate(f"step-{self.step}"))
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
         final = self.evaluate(f"step-{self.step}")
         self.metrics.log(self.step, final)
         self.save()

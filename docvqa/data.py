@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import random
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
 from docvqa.config import DataConfig, ExtraSource
 from docvqa.loaders import DataError, load_docvqa_json, load_hf_docvqa, merge_datasets, split_by_document
-from docvqa.sample import DocVQADataset, DocVQASample
+from docvqa.sample import DocVQADataset, DocVQASample, Page
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +127,32 @@ def load_train_eval(cfg: DataConfig, output_dir: str | Path) -> tuple[DocVQAData
     train = DocVQADataset(samples=mixed, pages=every.pages, source=every.source, skipped=every.skipped,
                           skipped_examples=every.skipped_examples)
     return train, evaluation, corpus
+
+
+def corpus_fingerprint(pages: Iterable[Page]) -> str:
+    """What a page index was built from: every page id with its image's identity (file size and
+    modification time for a page on disk, a hash of the bytes for an embedded one). Re-rendered
+    or replaced pages under the same ids change it; copying a run directory with its timestamps
+    does not. Reading stats only, it stays cheap at 100,000 pages on disk."""
+    h = hashlib.sha256()
+    for page in sorted(pages, key=lambda p: p.page_id):
+        if page.image_path is not None:
+            st = os.stat(page.image_path)
+            identity = f"{st.st_size}:{st.st_mtime_ns}"
+        else:
+            identity = hashlib.sha256(page.image_bytes).hexdigest()
+        h.update(f"{page.page_id}\0{identity}\n".encode())
+    return h.hexdigest()
+
+
+def files_fingerprint(path: str | Path) -> str:
+    """Identity of a model directory (names, sizes and modification times of its files), or the
+    string itself for a hub id that is not a local directory."""
+    root = Path(path)
+    if not root.is_dir():
+        return str(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\0{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

@@ -50,6 +50,11 @@ class RetrieverActor:
         return {"added": len(kept), "skipped": skipped, "segment": segment,
                 "meta": {p.page_id: m for p, m in zip(kept, meta)}}
 
+    def clear(self) -> None:
+        from retriever.index import PageIndex
+
+        self.index = PageIndex(self.encoder.settings())
+
     def load_shard(self, index_dir: str, page_range: tuple[int, int]) -> int:
         from retriever.index import load_index
 

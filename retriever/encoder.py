@@ -1,7 +1,7 @@
 """Page and query embedding with a ColPali-family model through colpali-engine.
 
 Embeddings leave this module as one [num_tokens, dim] tensor per item with padding removed: the
-processors pad on the left and SDPA on CPU writes NaN at padded positions (DESIGN.md), so padded
+processors pad on the left and SDPA on CPU writes NaN at padded positions, so padded
 rows are dropped by the attention mask before anything else sees them.
 """
 

@@ -8,6 +8,9 @@ and the group writes the manifest once (format in `retriever/index.py`).
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,8 +20,10 @@ from cluster.ray_setup import get_with_timeout
 from docvqa.sample import Page
 from retriever.actor import RetrieverActor
 from retriever.config import RetrieverConfig
-from retriever.index import Manifest, next_segment_name, read_manifest, write_manifest
+from retriever.index import IndexLoadError, Manifest, next_segment_name, read_manifest, write_manifest
 from retriever.maxsim import merge_topk
+
+log = logging.getLogger(__name__)
 
 
 def contiguous_ranges(n: int, parts: int) -> list[tuple[int, int]]:
@@ -62,6 +67,7 @@ class RetrieverGroup:
             index_dir = Path(index_dir)
             if (index_dir / "manifest.json").exists():
                 raise FileExistsError(f"{index_dir} already holds a page index: load it, or build into an empty directory")
+        self._get([a.clear.remote() for a in self.actors], "clearing the shards")
         ranges = contiguous_ranges(len(pages), len(self.actors))
         refs = [actor.add_pages.remote(list(pages[lo:hi]), str(index_dir) if index_dir else None, f"segment-{i:05d}.safetensors")
                 for i, (actor, (lo, hi)) in enumerate(zip(self.actors, ranges))]
@@ -75,6 +81,37 @@ class RetrieverGroup:
             write_manifest(index_dir, self.manifest)
             self.index_dir = index_dir
         return {"indexed": len(self), "skipped": self.skipped}
+
+    def open(self, pages: Sequence[Page], index_dir: str | Path, owned: bool) -> None:
+        """Load the index of exactly these pages from `index_dir`, or build it there. The index
+        records a fingerprint of the pages it was built from (`docrl_corpus.json`). An index the
+        caller `owned` (a run's own `<output_dir>/index`) is a cache: rebuilt, with a warning saying
+        why, when the pages changed. Anyone else's is refused with the difference named."""
+        from docvqa.data import corpus_fingerprint
+
+        index_dir = Path(index_dir)
+        stamp = index_dir / "docrl_corpus.json"
+        fingerprint = corpus_fingerprint(pages)
+        if (index_dir / "manifest.json").exists():
+            built_from = json.loads(stamp.read_text())["fingerprint"] if stamp.exists() else None
+            if built_from == fingerprint:
+                self.load(index_dir)
+                return
+            indexed, wanted = set(read_manifest(index_dir).live_page_ids()), {p.page_id for p in pages}
+            if indexed != wanted:
+                why = (f"{len(indexed - wanted)} indexed pages are not in the corpus (e.g. {sorted(indexed - wanted)[:3]}) "
+                       f"and {len(wanted - indexed)} corpus pages are not indexed (e.g. {sorted(wanted - indexed)[:3]})")
+            elif built_from is None:
+                why = "it records no fingerprint of the pages it was built from"
+            else:
+                why = "the images of the corpus pages changed since it was built"
+            if not owned:
+                raise IndexLoadError(f"the page index at {index_dir} does not match the corpus: {why}. Rebuild it "
+                                     "with `docrl index`, or let the run build its own (unset retriever.index_dir)")
+            log.warning("rebuilding the page index %s: %s", index_dir, why)
+            shutil.rmtree(index_dir)
+        self.build(pages, index_dir)
+        stamp.write_text(json.dumps({"fingerprint": fingerprint, "pages": len(pages)}))
 
     def load(self, index_dir: str | Path) -> int:
         """Load a saved index, each actor its contiguous slice; refuses an index of another model."""

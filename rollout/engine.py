@@ -1,8 +1,8 @@
 """The vLLM engine behind a rollout worker, as a plain object (the Ray actor is a thin shell).
 
 In-process vLLM (VLLM_ENABLE_V1_MULTIPROCESSING=0) starts in seconds and suits one actor per
-engine; it changes thread settings of its process, so each engine lives in its own actor
-(DESIGN.md). `vllm_env` must be in the environment before `vllm` is imported.
+engine; it changes thread settings of its process, so each engine lives in its own actor.
+`vllm_env` must be in the environment before `vllm` is imported.
 
 Weights are versioned. A full push goes through vLLM's in-place `reload_weights` (the only path
 that works on CPU) and then both the encoder and the prefix cache are reset: without the resets
@@ -73,6 +73,11 @@ class RolloutEngine:
             enforce_eager=True,
             limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
             seed=seed,
+            # Logprobs of the distribution actually sampled (after temperature, and after top-p/top-k
+            # masking where set), not of the raw logits: the learner scores softmax(logits / T), and
+            # the PPO ratio, the TIS weights and the logged mismatch must compare like with like.
+            # Greedy requests get the raw log-softmax, as before.
+            logprobs_mode="processed_logprobs",
             worker_extension_cls="rollout.vllm_extension.DocRLWorkerExtension",
             **chunking,
             **lora_kwargs,
@@ -146,8 +151,8 @@ class RolloutEngine:
             kept.append(req)
         results = []
         if prepared:
-            outputs = self.llm.generate([p[0] for p in prepared], to_sampling_params(sampling), use_tqdm=False,
-                                        lora_request=self.lora_request)
+            params = [to_sampling_params(sampling, **({} if req.seed is None else {"seed": req.seed})) for req in kept]
+            outputs = self.llm.generate([p[0] for p in prepared], params, use_tqdm=False, lora_request=self.lora_request)
             for req, (_, text, page_ids, sizes, _), out in zip(kept, prepared, outputs):
                 answers = [
                     SampledAnswer(token_ids=list(c.token_ids),
@@ -188,7 +193,8 @@ class RolloutEngine:
                              f"current version {self.weights_version} (a stale or duplicate push)")
 
     def _reset_caches(self) -> None:
-        # Both, in this order: stale encoder outputs otherwise survive a reload (DESIGN.md).
+        # Both, in this order: stale encoder outputs otherwise survive a reload, and resetting
+        # only the prefix cache crashes the engine ("Encoder cache miss").
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
 

@@ -50,6 +50,7 @@ class RolloutGroup:
         self._latest: tuple[str, object] | None = None  # ("full", object ref) or ("lora", adapter dir)
         self.restarts = 0
         self.sync_ready = False
+        self.broken: str | None = None  # why the group refuses to generate (a failed weight push)
 
     def _get(self, refs, what: str, timeout_s: float | None = None):
         return get_with_timeout(refs, timeout_s or self.cfg.weight_sync_timeout_s, f"rollout group: {what}")
@@ -63,6 +64,8 @@ class RolloutGroup:
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> GenerateOutput:
         """Contiguous shares per worker, results in request order. A dead worker's share is retried
         once after Ray restarts it and it has the current weights."""
+        if self.broken:
+            raise RuntimeError(self.broken)
         n = len(self.workers)
         bounds = [round(i * len(requests) / n) for i in range(n + 1)]
         shares = [list(requests[bounds[i]:bounds[i + 1]]) for i in range(n)]
@@ -117,16 +120,53 @@ class RolloutGroup:
     def push_full(self, named: dict[str, torch.Tensor], version: int) -> None:
         """Object-store transport: one copy into the object store, every worker loads it."""
         self._check_newer(version)
-        ref = ray.put(to_numpy(named))
         # Ray resolves a top-level ObjectRef argument to its value inside each worker.
-        self._get([w.load_full_weights.remote(ref, version) for w in self.workers], f"full weight push v{version}")
-        self.version, self._latest = version, ("full", ref)
+        self._push("full", ray.put(to_numpy(named)), version)
 
     def push_lora(self, adapter_dir: str, version: int) -> None:
         """The adapter directory must be readable by every worker (shared storage on a cluster)."""
         self._check_newer(version)
-        self._get([w.load_lora.remote(str(adapter_dir), version) for w in self.workers], f"LoRA push v{version}")
-        self.version, self._latest = version, ("lora", str(adapter_dir))
+        self._push("lora", str(adapter_dir), version)
+
+    def _push(self, kind: str, payload, version: int) -> None:
+        """Every worker loads `payload` as `version`, or the group never samples from a mix of
+        versions. A worker that dies during the push is waited for (Ray restarts it with the base
+        weights) and pushed to again. When every worker refused and kept the current version, the
+        refusal is raised and the group serves on unchanged; when only some loaded it (or a worker
+        stays dead), the group is broken: it refuses to generate, with an error naming the workers."""
+        what = f"{'full weight' if kind == 'full' else 'LoRA'} push v{version}"
+        method = "load_full_weights" if kind == "full" else "load_lora"
+        refs = [getattr(w, method).remote(payload, version) for w in self.workers]
+        failed: dict[int, Exception] = {}
+        for i, ref in enumerate(refs):
+            try:
+                try:
+                    self._get(ref, f"{what} to worker {i}")
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    log.warning("rollout worker %d died during the %s (%s); pushing again once it is back", i, what,
+                                type(e).__name__)
+                    self.restarts += 1
+                    self._wait_alive(i)
+                    self._get(getattr(self.workers[i], method).remote(payload, version), f"{what} to restarted worker {i}")
+            except Exception as e:  # noqa: BLE001 - a refusal, a timeout, a death: all named below
+                failed[i] = e
+        if failed:
+            held = {i: self._version_or_none(i) for i in range(len(self.workers))}
+            if len(failed) == len(self.workers) and all(v == self.version for v in held.values()):
+                raise failed[0]
+            first = min(failed)
+            self.broken = (f"rollout group: the {what} failed on worker(s) {sorted(failed)}; the workers now hold "
+                           f"weight versions {held}, so the group stops rather than sample from a mix of versions "
+                           f"(resume from the last checkpoint). Worker {first}: {type(failed[first]).__name__}: "
+                           f"{failed[first]}")
+            raise RuntimeError(self.broken) from failed[first]
+        self.version, self._latest = version, (kind, payload)
+
+    def _version_or_none(self, i: int) -> int | None:
+        try:
+            return ray.get(self.workers[i].weights_version.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a dead or stuck worker holds no usable version
+            return None
 
     def init_collective(self, host: str = "127.0.0.1", port: int | None = None) -> WeightSyncGroup:
         """Form the weight-sync process group with this process as sender (rank 0)."""

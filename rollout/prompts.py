@@ -1,7 +1,7 @@
 """Prompt building, in one place for the rollout workers, the learner and the Serve endpoint.
 
 The chat text carries exactly ONE `<|image_pad|>` per image: vLLM expands it itself, and an
-already-expanded prompt gets its placeholders added a second time, silently (DESIGN.md). The
+already-expanded prompt gets its placeholders added a second time, silently (12 image tokens became 23). The
 learner rebuilds the same input by passing this text and the same images through the model's own
 processor, which expands each pad to the image's token count.
 """

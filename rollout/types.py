@@ -11,9 +11,12 @@ from docvqa.sample import Page
 class RolloutRequest:
     """One question with the pages the policy reads (retrieved, or the gold page in ablations)."""
 
-    request_id: str  # the sample's question id
+    request_id: str  # unique within a batch (the driver uses "<index in the step>:<question id>")
     question: str
     pages: tuple[Page, ...]
+    # vLLM's sampling seed of this request (answer j draws with seed + j); None: the sampling
+    # config's own seed. The driver derives one per request from (run seed, step, index).
+    seed: int | None = None
 
 
 @dataclass

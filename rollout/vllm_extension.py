@@ -1,7 +1,7 @@
 """Methods added to vLLM's worker (`worker_extension_cls`), reached with `llm.collective_rpc`.
 
 The OpenRLHF/veRL way of loading weights (`model_runner.model.load_weights`) fails on CPU, where
-weights are pre-packed; vLLM's own in-place `reload_weights` works on CPU and GPU (DESIGN.md).
+weights are pre-packed; vLLM's own in-place `reload_weights` works on CPU and GPU.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Two transports, both versioned and checked on arrival:
   learner's rank 0) and the workers, one broadcast per tensor. It is separate from DeepSpeed's
   default group so the two never interleave, and every wait has a timeout.
 - "object_store": the tensors go once into Ray's object store as numpy arrays (torch tensors are
-  slow there, DESIGN.md) and every worker reads them; also the path used to re-sync a worker that
+  slow there) and every worker reads them; also the path used to re-sync a worker that
   Ray restarted, because it needs no other party.
 """
 

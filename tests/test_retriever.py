@@ -227,3 +227,44 @@ def test_bf16_search_reranks_a_shortlist_to_the_fp32_ranking():
 
     raw = topk_pages(maxsim_scores(queries, None, prepare_pages(vecs, dtype=torch.bfloat16), None), index.page_ids, 5)
     assert [[p for p, _ in r] for r in raw] != [[p for p, _ in r] for r in exact]
+
+
+def test_an_index_of_a_changed_corpus_is_rebuilt_when_owned_and_refused_otherwise(ray_cluster, tiny_models,
+                                                                                    synthetic_corpus, tmp_path, caplog):
+    """A run's own index is rebuilt when the corpus changed (other pages, or the same ids with new
+    images); a user's index that does not match the corpus is refused with the difference named.
+    Before, an existing index was loaded whatever the corpus, and retrieval returned page ids
+    missing from it (KeyError in the trainer)."""
+    import os
+    import shutil
+
+    from docvqa.loaders import load_docvqa_json
+    from retriever.config import RetrieverConfig
+    from retriever.group import RetrieverGroup
+
+    pages = sorted(load_docvqa_json(synthetic_corpus / "train_v1.0.json").pages.values(), key=lambda p: p.page_id)
+    for p in pages:  # private copies: the test changes their files
+        shutil.copy2(p.image_path, tmp_path / os.path.basename(p.image_path))
+    pages = [type(p)(p.page_id, p.doc_id, p.page_no, image_path=str(tmp_path / os.path.basename(p.image_path))) for p in pages]
+    group = RetrieverGroup(str(tiny_models["retriever"]), RetrieverConfig(num_actors=1, num_cpus_per_actor=0.5))
+    try:
+        index = tmp_path / "index"
+        group.open(pages[:-1], index, owned=True)
+        assert len(group) == len(pages) - 1
+        first_manifest = (index / "manifest.json").read_text()
+        group.open(pages[:-1], index, owned=True)  # unchanged: loaded, not rebuilt
+        assert (index / "manifest.json").read_text() == first_manifest
+
+        with pytest.raises(IndexLoadError, match=rf"0 indexed pages are not in the corpus .* 1 corpus pages are not "
+                                                 rf"indexed \(e.g. \['{pages[-1].page_id}'\]\)"):
+            group.open(pages, index, owned=False)
+        with caplog.at_level("WARNING", logger="retriever.group"):
+            group.open(pages, index, owned=True)
+        assert "rebuilding the page index" in caplog.text and len(group) == len(pages)
+        assert {p for p, _ in group.search(["total"], k=100)[0]} == {p.page_id for p in pages}
+
+        os.utime(pages[0].image_path, ns=(1, 1))  # same ids, a re-rendered image
+        with pytest.raises(IndexLoadError, match="the images of the corpus pages changed"):
+            group.open(pages, index, owned=False)
+    finally:
+        group.shutdown()

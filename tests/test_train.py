@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
+import signal
 
 import pytest
 
@@ -32,14 +33,52 @@ def _step_rows(out_dir) -> list[dict]:
     return [r for r in read_jsonl(out_dir / "logs" / "metrics.jsonl") if "reward/mean" in r]
 
 
-def test_two_steps_then_exact_resume(ray_cluster, tiny_models, tmp_path):
+def _signal_in_learner_update(trainer, step: int) -> None:
+    """SIGINT to this process from inside the learner's update of `step` (mid-step, where a
+    checkpoint would hold the updated weights with the old step counter)."""
+    setup = trainer.setup
+
+    def setup_then_wrap(*args, **kwargs):
+        setup(*args, **kwargs)
+        update = trainer.learner.update
+
+        def update_with_signal(batch):
+            if batch.step == step:
+                os.kill(os.getpid(), signal.SIGINT)
+            return update(batch)
+
+        trainer.learner.update = update_with_signal
+
+    trainer.setup = setup_then_wrap
+
+
+def _signal_in_weight_push(trainer, step: int) -> None:
+    """SIGINT to this process from inside the weight push of `step` (in async mode the push runs
+    on the rollout thread)."""
+    push = trainer.push_weights
+
+    def push_with_signal():
+        if trainer.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return push()
+
+    trainer.push_weights = push_with_signal
+
+
+# run.seed=2 with 3 training questions at 2 per step: the old sampler put one question twice into
+# step 2 (the last question of epoch 0 is the first of epoch 1), which failed the step
+EPOCH_BOUNDARY = ("run.seed=2", "data.max_train_samples=3")
+
+
+def test_two_steps_over_an_epoch_boundary_then_an_interrupt_and_an_exact_resume(ray_cluster, tiny_models, tmp_path):
     from cluster.train import Trainer
 
     first = tmp_path / "first"
-    trainer = Trainer(load_config(None, _overrides(first, tiny_models)))
+    trainer = Trainer(load_config(None, _overrides(first, tiny_models, *EPOCH_BOUNDARY)))
     try:
         final = trainer.run()
         assert trainer.rollout.version == trainer.learner.version == 2  # every update reached the rollout
+        assert trainer.sampler.epoch == 1  # step 2 crossed into the second epoch
     finally:
         trainer.shutdown()
     logs = first / "logs"
@@ -49,7 +88,7 @@ def test_two_steps_then_exact_resume(ray_cluster, tiny_models, tmp_path):
         assert r["learner/first_micro_batch/ratio_mean"] == 1.0 and r["learner/num_experiences"] == 4.0
         assert r["learner/logprob_mismatch_max"] < 1e-3  # rollout vs learner, measured every step
         assert r["time/step_s"] > 0 and r["weights/version"] == r["step"] and r["weights/staleness"] == 0
-    assert "eval/anls" in final and "eval/retrieval_recall@1" in final
+    assert "eval/anls" in final and "eval/retrieval_recall@1" in final and final["eval/questions"] == 2
     assert (logs / "report.png").stat().st_size > 1000 and list((logs / "tensorboard").iterdir())
     assert (logs / "eval-step-0.jsonl").exists() and (logs / "eval-step-2.jsonl").exists()
     checkpoints = sorted(p.name for p in (first / "checkpoints").iterdir())
@@ -58,17 +97,26 @@ def test_two_steps_then_exact_resume(ray_cluster, tiny_models, tmp_path):
     assert json.loads((policy / "docrl_policy.json").read_text())["weights_version"] == 2
     assert (policy / "adapter" / "adapter_config.json").exists()
 
-    # A second run directory holding only the step-1 checkpoint (and the data and index): the resume
-    # must redo step 2 exactly as the uninterrupted run did it - same questions, samples, update.
+    # The same run, interrupted by SIGINT in the middle of step 1's update: it finishes step 1,
+    # checkpoints it and stops; the resume must redo step 2 exactly as the uninterrupted run did it.
     second = tmp_path / "second"
-    shutil.copytree(first, second, ignore=shutil.ignore_patterns("step-00000002", "logs", "exports"))
-    resumed = Trainer(load_config(None, _overrides(second, tiny_models)))
+    overrides = _overrides(second, tiny_models, *EPOCH_BOUNDARY, "trainer.save_every=0")
+    interrupted = Trainer(load_config(None, overrides))
+    _signal_in_learner_update(interrupted, step=1)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGINT: stopped after step 1"):
+            interrupted.run()
+        assert interrupted.step == 1 and interrupted.learner.version == 1 == interrupted.rollout.version
+    finally:
+        interrupted.shutdown()
+    assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["step-00000001"]
+    resumed = Trainer(load_config(None, overrides))
     try:
         resumed.run(resume=True)
         assert resumed.step == 2 and resumed.learner.version == 2 == resumed.rollout.version
     finally:
         resumed.shutdown()
-    [again] = _step_rows(second)
+    again = _step_rows(second)[-1]
     expected = steps[1]
     compared = [k for k in expected if not k.startswith(TIMING_PREFIXES) and k != "step"]
     assert len(compared) > 20
@@ -81,12 +129,13 @@ def test_two_steps_then_exact_resume(ray_cluster, tiny_models, tmp_path):
 def test_async_mode_through_actor_faults_and_an_interrupt(ray_cluster, tiny_models, tmp_path):
     """Async mode, with the rollout worker and a reward actor killed before step 2 (the worker is
     restarted and re-synced, the reward actor replaced, the batch retried: no step or sample lost),
-    then Ctrl-C during step 3, which leaves a complete checkpoint of step 2."""
+    then SIGINT during step 3's weight push (on the rollout thread): step 3 completes, its
+    checkpoint is written, with the sampler state from before the batch drawn ahead."""
     from cluster.checkpoint import CheckpointManager, resolve_policy
-    from cluster.train import Trainer
+    from cluster.train import QuestionSampler, Trainer
 
     ray = ray_cluster
-    trainer = Trainer(load_config(None, _overrides(tmp_path, tiny_models, "trainer.mode=async", "trainer.total_steps=3",
+    trainer = Trainer(load_config(None, _overrides(tmp_path, tiny_models, "trainer.mode=async", "trainer.total_steps=4",
                                                    "trainer.save_every=0")))
     train_step = trainer.train_step
 
@@ -94,27 +143,59 @@ def test_async_mode_through_actor_faults_and_an_interrupt(ray_cluster, tiny_mode
         if step == 2:  # step 2 starts the collection of batch 3 on the killed actors
             ray.kill(trainer.rollout.workers[0], no_restart=False)
             ray.kill(trainer.rewards.actors[0], no_restart=True)
-        if step == 3:
-            raise KeyboardInterrupt
         return train_step(step)
 
     trainer.train_step = train_step_with_faults
+    _signal_in_weight_push(trainer, step=3)
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt, match="stopped after step 3"):
             trainer.run()
-        assert trainer.rollout.version == trainer.learner.version == 2
+        assert trainer.rollout.version == trainer.learner.version == 3
         assert trainer.rewards.restarts >= 1
     finally:
         trainer.shutdown()
     steps = _step_rows(tmp_path)
-    assert [r["step"] for r in steps] == [1, 2]
+    assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["learner/num_experiences"] == 4.0 and r["data/skipped_rollout"] == 0 for r in steps)
-    # step 1 samples with the base weights; step 2's batch was sampled before step 1's update
-    assert [r["weights/staleness"] for r in steps] == [0.0, 1.0]
+    # step 1 samples with the base weights; each later batch was sampled before the previous update
+    assert [r["weights/staleness"] for r in steps] == [0.0, 1.0, 1.0]
     for r in steps:
         assert "learner/tis_weight_mean" in r and 0 < r["learner/tis_weight_mean"] <= 2.0  # algorithm.tis_cap
     latest = CheckpointManager(tmp_path / "checkpoints").latest()
-    assert latest.name == "step-00000002" and CheckpointManager.meta(latest)["weights_version"] == 2
-    assert resolve_policy(latest)["weights_version"] == 2
-    # the batch of step 3 was drawn ahead; the checkpoint's sampler state is from before it
-    assert json.loads((latest / "driver.json").read_text())["sampler"]["position"] == 2 * 2
+    assert latest.name == "step-00000003" and CheckpointManager.meta(latest)["weights_version"] == 3
+    assert resolve_policy(latest)["weights_version"] == 3
+    # the batch of step 4 was drawn ahead; the checkpoint's sampler state is from before it
+    replay = QuestionSampler(trainer.train_set.samples, trainer.cfg.run.seed)
+    for _ in range(3):
+        replay.next(2)
+    assert json.loads((latest / "driver.json").read_text())["sampler"] == replay.state()
+
+
+def test_warm_start_is_rebuilt_when_what_it_was_built_from_changes(ray_cluster, tiny_models, tmp_path, caplog):
+    """Before, an existing warm-start model was reused whatever its steps, learning rate, fraction
+    or base policy."""
+    from pathlib import Path
+
+    from cluster.metrics import MetricsLogger
+    from cluster.train import Trainer
+    from docvqa.data import load_train_eval
+
+    def warm_start(learning_rate: float) -> Path:
+        cfg = load_config(None, _overrides(tmp_path, tiny_models, "trainer.warm_start.steps=2",
+                                           "trainer.warm_start.batch_size=2", "trainer.warm_start.max_eval_questions=0",
+                                           f"trainer.warm_start.learning_rate={learning_rate}"))
+        trainer = Trainer(cfg)
+        trainer.train_set, trainer.eval_set, trainer.corpus = load_train_eval(cfg.data, tmp_path)
+        trainer.metrics = MetricsLogger(tmp_path / "logs", tensorboard=False, ray_metrics=False)
+        try:
+            return Path(trainer.warm_start(str(tiny_models["policy"]))) / "model.safetensors"
+        finally:
+            trainer.metrics.close()
+
+    weights = warm_start(1e-3)
+    first_bytes, first_mtime = weights.read_bytes(), weights.stat().st_mtime_ns
+    assert warm_start(1e-3).stat().st_mtime_ns == first_mtime  # the same settings: reused
+    with caplog.at_level("WARNING", logger="cluster.train"):
+        changed = warm_start(5e-3)
+    assert "what it was built from changed (warm_start)" in caplog.text
+    assert changed.read_bytes() != first_bytes

@@ -1,0 +1,116 @@
+"""The driver's pure pieces, without Ray: the question sampler, per-request sampling seeds and the
+held-out metrics that count every question."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cluster.train import QuestionSampler, ScoredRollouts, heldout_metrics, request_seed
+from docvqa.sample import DocVQASample
+from reward.types import ScoreResult
+
+
+def _questions(n: int, repeat_ids: bool = False) -> list[DocVQASample]:
+    return [DocVQASample(f"q{i % 3 if repeat_ids else i}", f"question {i}", ("a",), "d", "d/p1", ("d/p1",))
+            for i in range(n)]
+
+
+def _indices(sampler: QuestionSampler, batch: list[DocVQASample]) -> list[int]:
+    return [next(i for i, s in enumerate(sampler.samples) if s is q) for q in batch]
+
+
+@pytest.mark.parametrize("num_questions,per_step", [(250, 16), (7, 3), (5, 4), (6, 6), (3, 2)])
+def test_a_step_never_holds_a_question_twice_and_every_epoch_holds_each_once(num_questions, per_step):
+    sampler = QuestionSampler(_questions(num_questions), seed=0)
+    drawn: list[int] = []
+    for _ in range(40):
+        batch = _indices(sampler, sampler.next(per_step))
+        assert len(set(batch)) == per_step, batch
+        drawn += batch
+    full_epochs = len(drawn) // num_questions
+    for e in range(full_epochs):
+        assert sorted(drawn[e * num_questions:(e + 1) * num_questions]) == list(range(num_questions))
+
+
+def test_the_old_sampler_repeated_a_question_at_the_epoch_boundary_of_the_issue():
+    """250 questions at 16 per step: the plain epoch-after-epoch order holds a question twice in
+    step 16 (the case reported); the sampler's deferral does not."""
+    def plain_order(epoch):
+        order = list(range(250))
+        random.Random(f"0-{epoch}").shuffle(order)
+        return order
+
+    stream = plain_order(0) + plain_order(1)
+    step16 = stream[15 * 16:16 * 16]
+    assert len(set(step16)) < 16  # what the fixed sampler must avoid
+    sampler = QuestionSampler(_questions(250), seed=0)
+    for _ in range(15):
+        sampler.next(16)
+    assert len(set(_indices(sampler, sampler.next(16)))) == 16
+
+
+def test_sampler_state_resumes_exactly_across_an_epoch_boundary():
+    samples = _questions(7)
+    a = QuestionSampler(samples, seed=3)
+    for _ in range(2):
+        a.next(3)
+    state = a.state()  # position 6 of 7: the next draw crosses into epoch 1
+    expected = [_indices(a, a.next(3)) for _ in range(5)]
+    b = QuestionSampler(samples, seed=3)
+    b.load(state)
+    assert [_indices(b, b.next(3)) for _ in range(5)] == expected
+    crossing = QuestionSampler(samples, seed=3)
+    crossing.load(state)
+    crossing.next(3)
+    resumed = QuestionSampler(samples, seed=3)
+    resumed.load(crossing.state())  # saved inside epoch 1, with its deferred questions
+    assert crossing.state()["deferred"] and [_indices(resumed, resumed.next(3)) for _ in range(4)] == expected[1:]
+
+
+def test_repeated_question_ids_are_distinct_questions_to_the_sampler():
+    sampler = QuestionSampler(_questions(6, repeat_ids=True), seed=0)
+    batch = sampler.next(6)
+    assert sorted(q.question for q in batch) == sorted(f"question {i}" for i in range(6))
+
+
+def test_more_prompts_per_step_than_questions_is_refused_by_name():
+    with pytest.raises(ValueError, match="trainer.prompts_per_step=4 exceeds the 3 training questions"):
+        QuestionSampler(_questions(3), seed=0).next(4)
+
+
+def test_request_seeds_differ_by_question_and_step_and_repeat_exactly():
+    seeds = {request_seed(0, 0, f"step-{s}", i) for s in range(1, 51) for i in range(64)}
+    assert len(seeds) == 50 * 64
+    assert request_seed(0, 0, "step-3", 5) == request_seed(0, 0, "step-3", 5)
+    assert request_seed(0, 0, "step-3", 5) != request_seed(1, 0, "step-3", 5)  # the run seed matters
+    assert request_seed(0, 0, "step-3", 5) != request_seed(0, 1, "step-3", 5)  # so does rollout.sampling.seed
+    assert request_seed(0, None, "step-3", 5) is None  # unseeded sampling stays unseeded
+    # vLLM seeds answer j with seed + j: the ranges of a step's requests (n <= 64) never overlap
+    ordered = sorted(request_seed(0, 0, "step-1", i) for i in range(256))
+    assert min(b - a for a, b in zip(ordered, ordered[1:])) > 64
+    assert all(0 <= s < 2 ** 62 for s in seeds)
+
+
+def _score(i, j, anls, error=None):
+    return ScoreResult(f"q{i}", reward=anls, components={"anls": anls, "exact_match": float(anls == 1.0)},
+                       error=error, sample_index=i, response_index=j)
+
+
+def test_heldout_metrics_count_every_question_and_skipped_ones_score_zero():
+    questions = _questions(5)
+    scored = ScoredRollouts(questions, [("d/p1",)] * 5)
+    scored.results = {0: object(), 1: object(), 2: object(), 4: object()}  # question 3: refused by the rollout
+    scored.scores = {0: [_score(0, 0, 1.0), _score(0, 1, 0.5)], 1: [_score(1, 0, 0.0)], 2: [_score(2, 0, 1.0)],
+                     4: [_score(4, 0, 0.6, error="user fn failed")]}
+    scored.skipped = {3: "prompt too long", 4: "user fn failed"}
+    out = heldout_metrics(scored)
+    # hand-worked: question means 0.75, 0, 1, (0), (0) over 5 questions
+    assert out["eval/anls"] == pytest.approx((0.75 + 0.0 + 1.0) / 5)
+    assert out["eval/exact_match"] == pytest.approx((0.5 + 0.0 + 1.0) / 5)
+    assert out["eval/mean"] == pytest.approx(1.75 / 5)
+    assert out["eval/questions"] == 5 and out["eval/skipped_rollout"] == 1 and out["eval/skipped_reward"] == 1
+    assert scored.kept() == [0, 1, 2]
+    nothing = ScoredRollouts(questions[:2], [(), ()], skipped={0: "x", 1: "y"})
+    assert heldout_metrics(nothing)["eval/mean"] == 0.0 and "eval/anls" not in heldout_metrics(nothing)
