@@ -181,7 +181,7 @@ def actor_round_trip(reqs, cfg, repeats):
     import ray
 
     from cluster.ray_setup import init_ray
-    from reward.actor import RewardPool
+    from reward.group import RewardPool
 
     init_ray(num_cpus=2)
     pool = RewardPool(cfg.model_copy(update={"num_actors": 1, "batch_size": len(reqs)}), num_cpus_per_actor=1)

@@ -41,7 +41,6 @@ def start_server(work: Path, max_tokens: int) -> tuple[str, list[str], str]:
     from ray import serve
     from transformers import Qwen2VLForConditionalGeneration
 
-    from cluster.checkpoint import write_policy
     from cluster.config import load_config
     from cluster.ray_setup import init_ray
     from deploy.app import build_application, wait_until_running
@@ -52,6 +51,7 @@ def start_server(work: Path, max_tokens: int) -> tuple[str, list[str], str]:
     from retriever.config import RetrieverConfig
     from retriever.group import RetrieverGroup
     from rollout.parity import random_lora_adapter
+    from rollout.policy import write_policy
 
     models = build_tiny_models(ROOT / "artifacts" / "tiny-models")
     files = generate_corpus(work / "data", num_documents=16, seed=0, level="realistic", val_fraction=0.1)

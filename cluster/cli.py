@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from feedback.cli import add_parser as add_feedback_parser
 
-    add_feedback_parser(sub, _add_config_args)
+    add_feedback_parser(sub, _add_config_args, _load)
     return parser
 
 

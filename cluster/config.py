@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from cluster.schema import Section
+from common.schema import Section
 from deploy.config import ServeConfig
 from docvqa.config import DataConfig
 from feedback.config import FeedbackConfig

@@ -36,13 +36,3 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         runtime_env=env,
         log_to_driver=True,
     )
-
-
-def get_with_timeout(refs, timeout_s: float, what: str):
-    """`ray.get` that fails with a message naming what was awaited instead of hanging."""
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"{what} did not finish within {timeout_s:g}s; an actor may be waiting for resources "
-                           f"(`ray status` lists pending demands) or stuck (see its log in the Ray dashboard or "
-                           f"/tmp/ray/session_latest/logs)") from None

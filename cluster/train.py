@@ -1,6 +1,6 @@
 """`docrl train`: the PPO/GRPO loop for retrieval-augmented document QA, as a Ray job.
 
-    python -m cluster.train --config configs/tiny.yaml [KEY=VALUE ...] [--resume]
+    docrl train --config configs/tiny.yaml [KEY=VALUE ...] [--resume]
 
 One step, in the order the code runs it:
 
@@ -34,15 +34,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.checkpoint import CheckpointManager, write_policy
+from cluster.checkpoint import CheckpointManager
 from cluster.config import DocRLConfig
 from cluster.metrics import MetricsLogger, plot_report, read_jsonl, training_summary
-from cluster.ray_setup import get_with_timeout, init_ray
+from cluster.ray_setup import init_ray
+from common.ray_helpers import get_with_timeout
 from docvqa.data import load_train_eval
 from docvqa.sample import DocVQASample
 from docvqa.tiny_models import resolve_model
 from learner.types import TrainBatch
 from reward.types import ScoreResult
+from rollout.policy import write_policy
 from rollout.types import RolloutResult
 
 log = logging.getLogger(__name__)
@@ -192,7 +194,7 @@ class Trainer:
         from cluster.placement import place_roles
         from learner.group import LearnerGroup
         from retriever.group import RetrieverGroup
-        from reward.actor import RewardPool
+        from reward.group import RewardPool
         from rollout.group import RolloutGroup
 
         cfg = self.cfg
@@ -499,13 +501,3 @@ class Trainer:
                 obj.shutdown()
         if getattr(self, "placement", None):
             release(self.placement)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from cluster.cli import main as cli_main
-
-    return cli_main(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

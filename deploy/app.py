@@ -11,8 +11,9 @@ through the same engine and chat template (`RolloutEngine.prepare_chat`). `Engin
 engine in a background thread, so concurrent requests share engine steps and tokens stream as
 they are sampled.
 
-Entry points: `build_app` (the import path `deploy.app:build_app` of `serve deploy
-deploy/serve_config.yaml`) and `serve_app` (what `docrl serve` runs).
+Entry points: `serve_app` (what `docrl serve` runs) and `build_application`, which
+`cluster.serve_entry:build_app` (the import path of `serve deploy deploy/serve_config.yaml`) calls
+with the whole docrl config.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def served_lora_rank(adapter_dir: str) -> int:
 
 @serve.deployment(name="policy")
 class Policy:
-    """vLLM over the trained policy (`cluster.checkpoint.resolve_policy`'s answer), in-process in
+    """vLLM over the trained policy (`rollout.policy.resolve_policy`'s answer), in-process in
     this replica, driven by an `EngineLoop`."""
 
     def __init__(self, policy: dict, rollout_cfg: RolloutConfig, num_threads: int, seed: int):
@@ -486,7 +487,7 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     `share_models_of`: the name of a running application of this module whose retriever and
     policy deployments this one uses instead of starting its own (an ingress with other settings,
     e.g. another key or feedback database, over the same models; `index_dir` is then unused)."""
-    from cluster.checkpoint import resolve_policy
+    from rollout.policy import resolve_policy
     from docvqa.tiny_models import resolve_model
     from retriever.index import read_manifest
 
@@ -538,22 +539,6 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     policy_app = Policy.options(**sc.policy.serve_options()).bind(
         policy, rollout_cfg, int(max(1, sc.policy.num_cpus)), cfg.run.seed)
     return ingress.bind(retriever, policy_app, settings)
-
-
-BUILD_ARGS = {"checkpoint", "index", "config", "overrides", "base_dir"}
-
-
-def build_app(args: dict):
-    """`serve deploy` / `serve run` entry point (import path `deploy.app:build_app`). Args:
-    checkpoint, index (required); config (a docrl YAML), overrides (a list of KEY=VALUE), base_dir."""
-    from cluster.config import load_config
-
-    problems = [f"unknown {', '.join(sorted(set(args) - BUILD_ARGS))}"] if set(args) - BUILD_ARGS else []
-    problems += [f"missing {', '.join(sorted({'checkpoint', 'index'} - set(args)))}"] if {"checkpoint", "index"} - set(args) else []
-    if problems:
-        raise ValueError(f"deploy.app:build_app args: {'; '.join(problems)} (known: {', '.join(sorted(BUILD_ARGS))})")
-    cfg = load_config(args.get("config"), list(args.get("overrides") or []))
-    return build_application(cfg, args["checkpoint"], args["index"], args.get("base_dir"))
 
 
 def wait_until_running(names: list[str], timeout_s: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from cluster.schema import Section
+from common.schema import Section
 
 
 class AutoscalingConfig(Section):

@@ -98,11 +98,11 @@ def cmd_migrate(args, cfg) -> int:
     return 0
 
 
-def run(args) -> int:
-    from cluster.config import load_config
+def run(args, cfg) -> int:
+    """`cfg` is the whole docrl config (the caller loads it: the feedback role does not know the
+    other roles' sections)."""
     from feedback.store import FeedbackError
 
-    cfg = load_config(args.config, args.overrides)
     try:
         return {"export": cmd_export, "stats": cmd_stats, "migrate": cmd_migrate}[args.feedback_command](args, cfg)
     except FeedbackError as e:
@@ -110,8 +110,9 @@ def run(args) -> int:
         return 2
 
 
-def add_parser(sub, add_config_args) -> None:
-    """Register `docrl feedback ...` on the main parser's subparsers."""
+def add_parser(sub, add_config_args, load_config) -> None:
+    """Register `docrl feedback ...` on the main parser's subparsers; `load_config(args)` gives the
+    docrl config of the parsed arguments."""
     p = sub.add_parser("feedback", help="the human feedback loop: export rated answers as training data, stats")
     fsub = p.add_subparsers(dest="feedback_command", required=True)
 
@@ -131,4 +132,4 @@ def add_parser(sub, add_config_args) -> None:
     m = fsub.add_parser("migrate", help="bring the feedback database's schema to the latest version")
     add_config_args(m)
     for parser in (e, s, m):
-        parser.set_defaults(func=run)
+        parser.set_defaults(func=lambda args: run(args, load_config(args)))

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from cluster.schema import Section
+from common.schema import Section
 
 
 class FeedbackConfig(Section):

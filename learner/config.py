@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cluster.schema import Section
+from common.schema import Section
 
 
 class LoraConfig(Section):

@@ -1,7 +1,7 @@
 """LearnerGroup: the DeepSpeed learner ranks, seen from the driver, and the PPO/GRPO update.
 
 The driver side owns the algorithm (the plan, the advantages, the metrics: `learner.update`); the
-ranks (`learner.worker.LearnerRank` Ray actors in a placement group, or one in-process
+ranks (`learner.rank.LearnerRank` Ray actors in a placement group, or one in-process
 `LearnerWorker` with `local=True`, for tests and single-process runs) own the model and do the
 forward/backward passes. One `update(batch)`:
 
@@ -70,7 +70,7 @@ class LearnerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from learner.worker import LearnerRank
+        from learner.rank import LearnerRank
 
         cfg = self.cfg
         bundle = {"CPU": cfg.num_cpus_per_rank}

@@ -1,4 +1,4 @@
-"""One DeepSpeed learner rank: `LearnerWorker` (a plain object) and `LearnerRank` (its Ray shell).
+"""One DeepSpeed learner rank as a plain object, `LearnerWorker` (its Ray shell is `learner.rank.LearnerRank`).
 
 A rank holds the policy + value model in one DeepSpeed engine (ZeRO-2 or ZeRO-3, fp32 or bf16,
 a client `torch.optim.AdamW` with a policy and a value param group, so no FusedAdam JIT), the
@@ -34,9 +34,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 
+from common.ray_helpers import free_port
 from learner import update as U
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.model import ActorCritic, InputBuilder, build_models, forward_outputs, is_peft, unwrap
@@ -45,14 +45,6 @@ from learner.types import Experience
 log = logging.getLogger(__name__)
 
 DS_TAG = "state"  # DeepSpeed checkpoint tag inside a docrl checkpoint directory
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -438,75 +430,3 @@ def finalize_directory(tmp_dir: str, final_dir: str) -> str:
     if old.exists():
         shutil.rmtree(old)
     return str(final)
-
-
-# ---------------------------------------------------------------------------------------------
-# the Ray shell
-
-
-@ray.remote
-class LearnerRank:
-    """Ray actor around one LearnerWorker. Construction is cheap; `setup` builds the worker once
-    the driver knows the rendezvous address (rank 0's node and a free port there)."""
-
-    def __init__(self):
-        self.worker: LearnerWorker | None = None
-
-    def node_info(self) -> dict:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-                "free_port": port, "pid": os.getpid()}
-
-    def setup(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, rank: int, world_size: int,
-              local_rank: int, master_addr: str, master_port: int, seed: int, num_threads: int,
-              sampling_temperature: float = 1.0) -> bool:
-        torch.set_num_threads(max(1, num_threads))
-        self.worker = LearnerWorker(policy_path, cfg, algo, rank=rank, world_size=world_size, local_rank=local_rank,
-                                    master_addr=master_addr, master_port=master_port, seed=seed,
-                                    sampling_temperature=sampling_temperature)
-        return True
-
-    def describe(self) -> dict:
-        """Where this rank runs and what it got from Ray (placement and GPU tests, debugging)."""
-        ctx = ray.get_runtime_context()
-        return {"rank": self.worker.rank, "world_size": self.worker.world_size, "device": str(self.worker.device),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "placement_group_id": ctx.get_placement_group_id(),
-                "node_id": ctx.get_node_id(), "master_addr": os.environ.get("MASTER_ADDR"), "pid": os.getpid()}
-
-    def score(self, experiences, micro_batches):
-        return self.worker.score(experiences, micro_batches)
-
-    def train(self, experiences, targets, schedule):
-        return self.worker.train(experiences, targets, schedule)
-
-    def learning_rates(self):
-        return self.worker.learning_rates()
-
-    def param_hash(self):
-        return self.worker.param_hash()
-
-    def trainable_state(self):
-        return self.worker.trainable_state()
-
-    def full_state_dict_numpy(self):
-        """Rank 0 returns numpy arrays (fast through the object store); others None."""
-        from rollout.weight_sync import to_numpy
-
-        named = self.worker.full_state_dict()
-        return to_numpy(named) if self.worker.rank == 0 else None
-
-    def save_adapter(self, final_dir, keep=3):
-        return self.worker.save_adapter(final_dir, keep)
-
-    def finalize_checkpoint(self, tmp_dir, final_dir, meta):
-        return self.worker.finalize_checkpoint(tmp_dir, final_dir, meta)
-
-    def save_checkpoint(self, directory, client_state=None):
-        return self.worker.save_checkpoint(directory, client_state)
-
-    def load_checkpoint(self, directory):
-        return self.worker.load_checkpoint(directory)

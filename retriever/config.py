@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from cluster.schema import Section
+from common.schema import Section
 
 
 class RetrieverConfig(Section):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ray
 
-from cluster.ray_setup import get_with_timeout
+from common.ray_helpers import get_with_timeout
 from docvqa.sample import Page
 from retriever.actor import RetrieverActor
 from retriever.config import RetrieverConfig

@@ -1,5 +1,5 @@
 """Rewards: pure scoring functions (`reward.metrics`, `reward.extract`, `reward.scoring`) and the
-Ray reward actors (`reward.actor`, imported separately so the pure parts never import Ray)."""
+Ray reward actors and their pool (`reward.actor`, `reward.group`, imported separately so the pure parts never import Ray)."""
 
 from reward.config import RewardConfig
 from reward.extract import extract_answer

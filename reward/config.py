@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cluster.schema import Section
+from common.schema import Section
 from reward.metrics import AnlsLength
 from reward.types import COMPONENT_NAMES
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cluster.schema import Section
+from common.schema import Section
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that answers questions about document pages."
 DEFAULT_INSTRUCTION = "Answer the question using a single word or phrase from the page."

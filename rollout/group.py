@@ -8,26 +8,19 @@ before it serves; its share of the batch is retried, not lost.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Sequence
 
 import ray
 import torch
 
-from cluster.ray_setup import get_with_timeout
+from common.ray_helpers import free_port, get_with_timeout
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.types import GenerateOutput, RolloutRequest
 from rollout.weight_sync import WeightSyncGroup, metas_of, to_numpy
 from rollout.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RolloutGroup:

@@ -60,21 +60,6 @@ def perturbed_state_dict(model_dir: str | Path, scale: float = 0.5, seed: int = 
     return out
 
 
-def write_model_copy(model_dir: str | Path, tensors: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
-    """A copy of a checkpoint directory with its weights replaced (same names, one safetensors file)."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in Path(model_dir).iterdir():  # configs, tokenizer, processor, chat template; not the weights
-        if f.is_file() and f.suffix in (".json", ".jinja", ".txt") and f.name != "model.safetensors.index.json":
-            shutil.copy2(f, out / f.name)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
 def random_lora_adapter(model, out_dir: str | Path, r: int = 8, seed: int = 0, target_modules=("q_proj", "v_proj")):
     """A peft LoRA on the language model with non-zero random A and B (a fresh LoRA is a no-op)."""
     from peft import LoraConfig, get_peft_model
@@ -124,6 +109,7 @@ def run_doctor(policy_path: str, rollout_cfg, lora_rank: int = 8, timeout_s: flo
     from rollout.group import RolloutGroup
     from rollout.prompts import fit_image
     from rollout.types import RolloutRequest
+    from rollout.weights import write_model_copy
 
     report: dict = {}
     work = Path(tempfile.mkdtemp(prefix="docrl-doctor-"))

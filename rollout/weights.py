@@ -60,3 +60,18 @@ def check_lora_adapter(adapter_dir: str | Path, max_rank: int | None, who: str) 
     if int(cfg.get("r", 0)) > max_rank:
         raise ValueError(f"{who}: LoRA push refused: adapter rank {cfg.get('r')} > the engine's max_lora_rank {max_rank}")
     return cfg
+
+
+def write_model_copy(model_dir: str | Path, tensors: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """A copy of a checkpoint directory with its weights replaced (same names, one safetensors file)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(model_dir).iterdir():  # configs, tokenizer, processor, chat template; not the weights
+        if f.is_file() and f.suffix in (".json", ".jinja", ".txt") and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, out / f.name)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

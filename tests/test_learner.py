@@ -522,7 +522,7 @@ def test_exports_reproduce_the_learner_logprobs(policy, experiences, tmp_path):
     from peft import PeftModel
     from safetensors import safe_open
 
-    from rollout.parity import write_model_copy
+    from rollout.weights import write_model_copy
 
     group = _group(policy, _config(value_model="none"), AlgorithmConfig(minibatch_size=6, kl_coef=0.0),
                    export_dir=str(tmp_path / "exports"))
@@ -547,7 +547,7 @@ def test_exports_reproduce_the_learner_logprobs(policy, experiences, tmp_path):
 
 
 def test_full_fine_tuning_export_and_frozen_reference(policy, experiences, tmp_path):
-    from rollout.parity import write_model_copy
+    from rollout.weights import write_model_copy
 
     algo = AlgorithmConfig(advantage="grpo", minibatch_size=6, kl_coef=0.1, kl_in="loss")
     group = _group(policy, _config(lora={"enabled": False}, value_model="none", learning_rate=1e-3), algo)

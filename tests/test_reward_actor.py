@@ -40,7 +40,7 @@ def make_requests(n: int, question: str = "Who?") -> list[ScoreRequest]:
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster):
-    from reward.actor import RewardPool
+    from reward.group import RewardPool
 
     p = RewardPool(CONFIG, actor_options={"runtime_env": {"env_vars": {"PYTHONPATH": TESTS_DIR}}})
     yield p

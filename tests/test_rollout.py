@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from rollout.config import RolloutConfig, SamplingConfig
-from rollout.parity import (perturbed_state_dict, random_lora_adapter, reference_logprobs, sampled_parity,
-                            write_model_copy)
+from rollout.parity import perturbed_state_dict, random_lora_adapter, reference_logprobs, sampled_parity
+from rollout.weights import write_model_copy
 from rollout.prompts import build_chat_text
 from rollout.types import RolloutRequest
 

@@ -38,9 +38,9 @@ def lora_checkpoint(policy: str, work, version: int = 3):
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    from cluster.checkpoint import write_policy
     from learner.types import ExportedWeights
     from rollout.parity import random_lora_adapter
+    from rollout.policy import write_policy
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(policy, dtype=torch.float32)
     random_lora_adapter(model, work / "adapter", r=8)
@@ -65,13 +65,13 @@ def served(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
     """Checkpoints and indexes built once; both applications started together; Serve shut down at the end."""
     from ray import serve
 
-    from cluster.checkpoint import write_policy
     from cluster.config import load_config
     from deploy.app import build_application, wait_until_running
     from docvqa.loaders import load_docvqa_json
     from learner.types import ExportedWeights
     from retriever.index import load_index, save_index
     from rollout.parity import perturbed_state_dict
+    from rollout.policy import write_policy
 
     work = tmp_path_factory.mktemp("serve")
     policy = str(tiny_models["policy"])
@@ -293,6 +293,6 @@ def test_serve_deploy_yaml_builds_the_same_application(tiny_models):
     path = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     (app,) = schema.applications
-    assert app.import_path == "deploy.app:build_app"
+    assert app.import_path == "cluster.serve_entry:build_app"
     assert {"checkpoint", "index", "config"} <= set(app.args)
     assert schema.http_options.host == "127.0.0.1"

@@ -197,7 +197,7 @@ def test_serve_config_options_and_rules():
 
 
 def test_build_app_names_missing_and_unknown_args():
-    from deploy.app import build_app
+    from cluster.serve_entry import build_app
 
     with pytest.raises(ValueError, match="unknown chekpoint; missing checkpoint"):
         build_app({"chekpoint": "x", "index": "y"})

@@ -131,8 +131,9 @@ def test_async_mode_through_actor_faults_and_an_interrupt(ray_cluster, tiny_mode
     restarted and re-synced, the reward actor replaced, the batch retried: no step or sample lost),
     then SIGINT during step 3's weight push (on the rollout thread): step 3 completes, its
     checkpoint is written, with the sampler state from before the batch drawn ahead."""
-    from cluster.checkpoint import CheckpointManager, resolve_policy
+    from cluster.checkpoint import CheckpointManager
     from cluster.train import QuestionSampler, Trainer
+    from rollout.policy import resolve_policy
 
     ray = ray_cluster
     trainer = Trainer(load_config(None, _overrides(tmp_path, tiny_models, "trainer.mode=async", "trainer.total_steps=4",

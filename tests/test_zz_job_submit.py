@@ -89,7 +89,7 @@ def test_ray_job_submit_trains_the_tiny_preset(tiny_models, tmp_path):
         while True:  # the dashboard answers before the head's job agent is up ("No available agent")
             submit = subprocess.run(
                 [str(venv_bin / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--no-wait",
-                 "--", "python", "-m", "cluster.train", "--config", "configs/tiny.yaml", *overrides],
+                 "--", "python", "-m", "cluster.cli", "train", "--config", "configs/tiny.yaml", *overrides],
                 env=env, capture_output=True, text=True, timeout=180)
             if submit.returncode == 0 or "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
                 break

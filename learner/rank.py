@@ -1,0 +1,76 @@
+"""LearnerRank: one DeepSpeed rank of the learner group, a thin Ray actor over `LearnerWorker`."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+import torch
+
+from common.ray_helpers import free_port
+from learner.config import AlgorithmConfig, LearnerConfig
+from learner.worker import LearnerWorker
+
+
+@ray.remote
+class LearnerRank:
+    """Ray actor around one LearnerWorker. Construction is cheap; `setup` builds the worker once
+    the driver knows the rendezvous address (rank 0's node and a free port there)."""
+
+    def __init__(self):
+        self.worker: LearnerWorker | None = None
+
+    def node_info(self) -> dict:
+        # any interface: with ranks on several nodes, the others connect to rank 0's node address
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "free_port": free_port(""), "pid": os.getpid()}
+
+    def setup(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, rank: int, world_size: int,
+              local_rank: int, master_addr: str, master_port: int, seed: int, num_threads: int,
+              sampling_temperature: float = 1.0) -> bool:
+        torch.set_num_threads(max(1, num_threads))
+        self.worker = LearnerWorker(policy_path, cfg, algo, rank=rank, world_size=world_size, local_rank=local_rank,
+                                    master_addr=master_addr, master_port=master_port, seed=seed,
+                                    sampling_temperature=sampling_temperature)
+        return True
+
+    def describe(self) -> dict:
+        """Where this rank runs and what it got from Ray (placement and GPU tests, debugging)."""
+        ctx = ray.get_runtime_context()
+        return {"rank": self.worker.rank, "world_size": self.worker.world_size, "device": str(self.worker.device),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "placement_group_id": ctx.get_placement_group_id(),
+                "node_id": ctx.get_node_id(), "master_addr": os.environ.get("MASTER_ADDR"), "pid": os.getpid()}
+
+    def score(self, experiences, micro_batches):
+        return self.worker.score(experiences, micro_batches)
+
+    def train(self, experiences, targets, schedule):
+        return self.worker.train(experiences, targets, schedule)
+
+    def learning_rates(self):
+        return self.worker.learning_rates()
+
+    def param_hash(self):
+        return self.worker.param_hash()
+
+    def trainable_state(self):
+        return self.worker.trainable_state()
+
+    def full_state_dict_numpy(self):
+        """Rank 0 returns numpy arrays (fast through the object store); others None."""
+        from rollout.weight_sync import to_numpy
+
+        named = self.worker.full_state_dict()
+        return to_numpy(named) if self.worker.rank == 0 else None
+
+    def save_adapter(self, final_dir, keep=3):
+        return self.worker.save_adapter(final_dir, keep)
+
+    def finalize_checkpoint(self, tmp_dir, final_dir, meta):
+        return self.worker.finalize_checkpoint(tmp_dir, final_dir, meta)
+
+    def save_checkpoint(self, directory, client_state=None):
+        return self.worker.save_checkpoint(directory, client_state)
+
+    def load_checkpoint(self, directory):
+        return self.worker.load_checkpoint(directory)

@@ -1,0 +1,54 @@
+"""A servable policy: what a checkpoint's `policy/` folder holds, written by the trainer and read by
+Serve (and by anyone who continues from it), so that neither imports the other."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from rollout.weights import write_model_copy
+
+POLICY_SPEC = "docrl_policy.json"
+
+
+def write_policy(out_dir: str | Path, base_model: str, exported, step: int) -> Path:
+    """Write the policy of `exported` (learner.types.ExportedWeights) as something a server loads:
+
+        <out_dir>/docrl_policy.json   {"kind", "base_model", "weights_version", "step"}
+        <out_dir>/adapter/            kind "lora": a peft adapter directory, served on `base_model`
+        <out_dir>/model/              kind "full": a complete HF model directory (configs, processor,
+                                      tokenizer, chat template, model.safetensors)
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if exported.kind == "lora":
+        shutil.copytree(exported.adapter_dir, out / "adapter", dirs_exist_ok=True)
+    else:
+        write_model_copy(base_model, exported.tensors, out / "model")
+    spec = {"kind": exported.kind, "base_model": str(base_model), "weights_version": exported.version, "step": step}
+    (out / POLICY_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
+    return out
+
+
+def resolve_policy(path: str | Path) -> dict:
+    """What to serve for `path`: a run checkpoint (step-N/), its policy/ folder, or a plain HF model
+    directory. Returns {"kind": "full"|"lora", "model": HF dir or hub id, "adapter": dir or None,
+    "weights_version": int|None, "step": int|None}."""
+    p = Path(path)
+    if (p / "policy" / POLICY_SPEC).exists():
+        p = p / "policy"
+    if (p / POLICY_SPEC).exists():
+        spec = json.loads((p / POLICY_SPEC).read_text())
+        if spec["kind"] == "lora":
+            if not (p / "adapter" / "adapter_config.json").exists():
+                raise FileNotFoundError(f"{p}: {POLICY_SPEC} says kind 'lora' but adapter/adapter_config.json is missing")
+            return {"kind": "lora", "model": spec["base_model"], "adapter": str(p / "adapter"),
+                    "weights_version": spec.get("weights_version"), "step": spec.get("step")}
+        if not (p / "model" / "config.json").exists():
+            raise FileNotFoundError(f"{p}: {POLICY_SPEC} says kind 'full' but model/config.json is missing")
+        return {"kind": "full", "model": str(p / "model"), "adapter": None,
+                "weights_version": spec.get("weights_version"), "step": spec.get("step")}
+    if (p / "config.json").exists():
+        return {"kind": "full", "model": str(p), "adapter": None, "weights_version": None, "step": None}
+    raise FileNotFoundError(f"{path} is neither a docrl checkpoint (policy/{POLICY_SPEC}) nor a model directory (config.json)")
