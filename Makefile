@@ -9,7 +9,6 @@ EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 CONFIG ?= configs/tiny.yaml
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: setup demo test bench clean

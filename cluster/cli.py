@@ -24,9 +24,6 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="YAML config (default: built-in defaults = the tiny preset)")
@@ -319,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     from retriever.index import IndexLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the processors' tokenizers in forked workers
     parser = build_parser()
     # Overrides may come before or after options (`demo a.b=1 --config x`): argparse leaves the
     # ones after an option unparsed, so collect every KEY=VALUE left over.

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-# Ray rewrites 127.0.0.1 to the machine's interface address unless this is off. It
-# must be set before `ray` is imported anywhere in the process, so this module sets it on import.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-import ray  # noqa: E402
+# Ray 2.60 reads this flag when `ray` is imported and in every process it starts. Off ("0"), a
+# node advertises 127.0.0.1 instead of the machine's interface address, and joining other nodes
+# (`ray start --address`) is refused: right for a local single-machine cluster, wrong for a real
+# one. So it is set only where a local cluster is started, never on import.
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
@@ -18,21 +18,28 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     `num_gpus` on a local cluster may exceed the real count: Ray then schedules with fake GPUs,
     which is how tests exercise GPU placement on CPU machines (torch still sees none).
     """
+    import ray
+
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}}
-    if runtime_env:
-        env = {**runtime_env, "env_vars": {**env["env_vars"], **runtime_env.get("env_vars", {})}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
+    # The processes of the local cluster (GCS, raylet, dashboard, workers) inherit the environment;
+    # this process read the flag when it imported `ray`, possibly before now, and it chooses the
+    # node's address: tell its already-loaded constants too.
+    from ray._private import ray_constants
+
+    os.environ.update(LOOPBACK_ONLY)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    env_vars = {**LOOPBACK_ONLY, **(runtime_env or {}).get("env_vars", {})}
     ray.init(
         address="local",
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=include_dashboard,
         _node_ip_address="127.0.0.1",
-        runtime_env=env,
+        runtime_env={**(runtime_env or {}), "env_vars": env_vars},
         log_to_driver=True,
     )
