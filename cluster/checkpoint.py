@@ -47,11 +47,12 @@ class CheckpointManager:
         return final
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints, oldest first by when they were written (then by step): after a
+        resume from an earlier step, the new checkpoints are the newest whatever their numbers."""
         if not self.root.exists():
             return []
         found = [p for p in self.root.glob("step-*") if (p / MARKER).exists()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        return sorted(found, key=lambda p: (self.meta(p).get("time", 0.0), int(p.name.split("-")[1])))
 
     def latest(self) -> Path | None:
         done = self.complete()

@@ -25,8 +25,14 @@ import sys
 from pathlib import Path
 
 
+class CLIError(Exception):
+    """An expected failure of a command (bad input, a port in use): printed as one message, no traceback."""
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default=None, help="YAML config (default: built-in defaults = the tiny preset)")
+    p.add_argument("--config", "-c", default=None,
+                   help="YAML config (default: the built-in defaults of cluster/config.py: tiny random models, the "
+                        "realistic synthetic level, a local cluster; `make demo` uses configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. trainer.total_steps=20")
 
 
@@ -91,8 +97,15 @@ def cmd_index(args) -> int:
     cfg = _load(args)
     out = _index_dir(cfg, args)
     if args.folder:
+        if not Path(args.folder).is_dir():
+            raise CLIError(f"--folder {args.folder}: no such folder")
         report = ingest_folder(args.folder)
         pages, skipped = report.pages, report.skipped
+        if not pages:
+            for line in skipped:
+                print(f"skipped: {line}")
+            raise CLIError(f"--folder {args.folder}: no readable image or PDF page among {len(skipped)} file(s) "
+                           "(each is named above); nothing was indexed")
     else:
         train, evaluation, corpus = load_train_eval(cfg.data, cfg.run.output_dir)
         chosen = {"train": train, "eval": evaluation, "all": corpus}[args.split]
@@ -134,10 +147,24 @@ def cmd_retrieval_eval(args) -> int:
     return 0
 
 
+def ray_job_package_dir() -> Path | None:
+    """The working directory when it is Ray's unpacked copy of a job's `--working-dir` (under
+    .../runtime_resources/working_dir_files/_ray_pkg_...), which is deleted with the cluster."""
+    cwd = Path.cwd()
+    return cwd if any(part.startswith("_ray_pkg_") for part in cwd.parts) else None
+
+
 def cmd_train(args) -> int:
     from cluster.train import Trainer
 
     cfg = _load(args)
+    package = ray_job_package_dir()
+    if package is not None and not Path(cfg.run.output_dir).is_absolute():
+        raise CLIError(f"run.output_dir={cfg.run.output_dir} is relative, and this job runs in Ray's temporary copy "
+                       f"of the working dir ({package}), deleted with the cluster: give an absolute path on storage "
+                       "that outlives the job (shared by every node on a multi-node cluster), e.g. "
+                       f"run.output_dir=/mnt/shared/docrl/{Path(cfg.run.output_dir).name}")
+    print(f"docrl train: run directory {Path(cfg.run.output_dir).resolve()} (checkpoints, logs)", flush=True)
     trainer = Trainer(cfg)
     try:
         final = trainer.run(resume=args.resume)
@@ -157,7 +184,7 @@ def cmd_train(args) -> int:
         print(f"RL ({summary['train_steps']} steps): held-out ANLS {summary['anls_before_rl']:.3f} -> "
               f"{summary['anls_after_rl']:.3f} (gain {summary['anls_rl_gain']:+.3f}); exact match "
               f"{summary['exact_match_before_rl']:.3f} -> {summary['exact_match_after_rl']:.3f}")
-    print(f"logs, report.png, TensorBoard: {logs}   checkpoints: {Path(cfg.run.output_dir) / 'checkpoints'}")
+    print(f"logs, report.png, TensorBoard: {logs.resolve()}   checkpoints: {(logs.parent / 'checkpoints').resolve()}")
     return 0
 
 
@@ -190,6 +217,18 @@ def cmd_doctor(args) -> int:
     return 0 if ok else 1
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise CLIError(f"cannot listen on {host}:{port} ({e.strerror}): another program uses the port; "
+                           f"choose another with serve.port=PORT (or serve.host=...)") from None
+
+
 def cmd_serve(args) -> int:
     """Serve retrieval + the trained policy over HTTP (OpenAI-compatible) until Ctrl-C."""
     import signal
@@ -205,11 +244,14 @@ def cmd_serve(args) -> int:
     cfg = _load(args)
     checkpoint = args.checkpoint or CheckpointManager(Path(cfg.run.output_dir) / "checkpoints").latest()
     if checkpoint is None:
-        print(f"docrl serve: no --checkpoint given and no checkpoint in {cfg.run.output_dir}/checkpoints", file=sys.stderr)
-        return 2
+        raise CLIError(f"no --checkpoint given and no checkpoint in {cfg.run.output_dir}/checkpoints")
+    index_dir = _index_dir(cfg, args)
+    if not (Path(index_dir) / "manifest.json").exists():
+        raise CLIError(f"no page index at {index_dir} (build one with `docrl index`, or pass --index)")
+    _check_port_free(cfg.serve.host, cfg.serve.port)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
     try:
-        url = serve_app(cfg, str(checkpoint), _index_dir(cfg, args))
+        url = serve_app(cfg, str(checkpoint), index_dir)
     except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
         print(f"docrl serve: {e}", file=sys.stderr)
         return 2
@@ -241,6 +283,7 @@ def cmd_serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="docrl", description="RL fine-tuning for retrieval-augmented document QA on Ray")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of expected errors too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="validate and print a config")
@@ -310,10 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def expected_error(e: BaseException) -> BaseException | None:
+    """The user-facing cause of an expected failure (bad config, data, index, run directory, CLI
+    input), also when it was raised inside a Ray actor; None for anything else (a bug)."""
+    from ray.exceptions import RayTaskError
+
     from cluster.config import ConfigError
+    from cluster.train import RunDirectoryInUse
     from docvqa.loaders import DataError
     from retriever.index import IndexLoadError
+
+    expected = (CLIError, ConfigError, DataError, IndexLoadError, RunDirectoryInUse)
+    while isinstance(e, RayTaskError) and e.cause is not None:
+        e = e.cause
+    return e if isinstance(e, expected) else None
+
+
+def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the processors' tokenizers in forked workers
@@ -328,8 +384,16 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except (ConfigError, DataError, IndexLoadError) as e:
-        print(f"docrl: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"docrl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - expected failures get one message; anything else is a bug
+        cause = expected_error(e)
+        if cause is None or args.debug:
+            raise
+        print(f"docrl {args.command}: {cause}", file=sys.stderr)
         return 2
 
 

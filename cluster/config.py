@@ -66,6 +66,11 @@ class TrainerConfig(Section):
     save_every: int = Field(5, ge=0)
     keep_last: int = Field(2, ge=1)
     num_eval_examples_logged: int = Field(8, ge=0)
+    # Where training starts: a run checkpoint (step-N/), its policy/ folder, or a model directory,
+    # e.g. the checkpoint `docrl serve` serves. Its weights (a LoRA adapter merged into its base)
+    # become the policy, the rollout's start and the KL reference, in place of `learner.policy`.
+    # Null: start from `learner.policy`.
+    init_from: str | None = None
     warm_start: WarmStartConfig = WarmStartConfig()
 
 

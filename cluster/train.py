@@ -44,7 +44,7 @@ from docvqa.sample import DocVQASample
 from docvqa.tiny_models import resolve_model
 from learner.types import TrainBatch
 from reward.types import ScoreResult
-from rollout.policy import write_policy
+from rollout.policy import materialize_policy, write_policy
 from rollout.types import RolloutResult
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,24 @@ def heldout_metrics(scored: ScoredRollouts, prefix: str = "eval/") -> dict[str, 
     return out
 
 
+class RunDirectoryInUse(ValueError):
+    """`run.output_dir` holds another run's logs or checkpoints and the run is not a resume."""
+
+
+def refuse_previous_run(out: Path) -> None:
+    """Never write over another run: its metrics, report and summary would be replaced, and its
+    checkpoints pruned among the new ones."""
+    checkpoints = CheckpointManager(out / "checkpoints").complete()
+    logs = out / "logs" / "metrics.jsonl"
+    if not checkpoints and not logs.exists():
+        return
+    held = f"checkpoints up to {max(checkpoints, key=lambda p: p.name).name}" if checkpoints else str(logs)
+    start = f" trainer.init_from={max(checkpoints, key=lambda p: p.name)}" if checkpoints else ""
+    raise RunDirectoryInUse(
+        f"run.output_dir={out} already holds a training run ({held}). Continue it with --resume; or train from "
+        f"it in a new directory: run.output_dir={out}-2{start}; or delete {out} to start over")
+
+
 def request_seed(run_seed: int, sampling_seed: int | None, key: str, index: int) -> int | None:
     """vLLM's sampling seed of one request: a hash of (run seed, rollout.sampling.seed, step key,
     index in the step), so answers are independent across questions and steps, yet a run and its
@@ -198,7 +216,12 @@ class Trainer:
         from rollout.group import RolloutGroup
 
         cfg = self.cfg
+        if not resume:
+            refuse_previous_run(self.out)
         policy = resolve_model(cfg.learner.policy, "policy", cfg.run.models_dir)
+        if cfg.trainer.init_from:
+            policy = str(materialize_policy(cfg.trainer.init_from, self.out / "init_policy"))
+            log.info("starting from %s (trainer.init_from, as a complete model in %s)", cfg.trainer.init_from, policy)
         retriever_model = resolve_model(cfg.retriever.model, "retriever", cfg.run.models_dir)
         self.train_set, self.eval_set, self.corpus = load_train_eval(cfg.data, cfg.run.output_dir)
         self.sampler = QuestionSampler(self.train_set.samples, cfg.run.seed)

@@ -49,8 +49,10 @@ def _load_split(cfg: DataConfig, split: str, output_dir: str | Path) -> DocVQADa
     root = ensure_synthetic(cfg, output_dir) if cfg.source == "synthetic" else Path(cfg.path)
     annotation = _annotation_in(root, split)
     if annotation is None:
-        raise FileNotFoundError(f"data.{'train_split' if split == cfg.train_split else 'eval_split'}={split!r}: "
-                                f"none of {root / f'{split}_v1.0.json'}, {root / f'{split}.json'} exists")
+        key = "train_split" if split == cfg.train_split else "eval_split"
+        where = f"data.path={cfg.path!r}" if cfg.source != "synthetic" else f"the synthetic corpus in {root}"
+        raise DataError(f"data.{key}={split!r}: {where} has neither {split}_v1.0.json nor {split}.json"
+                        + ("" if root.is_dir() else f" ({root} is not a folder)"))
     return load_docvqa_json(annotation, image_root=cfg.image_root, on_bad=cfg.on_bad_sample)
 
 

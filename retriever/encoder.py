@@ -47,6 +47,41 @@ def infer_model_class(model: str) -> str:
                      f"to one of {', '.join(MODEL_CLASSES)}")
 
 
+def model_identity(model: str) -> str:
+    """What the model IS, not where it lies: for a local directory, a hash of every file's name,
+    size and content (small files whole; large weight files by their safetensors header, which
+    names every tensor's shape and offsets, plus their first and last MiB), so the same files at
+    another path are the same model and an edited or re-trained one is not; for a hub id, the id at
+    the cached snapshot's revision when one is cached, else the id."""
+    import hashlib
+
+    root = Path(model)
+    if not root.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            return f"{model}@{Path(snapshot_download(model, local_files_only=True)).name}"
+        except Exception:  # noqa: BLE001 - not cached, offline, not a hub id: the id is all we know
+            return model
+    digest = hashlib.sha256()
+    chunk = 1 << 20
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(root)}\0{size}\n".encode())
+        with f.open("rb") as fh:
+            if size <= 4 * chunk:
+                digest.update(fh.read())
+                continue
+            if f.suffix == ".safetensors":
+                header_len = int.from_bytes(fh.read(8), "little")
+                digest.update(fh.read(min(header_len, 64 * chunk)))
+            fh.seek(0)
+            digest.update(fh.read(chunk))
+            fh.seek(size - chunk)
+            digest.update(fh.read(chunk))
+    return digest.hexdigest()
+
+
 class PageEncoder:
     """Embeds page images and query texts as L2-normalized multi-vectors."""
 
@@ -62,13 +97,15 @@ class PageEncoder:
         self.processor = proc_cls.from_pretrained(model, **proc_kwargs)
         self.model = model_cls.from_pretrained(model, dtype=self.dtype).to(self.device).eval()
         self.dim = int(self.model.dim)
+        self.identity = model_identity(model)
 
     def settings(self) -> dict:
         """What an index records so that searching it with another model is refused."""
         from rollout.prompts import pixel_bounds
 
         min_pixels, max_pixels = pixel_bounds(self.processor.image_processor)
-        return {"model": self.model_id, "family": self.family, "dim": self.dim, "dtype": str(self.dtype).removeprefix("torch."),
+        return {"model": self.model_id, "model_identity": self.identity, "family": self.family, "dim": self.dim,
+                "dtype": str(self.dtype).removeprefix("torch."),
                 "max_pixels": max_pixels, "min_pixels": min_pixels}
 
     @torch.inference_mode()

@@ -35,7 +35,9 @@ from retriever.maxsim import maxsim_scores, prepare_pages, rerank_shortlist, top
 FORMAT = "docrl-page-index"
 VERSION = 1
 # Settings that must agree between the index and the encoder searching it.
-COMPATIBILITY_KEYS = ("model", "family", "dim", "max_pixels", "min_pixels")
+# "model_identity" (retriever.encoder.model_identity) tells models apart by their files; "model",
+# the path or hub id, is only compared for indexes built before it was recorded.
+COMPATIBILITY_KEYS = ("model_identity", "family", "dim", "max_pixels", "min_pixels")
 
 
 class IndexLoadError(ValueError):
@@ -93,12 +95,15 @@ class PageIndex:
         return sorted(drop)
 
     def check_compatible(self, encoder_settings: dict, where: str = "") -> None:
+        # an index built before model_identity was recorded can only compare the path or hub id
+        keys = COMPATIBILITY_KEYS if "model_identity" in self.settings else ("model", *COMPATIBILITY_KEYS[1:])
         diffs = [f"{k}: index {self.settings.get(k)!r} vs encoder {encoder_settings.get(k)!r}"
-                 for k in COMPATIBILITY_KEYS if self.settings.get(k) != encoder_settings.get(k)]
+                 for k in keys if self.settings.get(k) != encoder_settings.get(k)]
         if diffs:
             raise IndexLoadError(f"the page index{' at ' + where if where else ''} was built with other embedding "
-                                 f"settings; rebuild it with `docrl index` or search it with its own model "
-                                 f"({'; '.join(diffs)})")
+                                 f"settings (model {self.settings.get('model')!r}, searched with "
+                                 f"{encoder_settings.get('model')!r}); rebuild it with `docrl index` or search it with "
+                                 f"its own model ({'; '.join(diffs)})")
 
     def search(self, queries: Sequence[torch.Tensor], k: int, dtype: torch.dtype = torch.float32,
                shortlist: int = 32) -> list[list[tuple[str, float]]]:
@@ -151,6 +156,7 @@ class Manifest:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # an index of no readable page has no segment
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)

@@ -52,3 +52,41 @@ def resolve_policy(path: str | Path) -> dict:
     if (p / "config.json").exists():
         return {"kind": "full", "model": str(p), "adapter": None, "weights_version": None, "step": None}
     raise FileNotFoundError(f"{path} is neither a docrl checkpoint (policy/{POLICY_SPEC}) nor a model directory (config.json)")
+
+
+def materialize_policy(path: str | Path, out_dir: str | Path) -> Path:
+    """A complete model directory at `out_dir` holding the weights of the policy at `path` (a run
+    checkpoint, its policy/ folder, or a model directory): a LoRA adapter is merged into its base.
+    What training continues from: it becomes the rollout's start, the learner's policy and the KL
+    reference, and it lives in the new run's directory, so pruning the old run's checkpoints
+    cannot pull it away. Reused while the source is unchanged (`docrl_source.json`)."""
+    import hashlib
+
+    spec = resolve_policy(path)
+    out = Path(out_dir)
+    sources = [Path(spec["model"])] + ([Path(spec["adapter"])] if spec["adapter"] else [])
+    digest = hashlib.sha256()
+    for src in sources:
+        for f in sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else []:
+            st = f.stat()
+            digest.update(f"{f.relative_to(src)}\0{st.st_size}:{st.st_mtime_ns}\n".encode())
+    stamp = {"source": str(Path(path).resolve()), "kind": spec["kind"], "files": digest.hexdigest(),
+             "weights_version": spec["weights_version"], "step": spec["step"]}
+    if (out / "docrl_source.json").exists() and json.loads((out / "docrl_source.json").read_text()) == stamp:
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if spec["kind"] == "full":
+        shutil.copytree(spec["model"], tmp)
+    else:
+        from peft import PeftModel
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        base = AutoModelForImageTextToText.from_pretrained(spec["model"], dtype="auto")
+        merged = PeftModel.from_pretrained(base, spec["adapter"]).merge_and_unload()
+        merged.save_pretrained(tmp)
+        AutoProcessor.from_pretrained(spec["model"]).save_pretrained(tmp)
+    (tmp / "docrl_source.json").write_text(json.dumps(stamp, indent=2, sort_keys=True))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

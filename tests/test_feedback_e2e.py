@@ -99,7 +99,8 @@ def feedback_apps(ray_cluster, tiny_models, synthetic_corpus, postgres_db, tmp_p
             wait_until_running(["fb-pg"], timeout_s=120)
             apps["postgresql"] = {"backend": "postgresql", "url": f"http://127.0.0.1:{port}/pg", "prefix": "/pg",
                                   "db_url": postgres_db["url"], "server": postgres_db["server"]}
-        yield {"work": work, "index": index, "checkpoint": checkpoint, "apps": apps, "exports": {}}
+        yield {"work": work, "index": index, "checkpoint": checkpoint, "apps": apps, "exports": {},
+               "serve_cfg": load_config(None, common + rules("sqlite") + [f"feedback.database_url={sqlite_url}"]).serve}
     finally:
         serve.shutdown()
 
@@ -241,14 +242,22 @@ def test_answers_are_rated_and_exported_as_training_data(app, feedback_apps):
     feedback_apps["exports"][app["backend"]] = out
 
 
-def test_training_reads_the_feedback_exports(ray_cluster, tiny_models, synthetic_corpus, feedback_apps):
-    """One short training run (1 step, retrieval off: the gold page) on one synthetic question mixed
-    with the exports of both backends by `data.extra_sources`, weighted so that one epoch is one
-    step: every feedback question is in the batch."""
+def test_training_continues_from_the_served_model_on_the_feedback_then_serves(ray_cluster, tiny_models, synthetic_corpus,
+                                                                              feedback_apps):
+    """The loop closed: one short training run (1 step, retrieval off: the gold page) that starts
+    from the checkpoint Serve serves (`trainer.init_from`), on one synthetic question mixed with the
+    exports of both backends by `data.extra_sources`, weighted so that one epoch is one step (every
+    feedback question is in the batch); then its checkpoint is served and answers."""
+    import json
+
+    from ray import serve
+
     from cluster.config import load_config
     from cluster.metrics import read_jsonl
     from cluster.train import Trainer
+    from deploy.app import build_application, wait_until_running
     from docvqa.loaders import load_docvqa_json
+    from rollout.policy import resolve_policy
 
     exports = feedback_apps["exports"]
     if "sqlite" not in exports:  # deselected, or failed (then reported there)
@@ -270,7 +279,8 @@ def test_training_reads_the_feedback_exports(ray_cluster, tiny_models, synthetic
         "rollout.sampling.max_tokens=8", "rollout.eval_sampling.max_tokens=8",
         "rollout.num_cpus_per_worker=0.5", "retriever.num_cpus_per_actor=0.5", "reward.num_cpus_per_actor=0.5",
         "learner.num_cpus_per_rank=0.5", "data.source=docvqa_json", f"data.path={synthetic_corpus}",
-        "data.max_train_samples=1", "data.weight=1", f"data.extra_sources=[{', '.join(sources)}]"])
+        "data.max_train_samples=1", "data.weight=1", f"data.extra_sources=[{', '.join(sources)}]",
+        f"trainer.init_from={feedback_apps['checkpoint']}"])
     trainer = Trainer(cfg)
     drawn: list[str] = []
     next_questions = trainer.next_questions
@@ -290,6 +300,30 @@ def test_training_reads_the_feedback_exports(ray_cluster, tiny_models, synthetic
     [row] = [r for r in read_jsonl(out_dir / "logs" / "metrics.jsonl") if "reward/mean" in r]
     assert row["step"] == 1 and row["learner/num_experiences"] == 2 * prompts
     assert "reward/reproduced_rejected" in row
+    # it started from the served model: the served LoRA merged into a complete model in the run,
+    # which the rollout sampled from and the learner scored identically
+    start = out_dir / "init_policy"
+    assert trainer.policy_path == str(start)
+    assert json.loads((start / "docrl_source.json").read_text())["source"] == str(feedback_apps["checkpoint"].resolve())
+    assert row["learner/logprob_mismatch_max"] < 1e-3
+    new = out_dir / "checkpoints" / "step-00000001"
+    assert resolve_policy(new)["model"] == str(start) and resolve_policy(new)["weights_version"] == 1
+
+    # serve the new checkpoint next to the old one, and ask it
+    app = build_application(cfg.model_copy(update={"serve": feedback_apps["serve_cfg"]}), str(new),
+                            str(feedback_apps["index"]))
+    serve.run_many([serve.api.RunTarget(app, name="fb-next", route_prefix="/next")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    try:
+        wait_until_running(["fb-next"], timeout_s=300)
+        base = feedback_apps["apps"]["sqlite"]["url"]
+        models = httpx.get(base + "/next/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60).json()
+        assert models["data"][0]["weights_version"] == 1
+        answer = httpx.post(base + "/next/v1/docqa", json={"question": "What is the total?", "k": 3, "max_tokens": 8},
+                            headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+        assert answer.status_code == 200 and answer.json()["citations"], answer.text
+    finally:
+        serve.delete("fb-next")
 
 
 # -- the rules of POST /v1/feedback -----------------------------------------------------------

@@ -72,7 +72,26 @@ def test_missing_pieces_and_other_model_are_refused(tmp_path):
     with pytest.raises(IndexLoadError, match="missing pieces: segment file segment-00000.safetensors"):
         load_index(tmp_path / "idx")
     with pytest.raises(IndexLoadError, match=r"other embedding settings.*model: index 'm' vs encoder 'other'"):
-        index.check_compatible({**SETTINGS, "model": "other"})
+        index.check_compatible({**SETTINGS, "model": "other"})  # an index that records no model identity
+
+
+def test_model_identity_is_what_the_files_are_not_where_they_lie(tiny_models, tmp_path):
+    """Before, an index built with artifacts/tiny-models/retriever refused the same files given by
+    another path."""
+    import shutil
+
+    from retriever.encoder import model_identity
+
+    here = tiny_models["retriever"]
+    there = shutil.copytree(here, tmp_path / "elsewhere" / "retriever")
+    assert model_identity(str(here)) == model_identity(str(there))
+    index = PageIndex({**SETTINGS, "model": str(here), "model_identity": model_identity(str(here))})
+    index.check_compatible({**SETTINGS, "model": str(there), "model_identity": model_identity(str(there))})
+    config = there / "config.json"
+    config.write_text(config.read_text() + " ")  # one byte more: another model
+    with pytest.raises(IndexLoadError, match=r"model_identity: index '[0-9a-f]{64}' vs encoder '[0-9a-f]{64}'"):
+        index.check_compatible({**SETTINGS, "model": str(there), "model_identity": model_identity(str(there))})
+    assert model_identity("not-a-dir/nor-a-cached-hub-id") == "not-a-dir/nor-a-cached-hub-id"
 
 
 def test_ranking_metrics_hand_worked():

@@ -33,6 +33,16 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
         CheckpointManager.meta(tmp_path)
 
 
+def test_checkpoints_are_kept_by_recency_not_by_step_number(tmp_path):
+    """Before: a run that continued at step 1 in a directory holding step 60 had its new
+    checkpoint pruned at once (the highest step numbers were kept)."""
+    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    for step in (60, 1, 2):
+        mgr.save(step, lambda d: None)
+    assert [p.name for p in mgr.complete()] == ["step-00000001", "step-00000002"]
+    assert mgr.latest().name == "step-00000002"
+
+
 def test_metrics_go_to_jsonl_tensorboard_and_png(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

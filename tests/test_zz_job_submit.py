@@ -49,11 +49,16 @@ def _job_status(venv_bin: Path, address: str, job_id: str, env: dict) -> str | N
 
 
 def test_ray_job_submit_trains_the_tiny_preset(tiny_models, tmp_path):
+    """README's cluster sequence: a head with Ray's token authentication, `RAY_AUTH_MODE=token` for
+    the CLI, `ray job submit` with an absolute run.output_dir, which the job prints."""
+    import uuid
+
     venv_bin = Path(sys.executable).parent
+    token = tmp_path / "auth_token"  # README: ~/.ray/auth_token, written by `ray start --head`
+    token.write_text(uuid.uuid4().hex)
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "",
-           # a throwaway cluster on loopback: no token (a real cluster keeps Ray's token auth on)
-           "RAY_AUTH_MODE": "disabled"}
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS")
     # Every fixed default port moved to a free one: the session's shared cluster holds the defaults
     # (the dashboard agent's 52365 among them), and a second agent that cannot bind never serves jobs.
@@ -89,12 +94,16 @@ def test_ray_job_submit_trains_the_tiny_preset(tiny_models, tmp_path):
         while True:  # the dashboard answers before the head's job agent is up ("No available agent")
             submit = subprocess.run(
                 [str(venv_bin / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--no-wait",
-                 "--", "python", "-m", "cluster.cli", "train", "--config", "configs/tiny.yaml", *overrides],
+                 "--", "docrl", "train", "--config", "configs/tiny.yaml", *overrides],
                 env=env, capture_output=True, text=True, timeout=180)
             if submit.returncode == 0 or "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
                 break
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout + submit.stderr
+        # without the token mode the CLI sends no token, and the head refuses it
+        refused = subprocess.run([str(venv_bin / "ray"), "job", "list", "--address", address],
+                                 env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "uthentication" in refused.stdout + refused.stderr
         job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout).group(0)  # (the CLI colours its output)
         status = None
         deadline = time.monotonic() + 900
@@ -113,6 +122,7 @@ def test_ray_job_submit_trains_the_tiny_preset(tiny_models, tmp_path):
                               env=env, capture_output=True, text=True, timeout=60).stdout
         assert status == "SUCCEEDED", f"job {job_id} ended {status}:\n{logs[-4000:]}"
         assert '"eval/anls"' in logs  # the final evaluation, printed by docrl train
+        assert f"run directory {tmp_path / 'run'} (checkpoints, logs)" in logs
         assert (tmp_path / "run" / "checkpoints").exists() and (tmp_path / "run" / "logs" / "metrics.jsonl").exists()
         assert (tmp_path / "run" / "logs" / "report.png").exists()
         # the step metrics of the dashboard/Prometheus (the eval gauges are set at step 0)

@@ -1,0 +1,112 @@
+"""Expected failures of the `docrl` command end with a few lines that name the problem and the
+fix, and a non-zero exit: no traceback (that is for bugs, and for --debug)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def docrl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _clean_failure(done: subprocess.CompletedProcess, sentence: str, code: int = 2) -> str:
+    out = done.stdout + done.stderr
+    assert done.returncode == code, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert sentence in out, out[-3000:]
+    return out
+
+
+def test_index_of_a_missing_folder(tmp_path):
+    _clean_failure(docrl("index", "--folder", str(tmp_path / "nope"), f"run.output_dir={tmp_path}"),
+                   f"docrl index: --folder {tmp_path / 'nope'}: no such folder")
+
+
+def test_index_of_a_folder_of_unreadable_files_names_each_file(tmp_path):
+    """Before: FileNotFoundError '.manifest.json.tmp', and the skipped lines were lost."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "a.png").write_text("not an image")
+    (folder / "b.pdf").write_text("%PDF-broken")
+    out = _clean_failure(docrl("index", "--folder", str(folder), f"run.output_dir={tmp_path}"),
+                         "no readable image or PDF page among 2 file(s)")
+    assert f"skipped: {folder / 'a.png'}" in out and f"skipped: {folder / 'b.pdf'}" in out
+
+
+def test_train_with_a_missing_data_path(tmp_path):
+    _clean_failure(docrl("train", "data.source=docvqa_json", f"data.path={tmp_path / 'nowhere'}",
+                         f"run.output_dir={tmp_path / 'run'}"),
+                   f"data.path='{tmp_path / 'nowhere'}' has neither train_v1.0.json nor train.json")
+
+
+def test_train_refuses_to_write_over_another_run(tmp_path):
+    """Before: the metrics, summary and report of the previous run were replaced without a word, and
+    its newer-numbered checkpoints pruned the new ones."""
+    from cluster.checkpoint import CheckpointManager
+
+    CheckpointManager(tmp_path / "checkpoints").save(60, lambda d: None)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.jsonl").write_text(json.dumps({"step": 60}) + "\n")
+    out = _clean_failure(docrl("train", f"run.output_dir={tmp_path}"), "already holds a training run")
+    assert "--resume" in out and f"trainer.init_from={tmp_path / 'checkpoints' / 'step-00000060'}" in out
+    assert (tmp_path / "logs" / "metrics.jsonl").read_text() == json.dumps({"step": 60}) + "\n"
+
+
+def test_serve_on_a_port_in_use_says_so_before_starting_ray(tmp_path):
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "manifest.json").write_text("{}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = _clean_failure(docrl("serve", "--checkpoint", str(tmp_path), "--index", str(index),
+                                   f"serve.port={port}", f"run.output_dir={tmp_path}"),
+                             f"cannot listen on 127.0.0.1:{port}")
+    assert "serve.port=PORT" in out and "Started a local Ray instance" not in out
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    done = docrl("--debug", "index", "--folder", str(tmp_path / "nope"), f"run.output_dir={tmp_path}")
+    assert done.returncode != 0 and "Traceback" in done.stderr and "CLIError" in done.stderr
+
+
+def test_an_expected_error_raised_inside_an_actor_is_unwrapped():
+    """`docrl search` with an index of another model: the IndexLoadError comes back wrapped in
+    Ray's RayTaskError."""
+    from ray.exceptions import RayTaskError
+
+    from cluster.cli import expected_error
+    from retriever.index import IndexLoadError
+
+    refused = IndexLoadError("the page index at X was built with other embedding settings")
+    wrapped = RayTaskError("RetrieverActor.load_shard", "Traceback ...", refused)
+    assert expected_error(wrapped) is refused
+    assert expected_error(RuntimeError("a bug")) is None
+
+
+@pytest.mark.parametrize("bad", ["rollout.sampling.temprature=0.5"])
+def test_bad_config_is_one_message(bad, tmp_path):
+    _clean_failure(docrl("train", bad, f"run.output_dir={tmp_path}"), "rollout.sampling.temprature: unknown key")
+
+
+def test_a_relative_run_directory_is_refused_inside_a_ray_job_package(tmp_path):
+    """Before: under `ray job submit --working-dir .` a relative run.output_dir put checkpoints and
+    logs inside Ray's unpacked copy of the working dir, which vanishes with the cluster."""
+    package = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    package.mkdir(parents=True)
+    docrl_bin = Path(sys.executable).with_name("docrl")
+    done = subprocess.run([str(docrl_bin), "train", "run.output_dir=runs/tiny"], cwd=package, capture_output=True,
+                          text=True, timeout=300)
+    out = _clean_failure(done, "run.output_dir=runs/tiny is relative")
+    assert str(package) in out and not (package / "runs").exists()
