@@ -372,6 +372,9 @@ def expected_error(e: BaseException) -> BaseException | None:
 def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from common.quiet import quiet_known_library_messages
+
+    quiet_known_library_messages()  # the driver drops what every docrl process drops (common/quiet.py)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the processors' tokenizers in forked workers
     parser = build_parser()
     # Overrides may come before or after options (`demo a.b=1 --config x`): argparse leaves the

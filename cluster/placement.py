@@ -38,7 +38,8 @@ def role_bundles(cfg) -> dict[str, list[dict]]:
     r, ro, rw = cfg.retriever, cfg.rollout, cfg.reward
     return {
         "retriever": [_bundle(r.num_cpus_per_actor, r.num_gpus_per_actor)] * r.num_actors,
-        "rollout": [_bundle(ro.num_cpus_per_worker, ro.num_gpus_per_worker * ro.tensor_parallel_size)] * ro.num_workers,
+        # num_gpus_per_worker is the worker's total, its tensor-parallel shards included
+        "rollout": [_bundle(ro.num_cpus_per_worker, ro.num_gpus_per_worker)] * ro.num_workers,
         "reward": [_bundle(rw.num_cpus_per_actor, 0)] * rw.num_actors,
     }
 

@@ -43,3 +43,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         runtime_env={**(runtime_env or {}), "env_vars": env_vars},
         log_to_driver=True,
     )
+
+
+def monitoring_addresses() -> dict[str, str | None]:
+    """Where to watch this process's cluster: the Ray dashboard (None without one) and the node's
+    Prometheus endpoint, where docrl's gauges appear as `ray_docrl_*`."""
+    import ray
+    from ray._private import worker as ray_worker
+
+    dashboard = ray_worker.get_dashboard_url()
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+    metrics = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics" if node else None
+    return {"dashboard": f"http://{dashboard}" if dashboard else None, "metrics": metrics}

@@ -37,7 +37,7 @@ from pathlib import Path
 from cluster.checkpoint import CheckpointManager
 from cluster.config import DocRLConfig
 from cluster.metrics import MetricsLogger, plot_report, read_jsonl, training_summary
-from cluster.ray_setup import init_ray
+from cluster.ray_setup import init_ray, monitoring_addresses
 from common.ray_helpers import get_with_timeout
 from docvqa.data import load_train_eval
 from docvqa.sample import DocVQASample
@@ -226,6 +226,10 @@ class Trainer:
         self.train_set, self.eval_set, self.corpus = load_train_eval(cfg.data, cfg.run.output_dir)
         self.sampler = QuestionSampler(self.train_set.samples, cfg.run.seed)
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
+        where = monitoring_addresses()
+        log.info("Ray dashboard: %s; metrics (Prometheus, ray_docrl_*): %s; logs: %s",
+                 where["dashboard"] or "none (ray.include_dashboard=true starts one)", where["metrics"],
+                 (self.out / "logs").resolve())
         self.metrics = MetricsLogger(self.out / "logs", tags={"run": cfg.run.name}, append=resume)
         timeout = cfg.ray.actor_start_timeout_s
         if cfg.trainer.warm_start.steps:

@@ -147,6 +147,11 @@ class ModelInputs:
                            move(self.response_ids), move(self.response_mask), self.sample_ids)
 
 
+# Finite (a -inf logit makes the entropy's p * log p a NaN) yet far below any real logit: its
+# probability is exactly 0 in float32 even after dividing by a sampling temperature.
+BANNED_LOGIT = -1.0e4
+
+
 class ActorCritic(nn.Module):
     """Policy (maybe peft-wrapped) plus the value model, so DeepSpeed trains both in one engine.
 
@@ -155,8 +160,13 @@ class ActorCritic(nn.Module):
     """
 
     def __init__(self, policy: nn.Module, value_head: ValueHead | None = None, critic: nn.Module | None = None):
+        from rollout.prompts import vision_token_ids
+
         super().__init__()
         self.policy = policy
+        # the rollout never samples these (rollout.prompts.vision_token_ids): score the same
+        # distribution, with their logits pushed to where exp() is exactly 0 in float32
+        self.banned_token_ids = list(vision_token_ids(unwrap(policy).config))
         self.value_head = value_head
         self.critic = critic  # a separate trunk (Qwen2VLForConditionalGeneration without lm_head), or None
 
@@ -187,6 +197,8 @@ class ActorCritic(nn.Module):
         hidden = self._trunk(self.policy, input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw)
         at_response = self._at(hidden, response_positions)
         logits = unwrap(self.policy).lm_head(at_response)
+        if self.banned_token_ids:
+            logits = logits.index_fill(-1, torch.tensor(self.banned_token_ids, device=logits.device), BANNED_LOGIT)
         values = None
         if with_values and self.value_head is not None:
             if self.critic is not None:

@@ -7,6 +7,7 @@ import os
 import ray
 import torch
 
+from common.quiet import quiet_known_library_messages
 from common.ray_helpers import free_port
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.worker import LearnerWorker
@@ -28,6 +29,8 @@ class LearnerRank:
     def setup(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, rank: int, world_size: int,
               local_rank: int, master_addr: str, master_port: int, seed: int, num_threads: int,
               sampling_temperature: float = 1.0) -> bool:
+        # every docrl process drops the same known-harmless library messages (common/quiet.py)
+        quiet_known_library_messages()
         torch.set_num_threads(max(1, num_threads))
         self.worker = LearnerWorker(policy_path, cfg, algo, rank=rank, world_size=world_size, local_rank=local_rank,
                                     master_addr=master_addr, master_port=master_port, seed=seed,

@@ -14,7 +14,7 @@ DEFAULT_INSTRUCTION = "Answer the question using a single word or phrase from th
 
 class SamplingConfig(Section):
     n: int = Field(4, ge=1)  # answers sampled per question (the GRPO/RLOO group size)
-    temperature: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # vLLM samples at most at 2
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(16, ge=1)
     stop: list[str] = []
@@ -29,6 +29,7 @@ class SamplingConfig(Section):
 
 class RolloutConfig(Section):
     num_workers: int = Field(1, ge=1)
+    # GPUs of one worker in all, its tensor-parallel shards included (>= tensor_parallel_size)
     num_gpus_per_worker: float = Field(0.0, ge=0.0)
     num_cpus_per_worker: float = Field(1.0, gt=0.0)
     tensor_parallel_size: int = Field(1, ge=1)
@@ -36,6 +37,7 @@ class RolloutConfig(Section):
     max_model_len: int = Field(2048, ge=64)
     kv_cache_gb: float = Field(1.0, gt=0.0)  # VLLM_CPU_KVCACHE_SPACE on CPU
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    enforce_eager: bool | None = None  # null: CUDA graphs on GPUs, eager on CPU
     max_images_per_prompt: int = Field(1, ge=1)
     max_image_pixels: int | None = Field(None, ge=28 * 28)  # larger pages are resized down
     on_too_many_images: Literal["truncate", "refuse"] = "truncate"

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import torch
 
 from rollout.config import RolloutConfig, SamplingConfig
-from rollout.prompts import build_chat_text, build_conversation_text, count_image_parts, fit_image, pixel_bounds
+from rollout.prompts import (build_chat_text, build_conversation_text, count_image_parts, fit_image, pixel_bounds,
+                             vision_token_ids)
 from rollout.types import GenerateOutput, RolloutRequest, RolloutResult, SampledAnswer
 from rollout.weights import check_full_weights, check_lora_adapter, checkpoint_shapes, local_model_dir
 
@@ -47,41 +48,61 @@ def to_sampling_params(s: SamplingConfig, **overrides):
     return SamplingParams(**{**fields, **overrides})
 
 
+def engine_args(model_path: str, cfg: RolloutConfig, seed: int, max_lora_rank: int | None, cuda: bool) -> dict:
+    """The arguments of vLLM's `LLM(...)` for a rollout worker (or a Serve replica) on a CUDA or CPU
+    machine."""
+    args = dict(
+        model=model_path,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        # CUDA graphs speed up decoding on GPUs; vLLM-CPU has none
+        enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not cuda,
+        limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
+        seed=seed,
+        # Logprobs of the distribution actually sampled (after temperature, and after top-p/top-k
+        # masking where set), not of the raw logits: the learner scores softmax(logits / T), and
+        # the PPO ratio, the TIS weights and the logged mismatch must compare like with like.
+        # Greedy requests get the raw log-softmax, as before.
+        logprobs_mode="processed_logprobs",
+        worker_extension_cls="rollout.vllm_extension.DocRLWorkerExtension",
+    )
+    if cfg.tensor_parallel_size > 1:
+        # The worker actor holds all its GPUs (num_gpus_per_worker). Inside a placement group vLLM
+        # would pick its Ray executor and try to place its shards on bundles the actor already
+        # holds; local processes use the GPUs the actor owns.
+        args["distributed_executor_backend"] = "mp"
+    if not cuda:
+        # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a request with a sampling
+        # seed is prefilled in chunks: without a GPU, prompts are never split across steps.
+        args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 8192))
+    if max_lora_rank:
+        args.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=2)
+    return args
+
+
 class RolloutEngine:
     """vLLM over the policy: turns (question, pages) into sampled answers with token logprobs."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0, max_lora_rank: int | None = None,
                  name: str = "rollout worker"):
-        from transformers import AutoProcessor
+        from transformers import AutoConfig, AutoProcessor
+
+        from common.quiet import quiet_known_library_messages
+
+        # vLLM repeats a few harmless warnings per prompt and per weight push (common/quiet.py);
+        # here, so that rollout workers and Serve replicas alike drop them
+        quiet_known_library_messages()
         from vllm import LLM
 
         self.cfg, self.model_path, self.name = cfg, model_path, name
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.tokenizer = self.processor.tokenizer
         self.max_lora_rank = max_lora_rank
-        lora_kwargs = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=2) if max_lora_rank else {}
-        # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a request with a sampling
-        # seed is prefilled in chunks: without a GPU, prompts are never split across steps.
-        chunking = {} if torch.cuda.is_available() else dict(
-            enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 8192))
-        self.llm = LLM(
-            model=model_path,
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enforce_eager=True,
-            limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
-            seed=seed,
-            # Logprobs of the distribution actually sampled (after temperature, and after top-p/top-k
-            # masking where set), not of the raw logits: the learner scores softmax(logits / T), and
-            # the PPO ratio, the TIS weights and the logged mismatch must compare like with like.
-            # Greedy requests get the raw log-softmax, as before.
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls="rollout.vllm_extension.DocRLWorkerExtension",
-            **chunking,
-            **lora_kwargs,
-        )
+        self.llm = LLM(**engine_args(model_path, cfg, seed, max_lora_rank, cuda=torch.cuda.is_available()))
+        # never sampled: see rollout.prompts.vision_token_ids (the learner masks the same ids)
+        self.banned_token_bias = {i: float("-inf") for i in vision_token_ids(AutoConfig.from_pretrained(model_path))}
         self.expected_shapes = checkpoint_shapes(local_model_dir(model_path))
         self.weights_version = 0
         self.lora_request = None
@@ -151,7 +172,8 @@ class RolloutEngine:
             kept.append(req)
         results = []
         if prepared:
-            params = [to_sampling_params(sampling, **({} if req.seed is None else {"seed": req.seed})) for req in kept]
+            params = [to_sampling_params(sampling, logit_bias=self.banned_token_bias,
+                                         **({} if req.seed is None else {"seed": req.seed})) for req in kept]
             outputs = self.llm.generate([p[0] for p in prepared], params, use_tqdm=False, lora_request=self.lora_request)
             for req, (_, text, page_ids, sizes, _), out in zip(kept, prepared, outputs):
                 answers = [

@@ -33,7 +33,7 @@ class RolloutGroup:
         env = vllm_env(cfg, num_threads=max(1, int(cfg.num_cpus_per_worker)))
         self.workers = [
             RolloutWorker.options(
-                num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker * cfg.tensor_parallel_size,
+                num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker,
                 max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": env},
                 scheduling_strategy=scheduling[i] if scheduling else None,
             ).remote(model_path, cfg, seed + i, max_lora_rank, i)

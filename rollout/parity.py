@@ -24,7 +24,10 @@ import torch
 def reference_logprobs(model, processor, prompt_text: str, images: Sequence, response_ids: Sequence[int],
                        expect_prompt_ids: Sequence[int] | None = None, temperature: float = 1.0) -> torch.Tensor:
     """Logprob of each response token under `model` (a Qwen2-VL, possibly peft-wrapped), in the
-    distribution softmax(logits / temperature) (float32 logits divided, as vLLM's sampler does)."""
+    distribution softmax(logits / temperature) (float32 logits divided, as vLLM's sampler does)
+    over the tokens an answer may hold (the vision placeholders are banned, as in the rollout)."""
+    from rollout.prompts import vision_token_ids
+
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     inputs = processor(text=[prompt_text], images=list(images) or None, return_tensors="pt")
@@ -38,7 +41,9 @@ def reference_logprobs(model, processor, prompt_text: str, images: Sequence, res
     kwargs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **kwargs).logits
     p = len(prompt_ids)
-    logp = torch.log_softmax(logits[0, p - 1:-1].float() / temperature, dim=-1)
+    response_logits = logits[0, p - 1:-1].float()
+    response_logits[:, list(vision_token_ids(model.config))] = float("-inf")
+    logp = torch.log_softmax(response_logits / temperature, dim=-1)
     return logp.gather(-1, torch.tensor(list(response_ids))[:, None])[:, 0]
 
 

@@ -58,3 +58,13 @@ def pixel_bounds(image_processor) -> tuple[int | None, int | None]:
     lo = getattr(image_processor, "min_pixels", None) or size.get("shortest_edge")
     hi = getattr(image_processor, "max_pixels", None) or size.get("longest_edge")
     return lo, hi
+
+
+def vision_token_ids(model_config) -> tuple[int, ...]:
+    """The vision placeholder tokens of a Qwen2-VL-family config (image and video pads, vision
+    start and end). An answer must never contain one: the model counts image tokens over the whole
+    sequence (a sampled pad would ask for image features that do not exist) and derives its 3-D
+    positions from vision starts. The rollout bans them at sampling and the learner scores the
+    same banned distribution."""
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return tuple(sorted({int(getattr(model_config, n)) for n in names if getattr(model_config, n, None) is not None}))

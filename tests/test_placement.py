@@ -45,3 +45,28 @@ def test_actors_land_in_their_bundles_with_fake_gpus(ray_cluster):
 def test_impossible_placement_fails_fast_naming_the_role(ray_cluster):
     with pytest.raises(TimeoutError, match=r"placement of role 'rollout' \(3 x \{'CPU': 1, 'GPU': 1\}"):
         reserve("rollout", [{"CPU": 1, "GPU": 1}] * 3, "PACK", timeout_s=3)
+
+
+def test_tensor_parallel_workers_reserve_their_gpus_once():
+    """`rollout.num_gpus_per_worker` is the worker's total, TP shards included: TP=2 with 2 GPUs per
+    worker reserves 2 GPUs per worker (before: 4, twice what the config checks and the cluster has)."""
+    cfg = load_config(None, ["rollout.num_workers=2", "rollout.num_gpus_per_worker=2", "rollout.tensor_parallel_size=2",
+                             "learner.num_gpus_per_rank=1", "learner.num_ranks=2", "algorithm.minibatch_size=16",
+                             "ray.num_gpus=6"])
+    assert role_bundles(cfg)["rollout"] == [{"CPU": 1.0, "GPU": 2.0}] * 2
+
+
+def test_vllm_engine_arguments_per_device():
+    from rollout.config import RolloutConfig
+    from rollout.engine import engine_args
+
+    tp2 = RolloutConfig(tensor_parallel_size=2, num_gpus_per_worker=2)
+    on_gpu = engine_args("m", tp2, seed=0, max_lora_rank=8, cuda=True)
+    # the actor owns its GPUs: vLLM's own processes, not its Ray executor inside the placement group
+    assert on_gpu["distributed_executor_backend"] == "mp" and on_gpu["tensor_parallel_size"] == 2
+    assert on_gpu["enforce_eager"] is False and "enable_chunked_prefill" not in on_gpu  # CUDA graphs on GPUs
+    assert on_gpu["enable_lora"] and on_gpu["max_lora_rank"] == 8
+    on_cpu = engine_args("m", RolloutConfig(), seed=0, max_lora_rank=None, cuda=False)
+    assert on_cpu["enforce_eager"] is True and on_cpu["enable_chunked_prefill"] is False
+    assert "distributed_executor_backend" not in on_cpu and "enable_lora" not in on_cpu
+    assert engine_args("m", RolloutConfig(enforce_eager=True), 0, None, cuda=True)["enforce_eager"] is True

@@ -25,8 +25,8 @@ def page(synthetic_corpus):
 def pair(ray_cluster, tiny_models):
     from rollout.group import RolloutGroup
 
-    cfg = RolloutConfig(num_workers=2, num_cpus_per_worker=0.5, max_model_len=1024, weight_sync_timeout_s=120,
-                        generate_timeout_s=120)
+    cfg = RolloutConfig(num_workers=2, num_cpus_per_worker=0.5, max_model_len=1024, weight_sync_timeout_s=300,
+                        generate_timeout_s=600)
     group = RolloutGroup(str(tiny_models["policy"]), cfg)
     group.ready()
     yield group
@@ -54,6 +54,24 @@ def test_one_question_twice_in_a_step_and_in_two_steps_gets_independent_answers(
     assert same[0] == same[1] == same[2]
 
 
+def test_vision_placeholder_tokens_are_never_sampled(pair, page, tiny_models):
+    """A random policy at temperature 2 samples nearly uniformly; before the ban, one of its
+    answers held <|image_pad|> or a vision start now and then, and the learner's forward failed on
+    it ("Image features and image tokens do not match")."""
+    from transformers import AutoConfig
+
+    from rollout.prompts import vision_token_ids
+
+    banned = set(vision_token_ids(AutoConfig.from_pretrained(tiny_models["policy"])))
+    vocab = AutoConfig.from_pretrained(tiny_models["policy"]).text_config.vocab_size
+    assert len(banned) == 4
+    requests = [RolloutRequest(f"{i}:q", "What is the total?", (page,), seed=request_seed(0, 0, "ban", i)) for i in range(8)]
+    out = pair.generate(requests, SamplingConfig(n=8, temperature=2.0, max_tokens=16, seed=0))
+    sampled = [t for r in out.results for a in r.answers for t in a.token_ids]
+    assert len(sampled) > 500 and len(set(sampled)) > vocab // 3  # near uniform: the ban is what keeps them out
+    assert not banned & set(sampled)
+
+
 def test_a_push_that_fails_on_one_worker_stops_the_group_naming_it(pair, page, tiny_models):
     """Runs last in this module: it kills the workers."""
     import ray
@@ -69,3 +87,4 @@ def test_a_push_that_fails_on_one_worker_stops_the_group_naming_it(pair, page, t
     assert pair.version == 1
     with pytest.raises(RuntimeError, match="rather than sample from a mix of versions"):
         pair.generate([RolloutRequest("0:q", "Total?", (page,))], SamplingConfig(n=1, temperature=1.0, max_tokens=2))
+
