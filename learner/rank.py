@@ -13,6 +13,17 @@ from learner.config import AlgorithmConfig, LearnerConfig
 from learner.worker import LearnerWorker
 
 
+def cuda_local_rank(node_local_rank: int, gpu_ids: list, visible_devices_set_by_ray: bool) -> int:
+    """The LOCAL_RANK to give DeepSpeed, which uses it as this process's CUDA device index (comm
+    init, `set_device`). Ray narrows CUDA_VISIBLE_DEVICES to the actor's own GPUs, so the device is
+    index 0 of what the process sees, whatever the rank's place on its node; only with
+    RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES are all devices visible and the index is the GPU id.
+    Without GPUs (gloo on CPU) the rank on the node is kept."""
+    if not gpu_ids:
+        return node_local_rank
+    return 0 if visible_devices_set_by_ray else int(gpu_ids[0])
+
+
 @ray.remote
 class LearnerRank:
     """Ray actor around one LearnerWorker. Construction is cheap; `setup` builds the worker once
@@ -32,6 +43,8 @@ class LearnerRank:
         # every docrl process drops the same known-harmless library messages (common/quiet.py)
         quiet_known_library_messages()
         torch.set_num_threads(max(1, num_threads))
+        local_rank = cuda_local_rank(local_rank, ray.get_gpu_ids(),
+                                     not os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"))
         self.worker = LearnerWorker(policy_path, cfg, algo, rank=rank, world_size=world_size, local_rank=local_rank,
                                     master_addr=master_addr, master_port=master_port, seed=seed,
                                     sampling_temperature=sampling_temperature)

@@ -70,3 +70,28 @@ def test_vllm_engine_arguments_per_device():
     assert on_cpu["enforce_eager"] is True and on_cpu["enable_chunked_prefill"] is False
     assert "distributed_executor_backend" not in on_cpu and "enable_lora" not in on_cpu
     assert engine_args("m", RolloutConfig(enforce_eager=True), 0, None, cuda=True)["enforce_eager"] is True
+
+
+def test_learner_ranks_use_the_gpu_ray_gave_them(ray_cluster):
+    """Two ranks on one node with a (fake) GPU each: Ray narrows each one's CUDA_VISIBLE_DEVICES to
+    its own GPU, so DeepSpeed's LOCAL_RANK (its CUDA device index) must be 0 for both. Before, the
+    second got 1: cuda:1 does not exist in its process, and DeepSpeed failed at init."""
+    import os
+
+    import ray
+
+    from learner.rank import cuda_local_rank
+
+    @ray.remote(num_gpus=1, num_cpus=0.1)
+    class Rank:  # alive together, so each holds its own GPU
+        def probe(self, node_local_rank):
+            return cuda_local_rank(node_local_rank, ray.get_gpu_ids(), True), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    ranks = [Rank.remote(), Rank.remote()]
+    got = ray.get([r.probe.remote(i) for i, r in enumerate(ranks)], timeout=120)
+    for r in ranks:
+        ray.kill(r)
+    assert [rank for rank, _ in got] == [0, 0]
+    assert sorted(visible for _, visible in got) == ["0", "1"]  # one GPU each, narrowed by Ray
+    assert cuda_local_rank(1, [], True) == 1  # CPU ranks keep their rank on the node
+    assert cuda_local_rank(0, ["3"], False) == 3  # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES: all visible
