@@ -14,7 +14,6 @@ import asyncio
 import base64
 import io
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -28,12 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(work: Path, max_tokens: int) -> tuple[str, list[str], str]:
     """Tiny models, a synthetic corpus and its index, a LoRA checkpoint; Serve on loopback.
     Returns (base URL, questions, a page image as a data: URL)."""
@@ -43,6 +36,7 @@ def start_server(work: Path, max_tokens: int) -> tuple[str, list[str], str]:
 
     from cluster.config import load_config
     from cluster.ray_setup import init_ray
+    from common.ray_helpers import free_port
     from deploy.app import build_application, wait_until_running
     from docvqa.loaders import load_docvqa_json
     from docvqa.synthetic import generate_corpus
@@ -64,7 +58,7 @@ def start_server(work: Path, max_tokens: int) -> tuple[str, list[str], str]:
     random_lora_adapter(Qwen2VLForConditionalGeneration.from_pretrained(policy, dtype=torch.float32), work / "adapter", r=8)
     write_policy(work / "ckpt" / "policy", policy, ExportedWeights(1, "lora", adapter_dir=str(work / "adapter")), step=1)
 
-    port = _free_port()
+    port = free_port()
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"run.output_dir={work}",  # the feedback recorder's SQLite file, not the tiny run's
         f"retriever.model={models['retriever']}", f"serve.port={port}", "serve.policy.num_cpus=2",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from common.ray_helpers import free_port
 
 
 def find_pg_bin() -> Path | None:
@@ -33,12 +34,6 @@ def find_pg_bin() -> Path | None:
     found = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
     found = [d for d in found if (d / "pg_ctl").exists()]
     return max(found, key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0) if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalPostgres:
@@ -73,7 +68,7 @@ class LocalPostgres:
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                   "--no-sync", "--locale=C")
         for attempt in range(3):  # the port was free a moment ago; someone may take it meanwhile
-            self.port = _free_port()
+            self.port = free_port()
             opts = (f"-k {self.dir} -h 127.0.0.1 -p {self.port} -F -c full_page_writes=off "
                     "-c synchronous_commit=off -c max_connections=50")
             try:

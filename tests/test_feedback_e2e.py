@@ -25,7 +25,9 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 from pg_server import admin_execute, create_database, drop_database, postgres_server  # noqa: F401 - fixture
-from test_serve import API_KEY, KEY_ENV, _free_port, _png_data_url, lora_checkpoint, page_index
+from test_serve import API_KEY, KEY_ENV, _png_data_url, lora_checkpoint, page_index
+
+from common.ray_helpers import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
@@ -68,7 +70,7 @@ def feedback_apps(ray_cluster, tiny_models, synthetic_corpus, postgres_db, tmp_p
     index = page_index(str(tiny_models["retriever"]), pages, work / "index")
 
     os.environ[KEY_ENV] = API_KEY
-    port = _free_port()
+    port = free_port()
     common = [f"run.output_dir={work}", f"retriever.model={tiny_models['retriever']}", "rollout.max_model_len=1024",
               "serve.retriever.num_cpus=0.5", "serve.policy.num_cpus=1", "serve.request_timeout_s=60",
               f"serve.port={port}", f"serve.api_key_env={KEY_ENV}", "retriever.top_k=3",

@@ -8,23 +8,18 @@ import base64
 import io
 import json
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from PIL import Image
 
+from common.ray_helpers import free_port
+
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
 API_KEY = "test-key-not-secret"
 KEY_ENV = "DOCRL_TEST_SERVE_KEY"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png_data_url(size=(64, 48), color="white") -> str:
@@ -89,7 +84,7 @@ def served(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
               "serve.retriever.num_cpus=0.5", "serve.policy.num_cpus=1", "serve.request_timeout_s=60",
               "serve.limits.max_request_bytes=262144", "serve.limits.max_images_per_request=2",
               "serve.limits.max_image_pixels=250000", "serve.limits.max_tokens=64", "serve.default_max_tokens=8"]
-    port = _free_port()
+    port = free_port()
     cfg = load_config(None, common + [f"serve.port={port}", f"serve.api_key_env={KEY_ENV}", "retriever.top_k=3"])
     one_cfg = load_config(None, common + [f"serve.port={port}"])
     serve.start(http_options={"host": "127.0.0.1", "port": port})

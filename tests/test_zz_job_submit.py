@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,14 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from common.ray_helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> str:
@@ -62,7 +57,7 @@ def test_ray_job_submit_trains_the_tiny_preset(tiny_models, tmp_path):
     env.pop("RAY_ADDRESS")
     # Every fixed default port moved to a free one: the session's shared cluster holds the defaults
     # (the dashboard agent's 52365 among them), and a second agent that cannot bind never serves jobs.
-    gcs, dash, metrics, agent, client = (_free_port() for _ in range(5))
+    gcs, dash, metrics, agent, client = (free_port() for _ in range(5))
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: unix socket paths are length-limited
     head = subprocess.Popen(
         [str(venv_bin / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
