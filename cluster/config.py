@@ -121,6 +121,11 @@ class DocRLConfig(Section):
             for role, gpus in wanted.items():
                 if gpus > self.ray.num_gpus:
                     errors.append(f"{role} needs {gpus:g} GPUs but the local cluster has ray.num_gpus={self.ray.num_gpus}")
+            total = sum(wanted.values())
+            if total > self.ray.num_gpus and all(g <= self.ray.num_gpus for g in wanted.values()):
+                # every role's bundles are reserved before any model loads: they must fit together
+                errors.append(f"the roles need {total:g} GPUs together ({', '.join(f'{r} {g:g}' for r, g in wanted.items())}) "
+                              f"but the local cluster has ray.num_gpus={self.ray.num_gpus}")
         if errors:
             raise ValueError("; ".join(errors))
         return self

@@ -117,7 +117,7 @@ def test_cluster_launch_files_fit_the_real_preset():
     import yaml
 
     cfg = load_config(ROOT / "configs/qwen2vl-2b-docvqa.yaml")
-    need = (cfg.rollout.num_workers * cfg.rollout.num_gpus_per_worker * cfg.rollout.tensor_parallel_size
+    need = (cfg.rollout.num_workers * cfg.rollout.num_gpus_per_worker
             + cfg.learner.num_ranks * cfg.learner.num_gpus_per_rank + cfg.retriever.num_actors * cfg.retriever.num_gpus_per_actor)
     launcher = yaml.safe_load((ROOT / "cluster/launch/ray-cluster.yaml").read_text())
     worker = launcher["available_node_types"]["gpu_worker"]
@@ -128,3 +128,22 @@ def test_cluster_launch_files_fit_the_real_preset():
     gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert gpus * group["replicas"] >= need
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
+
+
+@pytest.mark.parametrize("preset,gpus", [("qwen2vl-2b-1gpu", 1), ("qwen2vl-2b-8gpu", 8), ("qwen2vl-2b-docvqa", 16)])
+def test_gpu_presets_fit_their_gpus(preset, gpus):
+    """Every role's bundles are reserved together, before any model loads: the GPUs the roles ask
+    for fit the machine the preset is for, and the learner's batch splits over its ranks."""
+    cfg = load_config(ROOT / f"configs/{preset}.yaml")
+    need = (cfg.rollout.num_workers * cfg.rollout.num_gpus_per_worker + cfg.learner.num_ranks * cfg.learner.num_gpus_per_rank
+            + cfg.retriever.num_actors * cfg.retriever.num_gpus_per_actor)
+    assert 0 < need <= gpus and cfg.learner.lora.enabled
+    assert (cfg.trainer.prompts_per_step * cfg.rollout.sampling.n) % cfg.algorithm.minibatch_size == 0
+    assert cfg.algorithm.minibatch_size % cfg.learner.num_ranks == 0
+    if gpus == 1:  # vLLM shares the device: its memory share leaves room for the learner and retriever
+        assert cfg.rollout.gpu_memory_utilization <= 0.4 and cfg.ray.num_gpus == 1
+
+
+def test_roles_that_do_not_fit_together_are_refused():
+    with pytest.raises(ConfigError, match=r"the roles need 1.1 GPUs together .* ray.num_gpus=1"):
+        load_config(ROOT / "configs/qwen2vl-2b-1gpu.yaml", ["learner.num_gpus_per_rank=0.6"])
