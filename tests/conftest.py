@@ -40,3 +40,12 @@ def tiny_models(tmp_path_factory):
     from docvqa.tiny_models import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def page(synthetic_corpus):
+    """The gold page of the corpus's first training question (a realistic synthetic page)."""
+    from docvqa.loaders import load_docvqa_json
+
+    ds = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
+    return ds.pages[ds.samples[0].gold_page]

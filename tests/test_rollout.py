@@ -16,14 +16,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")
-def page(synthetic_corpus):
-    from docvqa.loaders import load_docvqa_json
-
-    ds = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
-    return ds.pages[ds.samples[0].gold_page]
-
-
-@pytest.fixture(scope="module")
 def group(ray_cluster, tiny_models):
     from rollout.group import RolloutGroup
 
