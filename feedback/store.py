@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -427,14 +428,23 @@ class FeedbackStore:
     def migrate(self) -> list[int]:
         """Bring the schema to the latest version; returns the versions applied (maybe none)."""
         with self._lock:
-            try:
-                if self.url.get_backend_name() == "sqlite" and self.url.database not in (None, "", ":memory:"):
-                    Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
-                applied = upgrade(self.engine)
-            except SchemaError as e:
-                raise StorageError(f"feedback database {self.where}: {e}", transient=False) from None
-            except (OSError, SQLAlchemyError) as e:
-                raise StorageError(f"feedback database {self.where} unavailable: {_first_line(e)}") from e
+            deadline = time.monotonic() + 30.0
+            while True:
+                try:
+                    if self.url.get_backend_name() == "sqlite" and self.url.database not in (None, "", ":memory:"):
+                        Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+                    applied = upgrade(self.engine)
+                    break
+                except SchemaError as e:
+                    raise StorageError(f"feedback database {self.where}: {e}", transient=False) from None
+                except (OSError, SQLAlchemyError) as e:
+                    # Replicas opening a new SQLite file at once: switching it to WAL needs the file
+                    # to itself, and SQLite answers "database is locked" at once, without waiting
+                    # its busy timeout, while another replica migrates. Seen in CI; wait and retry.
+                    if "database is locked" in str(e) and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                        continue
+                    raise StorageError(f"feedback database {self.where} unavailable: {_first_line(e)}") from e
             self._migrated = True
             return applied
 
