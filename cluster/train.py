@@ -164,8 +164,9 @@ def refuse_previous_run(out: Path) -> None:
     logs = out / "logs" / "metrics.jsonl"
     if not checkpoints and not logs.exists():
         return
-    held = f"checkpoints up to {max(checkpoints, key=lambda p: p.name).name}" if checkpoints else str(logs)
-    start = f" trainer.init_from={max(checkpoints, key=lambda p: p.name)}" if checkpoints else ""
+    highest = max(checkpoints, key=lambda p: p.name) if checkpoints else None
+    held = f"checkpoints up to {highest.name}" if highest else str(logs)
+    start = f" trainer.init_from={highest}" if highest else ""
     raise RunDirectoryInUse(
         f"run.output_dir={out} already holds a training run ({held}). Continue it with --resume; or train from "
         f"it in a new directory: run.output_dir={out}-2{start}; or delete {out} to start over")

@@ -60,18 +60,14 @@ def materialize_policy(path: str | Path, out_dir: str | Path) -> Path:
     What training continues from: it becomes the rollout's start, the learner's policy and the KL
     reference, and it lives in the new run's directory, so pruning the old run's checkpoints
     cannot pull it away. Reused while the source is unchanged (`docrl_source.json`)."""
-    import hashlib
+    from docvqa.data import files_fingerprint
 
     spec = resolve_policy(path)
     out = Path(out_dir)
-    sources = [Path(spec["model"])] + ([Path(spec["adapter"])] if spec["adapter"] else [])
-    digest = hashlib.sha256()
-    for src in sources:
-        for f in sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else []:
-            st = f.stat()
-            digest.update(f"{f.relative_to(src)}\0{st.st_size}:{st.st_mtime_ns}\n".encode())
-    stamp = {"source": str(Path(path).resolve()), "kind": spec["kind"], "files": digest.hexdigest(),
-             "weights_version": spec["weights_version"], "step": spec["step"]}
+    sources = [spec["model"]] + ([spec["adapter"]] if spec["adapter"] else [])
+    stamp = {"source": str(Path(path).resolve()), "kind": spec["kind"],
+             "files": [files_fingerprint(src) for src in sources], "weights_version": spec["weights_version"],
+             "step": spec["step"]}
     if (out / "docrl_source.json").exists() and json.loads((out / "docrl_source.json").read_text()) == stamp:
         return out
     tmp = out.with_name(out.name + ".tmp")
