@@ -98,8 +98,12 @@ class RolloutGroup:
         kind, payload = self._latest
         if have > self.version:
             raise RuntimeError(f"rollout worker {i} reports weights version {have}, newer than the group's {self.version}")
+        self._get(self._load(i, kind, payload, self.version), f"re-syncing worker {i} to version {self.version}")
+
+    def _load(self, i: int, kind: str, payload, version: int):
+        """Worker i loads `payload` (full weights by object ref, or a LoRA adapter directory)."""
         method = self.workers[i].load_full_weights if kind == "full" else self.workers[i].load_lora
-        self._get(method.remote(payload, self.version), f"re-syncing worker {i} to version {self.version}")
+        return method.remote(payload, version)
 
     def versions(self) -> list[int]:
         return self._get([w.weights_version.remote() for w in self.workers], "reading weight versions")
@@ -128,8 +132,7 @@ class RolloutGroup:
         refusal is raised and the group serves on unchanged; when only some loaded it (or a worker
         stays dead), the group is broken: it refuses to generate, with an error naming the workers."""
         what = f"{'full weight' if kind == 'full' else 'LoRA'} push v{version}"
-        method = "load_full_weights" if kind == "full" else "load_lora"
-        refs = [getattr(w, method).remote(payload, version) for w in self.workers]
+        refs = [self._load(i, kind, payload, version) for i in range(len(self.workers))]
         failed: dict[int, Exception] = {}
         for i, ref in enumerate(refs):
             try:
@@ -140,7 +143,7 @@ class RolloutGroup:
                                 type(e).__name__)
                     self.restarts += 1
                     self._wait_alive(i)
-                    self._get(getattr(self.workers[i], method).remote(payload, version), f"{what} to restarted worker {i}")
+                    self._get(self._load(i, kind, payload, version), f"{what} to restarted worker {i}")
             except Exception as e:  # noqa: BLE001 - a refusal, a timeout, a death: all named below
                 failed[i] = e
         if failed:
