@@ -346,7 +346,8 @@ class Trainer:
             if exported.kind == "lora":
                 self.rollout.push_lora(exported.adapter_dir, exported.version)
             else:
-                self.rollout.push_full(exported.tensors, exported.version)
+                self.rollout.push_full(exported.tensors if exported.tensors is not None else exported.object_ref,
+                                       exported.version)
         return time.perf_counter() - t0
 
     def collect(self, step: int, questions: list[DocVQASample]) -> CollectedBatch:

@@ -42,6 +42,9 @@ class LearnerConfig(Section):
     gradient_checkpointing: bool = False
     collective_timeout_s: float = Field(600.0, gt=0.0)
     keep_exports: int = Field(3, ge=1)  # LoRA adapter versions kept on disk (a restarted rollout worker reloads the latest)
+    # With algorithm.kl_coef 0 the reference feeds only the `kl_to_ref` metric: true still computes
+    # it (one more forward per experience, and a frozen copy with full fine-tuning)
+    log_kl_to_ref: bool = False
 
     @model_validator(mode="after")
     def _lora_cannot_train_the_vision_tower(self) -> LearnerConfig:

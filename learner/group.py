@@ -6,7 +6,8 @@ ranks (`learner.rank.LearnerRank` Ray actors in a placement group, or one in-pro
 forward/backward passes. One `update(batch)`:
 
     plan = seeded epochs x minibatches x rank shards x micro-batches
-    scores = ranks score their epoch-0 micro-batches      (old logprobs, ref logprobs, values)
+    scores = ranks score their epoch-0 micro-batches      (old logprobs, ref logprobs, values;
+                                                           skipped when exactly on-policy)
     targets = advantages on the whole batch (driver)      (GAE / GRPO / RLOO, KL, whitening, TIS)
     ranks train on their shards                            (PPO epochs, one optimizer step per minibatch)
     metrics = combined over ranks and minibatches
@@ -168,9 +169,10 @@ class LearnerGroup:
         train first, so the scores equal the ones update() will use."""
         experiences = batch.experiences if isinstance(batch, TrainBatch) else list(batch)
         U.validate_batch(experiences)
-        plan = plan or self._plan(experiences)
+        return self._score(experiences, self._shared(experiences), plan or self._plan(experiences))
+
+    def _score(self, experiences: list[Experience], shared, plan: U.UpdatePlan) -> tuple[U.Scores, dict[str, float]]:
         t0 = time.perf_counter()
-        shared = self._shared(experiences)
         per_rank = self._call("score", [(shared, plan.scoring_micro_batches(r)) for r in range(self.num_ranks)],
                               "scoring (old/ref logprobs, values)")
         merged: dict[int, dict] = {}
@@ -188,16 +190,24 @@ class LearnerGroup:
         metrics["score_seconds"] = time.perf_counter() - t0
         return scores, metrics
 
-    def update(self, batch: TrainBatch | list[Experience]) -> dict[str, float]:
-        """One PPO/GRPO update on `batch` (see the module doc). Returns flat float metrics."""
+    def update(self, batch: TrainBatch | list[Experience], score_first: bool | None = None) -> dict[str, float]:
+        """One PPO/GRPO update on `batch` (see the module doc). Returns flat float metrics.
+        `score_first` forces (True) or skips (False) the scoring pass; by default it runs when the
+        update needs it (`update.needs_scoring_pass`)."""
         experiences = batch.experiences if isinstance(batch, TrainBatch) else list(batch)
         U.validate_batch(experiences)
         t0 = time.perf_counter()
         plan = self._plan(experiences)
-        scores, metrics = self.compute_ref_and_old(experiences, plan)
+        shared_exps = self._shared(experiences)  # once for both passes
+        if score_first is None:
+            score_first = U.needs_scoring_pass(self.algo, plan, self.cfg.lora.dropout if self.cfg.lora.enabled else 0.0)
+        if score_first:
+            scores, metrics = self._score(experiences, shared_exps, plan)
+        else:
+            scores, metrics = None, {"score_seconds": 0.0}
         targets, adv_stats = U.compute_advantages(experiences, scores, self.algo)
         metrics.update(adv_stats)
-        if scores.values is not None and targets.returns is not None:
+        if scores is not None and scores.values is not None and targets.returns is not None:
             values, mask = U.pad_right(scores.values)
             returns, _ = U.pad_right(targets.returns)
             from learner.ppo import explained_variance
@@ -205,11 +215,14 @@ class LearnerGroup:
             metrics["explained_variance"] = float(explained_variance(values, returns, mask))
 
         t_train = time.perf_counter()
-        shared_exps, shared_targets = self._shared(experiences), self._shared(targets)
+        shared_targets = self._shared(targets)
         per_rank = self._call("train", [(shared_exps, shared_targets, plan.rank_schedule(r))
                                         for r in range(self.num_ranks)], "PPO update")
         train_seconds = time.perf_counter() - t_train
         metrics.update(self._summarize(per_rank, train_seconds))
+        if scores is None and "kl_to_ref_during_update" in metrics:
+            # without a scoring pass every training forward ran on the weights from before the step
+            metrics["kl_to_ref"] = metrics["kl_to_ref_during_update"]
         self.update_calls += 1
         if metrics["optimizer_steps"] > 0:
             self.version += 1
@@ -274,18 +287,15 @@ class LearnerGroup:
         if kind != "full":
             raise ValueError(f"unknown export kind {kind!r}; expected 'full' or 'lora'")
         if self.local:
-            tensors = self.worker.full_state_dict()
-        else:
-            from rollout.weight_sync import from_numpy
-
-            tensors = from_numpy(self._call("full_state_dict_numpy", what="exporting full weights")[0])
-        return ExportedWeights(version=self.version, kind="full", tensors=tensors)
+            return ExportedWeights(version=self.version, kind="full", tensors=self.worker.full_state_dict())
+        object_ref = self._call("export_full_weights", what="exporting full weights")[0][0]
+        return ExportedWeights(version=self.version, kind="full", object_ref=object_ref)
 
     def describe(self) -> list[dict]:
         """Per rank: rank, device, GPU ids Ray assigned, placement group, node, rendezvous address."""
         if self.local:
             return [{"rank": 0, "world_size": 1, "device": str(self.worker.device), "gpu_ids": [],
-                     "placement_group_id": None}]
+                     "placement_group_id": None, "reference_numel": self.worker.reference_numel()}]
         return self._call("describe", what="describing the ranks")
 
     def param_hashes(self) -> list[str]:

@@ -55,7 +55,8 @@ class LearnerRank:
         ctx = ray.get_runtime_context()
         return {"rank": self.worker.rank, "world_size": self.worker.world_size, "device": str(self.worker.device),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "placement_group_id": ctx.get_placement_group_id(),
-                "node_id": ctx.get_node_id(), "master_addr": os.environ.get("MASTER_ADDR"), "pid": os.getpid()}
+                "node_id": ctx.get_node_id(), "master_addr": os.environ.get("MASTER_ADDR"), "pid": os.getpid(),
+                "reference_numel": self.worker.reference_numel()}
 
     def score(self, experiences, micro_batches):
         return self.worker.score(experiences, micro_batches)
@@ -72,12 +73,14 @@ class LearnerRank:
     def trainable_state(self):
         return self.worker.trainable_state()
 
-    def full_state_dict_numpy(self):
-        """Rank 0 returns numpy arrays (fast through the object store); others None."""
+    def export_full_weights(self):
+        """Rank 0 puts its merged full weights into the object store once (numpy: fast there) and
+        returns the reference inside a list, so that Ray hands the driver the reference, not the
+        data; the rollout workers fetch it directly. Other ranks only join the ZeRO-3 gathers."""
         from rollout.weight_sync import to_numpy
 
-        named = self.worker.full_state_dict()
-        return to_numpy(named) if self.worker.rank == 0 else None
+        named = self.worker.full_state_dict(keep=self.worker.rank == 0)
+        return [ray.put(to_numpy(named))] if self.worker.rank == 0 else None
 
     def save_adapter(self, final_dir, keep=3):
         return self.worker.save_adapter(final_dir, keep)

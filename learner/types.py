@@ -123,10 +123,13 @@ class ExportedWeights:
     * kind "lora": `adapter_dir` is a peft `save_pretrained` directory (adapter_config.json +
       adapter_model.safetensors), written atomically; vLLM serves it as a LoRARequest with a FRESH
       int id (reusing an id silently serves the old adapter). `tensors` is None.
-    * kind "full": `tensors` maps the policy checkpoint's own names (exactly the keys of its
-      model.safetensors, e.g. "model.layers.0.self_attn.q_proj.weight", "visual.blocks.0...",
-      "lm_head.weight") to CPU tensors in the learner's dtype; a LoRA policy is exported merged
-      (base + delta). `adapter_dir` is None.
+    * kind "full": the policy checkpoint's own names (exactly the keys of its model.safetensors,
+      e.g. "model.layers.0.self_attn.q_proj.weight", "visual.blocks.0...", "lm_head.weight") to
+      tensors in the learner's dtype; a LoRA policy is exported merged (base + delta). Either
+      `tensors` (CPU tensors, from an in-process learner) or `object_ref` (a Ray object holding
+      `rollout.weight_sync.to_numpy` arrays, put once by learner rank 0 and read by the rollout
+      workers without passing through the driver). `named_tensors()` gives tensors either way.
+      `adapter_dir` is None.
     `version` counts the learner updates that changed the weights (at least one optimizer step
     applied; 0 = the base weights the rollout starts with). Exporting twice without an update gives
     the same version, which rollout workers refuse as not newer - nothing new to load.
@@ -136,3 +139,16 @@ class ExportedWeights:
     kind: Literal["full", "lora"]
     tensors: dict[str, torch.Tensor] | None = None
     adapter_dir: str | None = None
+    object_ref: object | None = None  # ray.ObjectRef
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """The full weights as CPU tensors (fetches `object_ref` when that is how they came)."""
+        if self.kind != "full":
+            raise ValueError(f"weights v{self.version} are a LoRA adapter ({self.adapter_dir}), not full weights")
+        if self.tensors is not None:
+            return self.tensors
+        import ray
+
+        from rollout.weight_sync import from_numpy
+
+        return from_numpy(ray.get(self.object_ref))

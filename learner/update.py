@@ -10,7 +10,10 @@ The update of a batch of N experiences, step by step:
 3. Scoring (the ranks, before any weight changes): old logprobs, reference logprobs and values of
    every experience, computed on EXACTLY the micro-batches of epoch 0. The first training
    micro-batch then runs the identical computation on identical tensors, so its importance ratio
-   is exactly 1 - a bug check, not an approximation.
+   is exactly 1 - a bug check, not an approximation. When the update is one optimizer step and
+   nothing before training needs the scores (`needs_scoring_pass`), this pass is skipped: every
+   training forward then runs on the unchanged weights, so its own logprobs, detached, ARE the old
+   logprobs (`on_policy_targets`), and the gradient is the same as with the pass.
 4. `compute_advantages` (the driver, on the whole batch): GAE over token rewards (with the KL
    penalty in the reward, if so configured), or group baselines (GRPO/RLOO) broadcast to tokens,
    and the truncated importance weights against the rollout logprobs; statistics such as
@@ -157,13 +160,44 @@ class Scores:
     values: list[torch.Tensor] | None  # [T_i] from the critic, None without one
 
 
+def needs_scoring_pass(algo: AlgorithmConfig, plan: UpdatePlan, lora_dropout: float = 0.0) -> bool:
+    """Whether old logprobs must be computed before training. Not when the update is exactly
+    on-policy - one epoch of one minibatch, so every training forward sees the weights the
+    scores would have seen - and nothing computed before training needs them: no critic (GAE),
+    no KL in the reward. Dropout would make the training forward differ from the eval-mode scoring
+    one, so it keeps the pass."""
+    kl_in_reward = algo.kl_in == "reward" and algo.kl_coef > 0
+    return plan.num_optimizer_steps > 1 or algo.advantage == "gae" or kl_in_reward or lora_dropout > 0
+
+
+def on_policy_targets(logprobs: torch.Tensor, rollout_logprobs: Sequence[Sequence[float]], mask: torch.Tensor,
+                      algo: AlgorithmConfig) -> tuple[dict[str, torch.Tensor | None], dict[str, float]]:
+    """Without a scoring pass (see `needs_scoring_pass`): the old logprobs of a micro-batch are its
+    training forward's own, detached, and the TIS weights are taken against them as
+    `compute_advantages` would. Also the rollout-vs-learner mismatch of these rows
+    (`logprob_mismatch_max`, `_mean`), which the scoring pass would have measured."""
+    old = logprobs.detach().float()
+    rollout = torch.zeros_like(old)
+    for row, lps in enumerate(rollout_logprobs):
+        n = min(len(lps), old.shape[1])
+        rollout[row, :n] = torch.tensor(lps[:n], dtype=torch.float32)
+    delta = torch.where(mask, (rollout - old).abs(), 0.0)
+    tokens = max(int(mask.sum()), 1)
+    stats = {"logprob_mismatch_max": float(delta.max()), "logprob_mismatch_mean": float(delta.sum()) / tokens}
+    tis = None
+    if algo.tis_cap is not None:
+        tis = ppo.truncated_importance_weights(old, rollout, mask, algo.tis_cap)
+        stats["tis_weight_mean"] = float(ppo.masked_mean(tis, mask))
+    return {"old_logprobs": old, "importance_weights": tis}, stats
+
+
 @dataclass
 class Targets:
     """Per-experience training targets; the ranks pad them per micro-batch."""
 
     advantages: list[torch.Tensor]  # [T_i]
     returns: list[torch.Tensor] | None  # [T_i], GAE only
-    old_logprobs: list[torch.Tensor]
+    old_logprobs: list[torch.Tensor] | None  # None: no scoring pass, the ranks take their own (on_policy_targets)
     ref_logprobs: list[torch.Tensor] | None
     old_values: list[torch.Tensor] | None
     importance_weights: list[torch.Tensor] | None  # TIS weights, None when algorithm.tis_cap is None
@@ -184,7 +218,7 @@ def unpad(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
     return [x[i, :n].clone() for i, n in enumerate(lengths)]
 
 
-def compute_advantages(experiences: Sequence[Experience], scores: Scores,
+def compute_advantages(experiences: Sequence[Experience], scores: Scores | None,
                        algo: AlgorithmConfig) -> tuple[Targets, dict[str, float]]:
     """Advantages (and returns) for the whole batch, as `algorithm.advantage` says.
 
@@ -196,8 +230,17 @@ def compute_advantages(experiences: Sequence[Experience], scores: Scores,
           advantage = group_advantage(rewards) - kl_coef * sum_t KL_t
       Broadcast to every token of the answer.
     With `tis_cap` set, the TIS weights min(pi_old_learner / pi_rollout, tis_cap) are added.
+    `scores` None (no scoring pass, grpo/rloo without KL in the reward): the old logprobs and the
+    TIS weights are left to the ranks (`on_policy_targets`).
     """
     lengths = [len(e.response_ids) for e in experiences]
+    if scores is None:
+        if algo.advantage == "gae" or (algo.kl_in == "reward" and algo.kl_coef > 0):
+            raise ValueError("compute_advantages: GAE and a KL penalty in the reward need the scoring pass")
+        scores = Scores(old_logprobs=[torch.zeros(n) for n in lengths], ref_logprobs=None, values=None)
+        targets, stats = compute_advantages(experiences, scores, algo.model_copy(update={"tis_cap": None}))
+        targets.old_logprobs = None
+        return targets, stats
     old, mask = pad_right(scores.old_logprobs)
     rewards = torch.tensor([e.reward for e in experiences], dtype=torch.float32)
     kl_in_reward = algo.kl_in == "reward" and algo.kl_coef > 0
@@ -341,7 +384,7 @@ def lr_multiplier(step: int, schedule: str, warmup_steps: int, decay_steps: int,
 
 
 # Stats averaged over micro-batches weighted by their valid tokens; the rest are summed or maxed.
-_MAX_STATS = ("ratio_max",)
+_MAX_STATS = ("ratio_max", "logprob_mismatch_max")
 
 
 def combine_micro_stats(micro_stats: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -116,15 +116,15 @@ class LearnerWorker:
         else:
             self.device = torch.device("cpu")
         self.dtype = torch_dtype(cfg.dtype)
-        # The reference is needed for a KL penalty or the KL-to-ref metric; with LoRA it is free
-        # (adapters disabled), with full fine-tuning it costs a frozen copy, so only for kl_coef > 0.
-        self.use_reference = algo.kl_coef > 0 or cfg.lora.enabled
+        # The reference serves a KL penalty, or the KL-to-ref metric when asked for (learner.log_kl_to_ref):
+        # with LoRA it costs a forward with the adapters disabled, with full fine-tuning a frozen copy too.
+        self.use_reference = algo.kl_coef > 0 or cfg.log_kl_to_ref
         if algo.advantage != "gae" and cfg.value_model != "none":
             # GRPO/RLOO baselines come from the group: a critic would only cost memory and time.
             cfg = cfg.model_copy(update={"value_model": "none"})
-        built = build_models(self.policy_path, cfg, self.dtype, need_reference=algo.kl_coef > 0, seed=seed)
+        built = build_models(self.policy_path, cfg, self.dtype, need_reference=self.use_reference, seed=seed)
         module = built.actor_critic
-        self.reference = built.reference.to(self.device) if built.reference is not None else None
+        self.reference = self._place_reference(built.reference, algo) if built.reference is not None else None
 
         policy_params = [p for p in module.policy.parameters() if p.requires_grad]
         value_params = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("policy.")]
@@ -143,8 +143,34 @@ class LearnerWorker:
         self.module: ActorCritic = self.engine.module
         self.module.eval()
         self.builder = InputBuilder.for_model(self.policy_path)
+        self._batch_key: tuple[str, ...] | None = None
         self.optimizer_steps = 0  # applied steps
         self.skipped_steps = 0
+
+    def _place_reference(self, reference: torch.nn.Module, algo: AlgorithmConfig) -> torch.nn.Module:
+        """The frozen full-fine-tuning reference on this rank. Under ZeRO-3 it is partitioned like
+        the policy (a DeepSpeed engine without an optimizer; its forward gathers one module at a
+        time), so it costs 1/world_size of a copy per GPU instead of a whole one."""
+        if self.cfg.zero_stage != 3:
+            return reference.to(self.device)
+        import deepspeed
+
+        ds = deepspeed_config(self.cfg, algo, self.world_size)
+        config = {key: ds[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                           "train_batch_size", "zero_optimization", "bf16", "steps_per_print",
+                                           "wall_clock_breakdown")}
+        engine, *_ = deepspeed.initialize(model=reference, config=config, dist_init_required=False)
+        return engine.module.eval()
+
+    def reference_numel(self) -> tuple[int, int]:
+        """(elements this rank holds, elements of the whole reference); (0, 0) without a copy."""
+        if self.reference is None:
+            return 0, 0
+        held = total = 0
+        for p in self.reference.parameters():
+            total += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        return held, total
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -170,28 +196,37 @@ class LearnerWorker:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
+    @torch.no_grad()
+    def _reference_outputs(self, inputs):
+        if self.reference is not None:
+            return forward_outputs(self.reference, inputs, with_entropy=False, with_values=False,
+                                   temperature=self.temperature)
+        with self.module.adapters_disabled():
+            return forward_outputs(self.engine, inputs, with_entropy=False, with_values=False,
+                                   temperature=self.temperature)
+
+    def _begin_batch(self, experiences: list[Experience]) -> None:
+        """Keep the processed page images while the batch stays the same (scoring then training):
+        each image is processed once per update, not once per pass."""
+        key = tuple(e.sample_id for e in experiences)
+        if key != self._batch_key:
+            self.builder.clear()
+            self._batch_key = key
+
     # -- scoring (before the update) ------------------------------------------------------------
 
     @torch.no_grad()
     def score(self, experiences: list[Experience], micro_batches: list[U.MicroBatch]) -> dict[int, dict]:
         """Old logprobs, reference logprobs and values of the experiences in `micro_batches`, in eval
         mode (no dropout), on exactly these micro-batches. Returns index -> {"old", "ref", "values"}."""
-        self.builder.clear()
+        self._begin_batch(experiences)
         self.module.eval()
         out: dict[int, dict] = {}
         for micro in micro_batches:
             inputs = self._inputs(experiences, micro)
             pol = forward_outputs(self.engine, inputs, with_entropy=False, with_values=self.module.has_values,
                                   temperature=self.temperature)
-            ref = None
-            if self.use_reference:
-                if self.reference is not None:
-                    ref = forward_outputs(self.reference, inputs, with_entropy=False, with_values=False,
-                                          temperature=self.temperature)
-                else:
-                    with self.module.adapters_disabled():
-                        ref = forward_outputs(self.engine, inputs, with_entropy=False, with_values=False,
-                                              temperature=self.temperature)
+            ref = self._reference_outputs(inputs) if self.use_reference else None
             for row, (i, ghost) in enumerate(zip(micro.indices, micro.ghost)):
                 if ghost:
                     continue
@@ -205,8 +240,10 @@ class LearnerWorker:
 
     def train(self, experiences: list[Experience], targets: U.Targets, schedule) -> list[dict]:
         """PPO epochs over this rank's shards (`UpdatePlan.rank_schedule(rank)`); one optimizer step
-        per minibatch. Returns one stats dict per minibatch, in order."""
-        self.builder.clear()
+        per minibatch. Returns one stats dict per minibatch, in order. Targets without old logprobs
+        (no scoring pass: `update.needs_scoring_pass`) take each micro-batch's own, detached, and
+        its reference logprobs when a KL penalty is in the loss."""
+        self._begin_batch(experiences)
         results = []
         first_micro: dict | None = None
         for epoch_index, epoch in enumerate(schedule):
@@ -224,10 +261,19 @@ class LearnerWorker:
                     out = forward_outputs(self.engine, inputs, with_entropy=self.algo.entropy_coef > 0,
                                           with_values=with_values, temperature=self.temperature)
                     out = out.first_rows(len(micro.indices))
+                    on_policy_stats = {}
+                    if target["old_logprobs"] is None:
+                        rows = [experiences[i].rollout_logprobs for i in micro.indices]
+                        taken, on_policy_stats = U.on_policy_targets(out.logprobs, rows, out.mask, self.algo)
+                        target.update(taken)
+                        if self.algo.kl_coef > 0 and self.algo.kl_in == "loss":
+                            ref = self._reference_outputs(inputs).first_rows(len(micro.indices))
+                            target["ref_logprobs"] = ref.logprobs.float()
                     share = U.micro_batch_share(self.algo.loss_aggregation, out.mask, mb_sequences, mb_tokens,
                                                 self.world_size)
                     loss, stats = U.micro_batch_loss(out.logprobs, out.entropy, out.values, out.mask, target,
                                                      self.algo, share)
+                    stats.update(on_policy_stats)
                     stats["tokens"] = int(out.mask.sum())
                     if first_micro is None:
                         first_micro = dict(stats)
@@ -295,12 +341,17 @@ class LearnerWorker:
         return out
 
     @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
         """The policy's weights under its checkpoint names, LoRA merged (base + delta), gathered
-        under ZeRO-3 one module at a time (collective: every rank must call it)."""
+        under ZeRO-3 one module at a time (collective: every rank must call it). With
+        `keep=False` a rank only takes part in the gathers and copies nothing (an export needs
+        one copy, rank 0's, not one per rank); without ZeRO-3 there is nothing to take part in."""
         from peft.tuners.lora import LoraLayer
         from transformers.core_model_loading import revert_weight_conversion
 
+        partitioned = self.cfg.zero_stage == 3
+        if not keep and not partitioned:
+            return {}
         base = unwrap(self.module.policy)
         named: dict[str, torch.Tensor] = {}
         lora_prefixes: list[str] = []
@@ -311,6 +362,8 @@ class LearnerWorker:
                 lora_prefixes.append(mod_name)
                 params = list(mod.parameters())
                 with self._gathered(params):
+                    if not keep:
+                        continue
                     weight = mod.base_layer.weight.detach().clone()
                     for adapter in mod.active_adapters:
                         weight += mod.get_delta_weight(adapter).to(weight.dtype)
@@ -322,8 +375,12 @@ class LearnerWorker:
             if not direct:
                 continue
             with self._gathered([p for _, p in direct]):
+                if not keep:
+                    continue
                 for pname, p in direct:
                     named[f"{mod_name}.{pname}" if mod_name else pname] = p.detach().cpu().clone()
+        if not keep:
+            return {}
         named = dict(revert_weight_conversion(base, named))
         return self._match_checkpoint_names(named)
 

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import ray
 import torch
 
-from common.ray_helpers import free_port, get_with_timeout
+from common.ray_helpers import get_with_timeout
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.types import GenerateOutput, RolloutRequest
-from rollout.weight_sync import WeightSyncGroup, metas_of, to_numpy
+from rollout.weight_sync import to_numpy
 from rollout.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ class RolloutGroup:
         self.version = 0
         self._latest: tuple[str, object] | None = None  # ("full", object ref) or ("lora", adapter dir)
         self.restarts = 0
-        self.sync_ready = False
         self.broken: str | None = None  # why the group refuses to generate (a failed weight push)
 
     def _get(self, refs, what: str, timeout_s: float | None = None):
@@ -114,11 +113,12 @@ class RolloutGroup:
         if version <= self.version:
             raise ValueError(f"rollout group: weight push refused: version {version} is not newer than {self.version}")
 
-    def push_full(self, named: dict[str, torch.Tensor], version: int) -> None:
-        """Object-store transport: one copy into the object store, every worker loads it."""
+    def push_full(self, weights: dict[str, torch.Tensor] | ray.ObjectRef, version: int) -> None:
+        """Full weights by checkpoint name, or a Ray object of `weight_sync.to_numpy` arrays already
+        in the object store (as learner rank 0 exports them): one copy there, every worker reads it."""
         self._check_newer(version)
         # Ray resolves a top-level ObjectRef argument to its value inside each worker.
-        self._push("full", ray.put(to_numpy(named)), version)
+        self._push("full", weights if isinstance(weights, ray.ObjectRef) else ray.put(to_numpy(weights)), version)
 
     def push_lora(self, adapter_dir: str, version: int) -> None:
         """The adapter directory must be readable by every worker (shared storage on a cluster)."""
@@ -163,28 +163,6 @@ class RolloutGroup:
             return ray.get(self.workers[i].weights_version.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - a dead or stuck worker holds no usable version
             return None
-
-    def init_collective(self, host: str = "127.0.0.1", port: int | None = None) -> WeightSyncGroup:
-        """Form the weight-sync process group with this process as sender (rank 0)."""
-        port = port or free_port()
-        world = len(self.workers) + 1
-        refs = [w.join_weight_sync.remote(host, port, i + 1, world, self.cfg.weight_sync_timeout_s)
-                for i, w in enumerate(self.workers)]
-        sender = WeightSyncGroup(host, port, 0, world, self.cfg.weight_sync_timeout_s, "weight sender")
-        self._get(refs, "joining the weight-sync group")
-        self.sync_ready = True
-        return sender
-
-    def push_full_collective(self, sender: WeightSyncGroup, named: dict[str, torch.Tensor], version: int) -> None:
-        """Collective transport: per-tensor broadcast from `sender` to every worker."""
-        self._check_newer(version)
-        if not self.sync_ready:
-            raise RuntimeError("rollout group: init_collective() first")
-        refs = [w.receive_full_weights.remote(metas_of(named), version) for w in self.workers]
-        sender.send(named)
-        self._get(refs, f"collective weight push v{version}")
-        # keep a copy for re-syncing a restarted worker, which cannot join the broadcast later
-        self.version, self._latest = version, ("full", ray.put(to_numpy(named)))
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -25,7 +25,7 @@ def write_policy(out_dir: str | Path, base_model: str, exported, step: int) -> P
     if exported.kind == "lora":
         shutil.copytree(exported.adapter_dir, out / "adapter", dirs_exist_ok=True)
     else:
-        write_model_copy(base_model, exported.tensors, out / "model")
+        write_model_copy(base_model, exported.named_tensors(), out / "model")
     spec = {"kind": exported.kind, "base_model": str(base_model), "weights_version": exported.version, "step": step}
     (out / POLICY_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
     return out

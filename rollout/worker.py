@@ -20,7 +20,6 @@ class RolloutWorker:
 
         self.name = f"rollout worker {index}"
         self.engine = RolloutEngine(model_path, cfg, seed=seed, max_lora_rank=max_lora_rank, name=self.name)
-        self.sync = None
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> GenerateOutput:
         return self.engine.generate(requests, sampling)
@@ -38,19 +37,6 @@ class RolloutWorker:
 
     def load_lora(self, adapter_dir: str, version: int) -> int:
         return self.engine.load_lora(adapter_dir, version)
-
-    def join_weight_sync(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> bool:
-        from rollout.weight_sync import WeightSyncGroup
-
-        self.sync = WeightSyncGroup(host, port, rank, world_size, timeout_s, self.name)
-        return True
-
-    def receive_full_weights(self, metas: list, version: int) -> int:
-        """Collective transport: take part in the broadcast, then load (checked first)."""
-        if self.sync is None:
-            raise RuntimeError(f"{self.name}: join_weight_sync was never called")
-        self.engine._check_version(version)  # refuse before the transfer, not after
-        return self.engine.load_full_weights(self.sync.receive(metas), version)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

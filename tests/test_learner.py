@@ -11,7 +11,7 @@ import torch
 
 from learner import ppo
 from learner import update as U
-from learner.config import AlgorithmConfig, LearnerConfig
+from learner.config import AlgorithmConfig, LearnerConfig, LoraConfig
 from learner.model import (InputBuilder, PromptMismatchError, build_models, load_policy, lora_target_regex,
                            sequence_logprobs, unwrap)
 from learner.synthetic import make_pages, synthetic_experiences
@@ -435,6 +435,53 @@ def test_lora_update_moves_only_adapter_and_value_head_with_ratio_one_at_start(p
     assert math.isfinite(metrics["grad_norm"]) and metrics["tokens_per_s"] > 0
     assert metrics["kl_to_ref"] == 0.0  # before the first step the adapter is a no-op (B = 0)
     assert metrics["kl_to_ref_during_update"] > 0.0
+
+
+@pytest.mark.parametrize("kl_coef, lora", [(0.0, True), (0.05, True), (0.05, False)])
+def test_update_without_scoring_pass_equals_the_update_with_it(policy, experiences, kl_coef, lora):
+    """One epoch of one minibatch under GRPO is exactly on-policy: skipping the scoring pass (the
+    training forward's own logprobs are the old ones, its TIS weights and mismatch taken from them,
+    the reference computed inside training when the KL is in the loss) gives the same weights and
+    the same metrics as scoring first. The rollout logprobs are perturbed so TIS weights are not 1."""
+    from dataclasses import replace
+
+    noisy = [replace(e, rollout_logprobs=tuple(lp + 0.05 * ((-1) ** k) for k, lp in enumerate(e.rollout_logprobs)))
+             for e in experiences]
+    algo = AlgorithmConfig(minibatch_size=len(noisy), kl_coef=kl_coef, kl_in="loss")
+    cfg = _config(value_model="none", micro_batch_size=4, lora=LoraConfig(enabled=lora),
+                  freeze_vision_tower=True, learning_rate=1e-3)
+    slow, fast = _group(policy, cfg, algo), _group(policy, cfg, algo)
+    slow_metrics = slow.update(noisy, score_first=True)
+    fast_metrics = fast.update(noisy)  # the default decides: no scoring pass here
+    assert fast_metrics["score_seconds"] == 0.0 and slow_metrics["score_seconds"] > 0.0
+    before = _group(policy, cfg, algo).trainable_state()
+    slow_state, fast_state = slow.trainable_state(), fast.trainable_state()
+    assert any(not torch.equal(before[n], slow_state[n]) for n in before), "the update changed nothing"
+    for name in slow_state:
+        torch.testing.assert_close(fast_state[name], slow_state[name], atol=1e-7, rtol=1e-6, msg=name)
+    for key in ("policy_loss", "logprob_mismatch_max", "logprob_mismatch_mean", "tis_weight_mean",
+                "first_micro_batch/ratio_mean", "clip_fraction", "advantage_mean", "grad_norm"):
+        assert fast_metrics[key] == pytest.approx(slow_metrics[key], abs=1e-6, rel=1e-5), key
+    assert slow_metrics["tis_weight_mean"] < 0.999  # the perturbation reached the weights
+    if kl_coef > 0:
+        assert fast_metrics["kl_to_ref"] == pytest.approx(slow_metrics["kl_to_ref"], abs=1e-7)
+    else:  # nothing needs the reference: neither path computes it
+        assert "kl_to_ref" not in fast_metrics and "kl_to_ref" not in slow_metrics
+
+
+def test_scoring_pass_is_kept_where_the_update_needs_it():
+    from learner.update import make_plan, needs_scoring_pass
+
+    one_step = make_plan([3] * 8, 1, 8, 4, 1, seed=0)
+    two_steps = make_plan([3] * 8, 1, 4, 4, 1, seed=0)
+    two_epochs = make_plan([3] * 8, 1, 8, 4, 2, seed=0)
+    grpo = AlgorithmConfig(minibatch_size=8, kl_coef=0.0)
+    assert not needs_scoring_pass(grpo, one_step)
+    assert needs_scoring_pass(grpo, two_steps) and needs_scoring_pass(grpo, two_epochs)
+    assert needs_scoring_pass(grpo.model_copy(update={"advantage": "gae"}), one_step)
+    assert needs_scoring_pass(grpo.model_copy(update={"kl_coef": 0.1, "kl_in": "reward"}), one_step)
+    assert not needs_scoring_pass(grpo.model_copy(update={"kl_coef": 0.1, "kl_in": "loss"}), one_step)
+    assert needs_scoring_pass(grpo, one_step, lora_dropout=0.1)
 
 
 def test_update_scores_and_trains_at_the_sampling_temperature(policy, builder, experiences):

@@ -96,13 +96,46 @@ def test_zero3_ranks_stay_identical(ray_cluster, policy, experiences, tmp_path):
             hashes = group.param_hashes()
             assert len(set(hashes)) == 1, hashes
             assert metrics["first_micro_batch/ratio_mean"] == 1.0 and metrics["skipped_steps"] == 0
-        # the ZeRO-3 gathered export has the checkpoint's names (every rank enters the gather)
-        full = group.export_weights("full")
+        # the ZeRO-3 gathered export has the checkpoint's names (every rank enters the gather); rank
+        # 0 alone puts one copy into the object store, and the driver holds only its reference
+        import ray
         from safetensors import safe_open
 
+        full = group.export_weights("full")
+        assert full.tensors is None and isinstance(full.object_ref, ray.ObjectRef)
+        tensors = full.named_tensors()
         with safe_open(f"{policy}/model.safetensors", "pt") as f:
-            assert set(full.tensors) == set(f.keys())
-        assert full.version == 2 and all(t.numel() > 0 for t in full.tensors.values())
+            assert set(tensors) == set(f.keys())
+            for name in tensors:
+                assert list(tensors[name].shape) == list(f.get_slice(name).get_shape()), name
+        assert full.version == 2 and all(t.numel() > 0 for t in tensors.values())
+    finally:
+        group.shutdown()
+
+
+def test_zero3_full_fine_tuning_partitions_the_reference(ray_cluster, policy, experiences, tmp_path):
+    """Full fine-tuning with a KL penalty keeps a frozen reference; under ZeRO-3 each of the 2
+    ranks holds about half of it (not a whole copy), and its logprobs are the starting policy's
+    before and after the policy moves."""
+    from learner.group import LearnerGroup
+
+    cfg, algo = _cfgs(3)
+    cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"enabled": False})})
+    group = LearnerGroup(policy, cfg, algo, export_dir=str(tmp_path), start_timeout_s=300)
+    try:
+        held = [r["reference_numel"] for r in group.describe()]
+        total = held[0][1]
+        assert total > 0 and all(t == total for _, t in held), held
+        assert sum(h for h, _ in held) >= total and all(h <= total // 2 + 64 for h, _ in held), held
+        before, _ = group.compute_ref_and_old(TrainBatch(experiences))
+        for old, ref in zip(before.old_logprobs, before.ref_logprobs):
+            torch.testing.assert_close(ref, old, atol=1e-6, rtol=0)
+        group.update(TrainBatch(experiences))
+        after, _ = group.compute_ref_and_old(TrainBatch(experiences))
+        moved = max(float((o - r).abs().max()) for o, r in zip(after.old_logprobs, after.ref_logprobs))
+        assert moved > 1e-4, "the policy did not move: the test proves nothing"
+        for ref_before, ref_after in zip(before.ref_logprobs, after.ref_logprobs):
+            torch.testing.assert_close(ref_after, ref_before, atol=1e-6, rtol=0)
     finally:
         group.shutdown()
 
@@ -157,8 +190,8 @@ def test_learner_logprobs_match_vllm_before_and_after_weight_pushes(zero2_group,
 
     update_metrics = group.update(batch)
     assert update_metrics["logprob_mismatch_max"] == pytest.approx(mismatches["after_lora_push"])
-    full = group.export_weights("full")  # LoRA merged into the base weights
-    rollout.push_full(full.tensors, full.version)
+    full = group.export_weights("full")  # LoRA merged into the base weights, put by rank 0
+    rollout.push_full(full.object_ref, full.version)
     batch = _rollout_batch(rollout, pages, seed=3)
     mismatches["after_full_push"] = group.compute_ref_and_old(batch)[1]["logprob_mismatch_max"]
     print("rollout-vs-learner max |dlogprob|:", mismatches, "adapter effect:", adapter_effect)

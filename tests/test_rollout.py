@@ -151,19 +151,6 @@ def test_lora_push_serves_the_new_adapter_under_a_fresh_id(group, hf, page, tiny
         group.push_lora(str(tmp_path), version=version + 10)
 
 
-def test_collective_push_over_gloo(group, hf, page, tiny_models, tmp_path):
-    processor, base = hf
-    version = group.versions()[0]
-    sender = group.init_collective()
-    perturbed = perturbed_state_dict(tiny_models["policy"], scale=0.3, seed=3)
-    group.push_full_collective(sender, perturbed, version=version + 1)
-    res = _sample(group, page, seed=13)
-    pushed = type(base).from_pretrained(write_model_copy(tiny_models["policy"], perturbed, tmp_path / "m"),
-                                        dtype=torch.float32).eval()
-    assert res.weights_version == version + 1
-    assert _max_delta(pushed, processor, page, res) < 1e-3
-
-
 def test_killed_worker_comes_back_with_the_current_weights(group, hf, page, tiny_models, tmp_path):
     import ray
 
