@@ -75,3 +75,27 @@ def place_roles(cfg, timeout_s: float | None = None) -> dict[str, RolePlacement]
 def release(placed: dict[str, RolePlacement]) -> None:
     for p in placed.values():
         remove_placement_group(p.group)
+
+
+def local_cores(cfg) -> int | None:
+    """The CPU cores of this machine when the run starts its own local cluster (every role runs
+    here), else None (roles on other nodes, whose cores Ray's bundles already account for)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS") else None
+
+
+def role_threads(cfg, cores: int | None) -> tuple[int, int]:
+    """Threads per rollout worker and per learner rank: each role's CPUs by default. In async mode
+    the two roles compute at the same time, so on a local cluster whose roles ask for more
+    threads than the machine has cores (logical CPUs above the real ones, as in the tiny preset)
+    both are scaled down in proportion rather than oversubscribe the cores; in sync mode they take
+    turns and each keeps its own."""
+    rollout = max(1, int(cfg.rollout.num_cpus_per_worker))
+    learner = max(1, int(cfg.learner.num_cpus_per_rank))
+    if cfg.trainer.mode != "async" or cores is None:
+        return rollout, learner
+    demand = cfg.rollout.num_workers * rollout + cfg.learner.num_ranks * learner
+    if demand <= cores:
+        return rollout, learner
+    return max(1, rollout * cores // demand), max(1, learner * cores // demand)

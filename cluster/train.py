@@ -210,7 +210,7 @@ class Trainer:
     def setup(self, resume: bool = False) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from cluster.placement import place_roles
+        from cluster.placement import local_cores, place_roles, role_threads
         from learner.group import LearnerGroup
         from retriever.group import RetrieverGroup
         from reward.group import RewardPool
@@ -242,16 +242,19 @@ class Trainer:
             self.retriever = RetrieverGroup(retriever_model, cfg.retriever, timeout, self.placement["retriever"].strategies())
             self.retriever.open(list(self.corpus.pages.values()), cfg.retriever.index_dir or self.out / "index",
                                 owned=cfg.retriever.index_dir is None)
-        lora_rank = cfg.learner.lora.r if cfg.learner.lora.enabled else None
+        # the workers serve adapters only when adapters are what they are pushed (rollout.lora_push)
+        self.push_kind = "lora" if cfg.learner.lora.enabled and cfg.rollout.lora_push_mode() == "adapter" else "full"
+        lora_rank = cfg.learner.lora.r if self.push_kind == "lora" else None
+        rollout_threads, learner_threads = role_threads(cfg, local_cores(cfg))
         self.rollout = RolloutGroup(policy, cfg.rollout, seed=cfg.run.seed, max_lora_rank=lora_rank,
-                                    scheduling=self.placement["rollout"].strategies())
+                                    scheduling=self.placement["rollout"].strategies(), num_threads=rollout_threads)
         # any bundle of the reward role's group (index -1): the pool creates its actors itself
         self.rewards = RewardPool(cfg.reward, actor_options={"scheduling_strategy": PlacementGroupSchedulingStrategy(
             self.placement["reward"].group, placement_group_bundle_index=-1)})
         self.learner = LearnerGroup(policy, cfg.learner, cfg.algorithm, seed=cfg.run.seed,
                                     sampling_temperature=cfg.rollout.sampling.temperature,
                                     export_dir=str(self.out / "exports"), placement_strategy=cfg.ray.placement_strategy,
-                                    start_timeout_s=timeout)
+                                    start_timeout_s=timeout, num_threads=learner_threads)
         self.rollout.ready()
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.trainer.keep_last)
 
@@ -290,8 +293,10 @@ class Trainer:
             log.info("warm start: %d supervised steps on %d training questions", ws.steps, len(samples))
             task = ray.remote(num_cpus=self.cfg.learner.num_cpus_per_rank,
                               num_gpus=self.cfg.learner.num_gpus_per_rank)(supervised_finetune)
-            ref = task.remote(policy, str(out), samples, self.corpus.pages, self.cfg.rollout, settings,
-                              self.eval_set.samples[: ws.max_eval_questions])
+            eval_samples = self.eval_set.samples[: ws.max_eval_questions]
+            # only the pages these questions are asked about, not the whole corpus
+            pages = {q.gold_page: self.corpus.pages[q.gold_page] for q in (*samples, *eval_samples)}
+            ref = task.remote(policy, str(out), samples, pages, self.cfg.rollout, settings, eval_samples)
             get_with_timeout(ref, self.cfg.ray.actor_start_timeout_s + 60 * ws.steps, "the warm start (learner/sft.py)")
             stamp.write_text(json.dumps(built_from, indent=1, sort_keys=True))
         summary = json.loads(summary_file.read_text())
@@ -341,7 +346,7 @@ class Trainer:
 
     def push_weights(self) -> float:
         t0 = time.perf_counter()
-        exported = self.learner.export_weights()
+        exported = self.learner.export_weights(self.push_kind)
         if exported.version > self.rollout.version:
             if exported.kind == "lora":
                 self.rollout.push_lora(exported.adapter_dir, exported.version)

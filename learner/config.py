@@ -40,6 +40,9 @@ class LearnerConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     micro_batch_size: int = Field(4, ge=1)
     gradient_checkpointing: bool = False
+    # answers to the same prompt share one input row (the prompt and its image run once, see
+    # learner/model.py); the micro-batches keep each group's answers together
+    share_prompts: bool = True
     collective_timeout_s: float = Field(600.0, gt=0.0)
     keep_exports: int = Field(3, ge=1)  # LoRA adapter versions kept on disk (a restarted rollout worker reloads the latest)
     # With algorithm.kl_coef 0 the reference feeds only the `kl_to_ref` metric: true still computes

@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 class LearnerGroup:
     def __init__(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, *, seed: int = 0,
                  sampling_temperature: float = 1.0, export_dir: str | None = None, local: bool = False,
-                 placement_strategy: str = "PACK", start_timeout_s: float = 600.0):
+                 placement_strategy: str = "PACK", start_timeout_s: float = 600.0, num_threads: int | None = None):
         """`sampling_temperature` is the rollout's (rollout.sampling.temperature): the learner scores
         and trains softmax(logits / T), the distribution the answers were sampled from, so the PPO
         ratio, the TIS weights and the logged rollout-vs-learner mismatch compare like with like.
         `export_dir` holds exported LoRA adapters (shared storage on a cluster: rollout workers
-        read them); a temporary directory by default."""
+        read them); a temporary directory by default. `num_threads` per rank defaults to its CPUs
+        (`learner.num_cpus_per_rank`)."""
         U.check_sampling_temperature(sampling_temperature)
         if algo.minibatch_size % cfg.num_ranks:
             raise ValueError(f"algorithm.minibatch_size={algo.minibatch_size} must be divisible by "
@@ -62,11 +63,11 @@ class LearnerGroup:
             self.worker = LearnerWorker(self.policy_path, cfg, algo, seed=seed,
                                         sampling_temperature=sampling_temperature)
         else:
-            self._start_ranks(placement_strategy, start_timeout_s)
+            self._start_ranks(placement_strategy, start_timeout_s, num_threads)
 
     # -- starting the ranks ----------------------------------------------------------------------
 
-    def _start_ranks(self, strategy: str, start_timeout_s: float) -> None:
+    def _start_ranks(self, strategy: str, start_timeout_s: float, num_threads: int | None) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -85,7 +86,7 @@ class LearnerGroup:
             raise TimeoutError(f"learner group: a placement group of {cfg.num_ranks} x {bundle} ({strategy}) was not "
                                f"ready within {start_timeout_s:g}s; the cluster lacks these resources (`ray status` "
                                "lists pending demands)") from None
-        threads = max(1, int(cfg.num_cpus_per_rank))
+        threads = num_threads or max(1, int(cfg.num_cpus_per_rank))
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         self.ranks = [
             LearnerRank.options(
@@ -158,7 +159,8 @@ class LearnerGroup:
 
     def _plan(self, experiences: list[Experience]) -> U.UpdatePlan:
         return U.make_plan([len(e.response_ids) for e in experiences], self.num_ranks, self.algo.minibatch_size,
-                           self.cfg.micro_batch_size, self.algo.ppo_epochs, seed=(self.seed, self.update_calls))
+                           self.cfg.micro_batch_size, self.algo.ppo_epochs, seed=(self.seed, self.update_calls),
+                           group_ids=[e.group_id for e in experiences] if self.cfg.share_prompts else None)
 
     def compute_ref_and_old(self, batch: TrainBatch | list[Experience], plan: U.UpdatePlan | None = None,
                             ) -> tuple[U.Scores, dict[str, float]]:

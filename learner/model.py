@@ -18,6 +18,16 @@ tokens), `image_grid_thw` and the attention mask, so right padding cannot shift 
 Logits are computed only at the response positions (the hidden state at position p-1+t predicts
 response token t): a prompt of a few hundred image tokens times a 152k vocabulary would otherwise
 dominate memory.
+
+Shared prompts (`InputBuilder.build(..., share_prompts=True)`). The n answers of a GRPO group
+share one prompt, and the prompt (the page's image tokens and the question) is most of every
+sequence. Then one row holds the prompt once and every answer after it, `[prompt, a_1, ..., a_n]`,
+with a block attention mask - prompt tokens causal among themselves, each answer's tokens on the
+prompt and causally on their own answer, never on another answer - and each answer's positions
+restarting where the prompt ends, so every answer token sees exactly the keys, values and
+positions it saw alone. Logprobs and gradients are those of the one-sequence-per-answer batch (up
+to float rounding), with the image through the vision tower once and the prompt's tokens once
+instead of n times.
 """
 
 from __future__ import annotations
@@ -124,12 +134,20 @@ class ModelInputs:
     response_ids: torch.Tensor  # [B, T] right-padded (pad positions hold a valid id, masked out)
     response_mask: torch.Tensor  # [B, T] bool
     sample_ids: tuple[str, ...]
+    # Shared prompts only (see the module doc); rows of input_ids are then prompts, not answers:
+    response_rows: torch.Tensor | None = None  # [B] the input row holding answer b
+    block_attention: torch.Tensor | None = None  # [R, 1, L, L] bool, True where a token attends
+    prompt_mask: torch.Tensor | None = None  # [R, L] 1 on prompt tokens
+    answer_offsets: torch.Tensor | None = None  # [R, L] t on an answer's t-th token, -1 elsewhere
 
     def model_kwargs(self) -> dict:
         kwargs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
                       mm_token_type_ids=self.mm_token_type_ids, response_positions=self.response_positions)
         if self.pixel_values is not None:
             kwargs.update(pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw)
+        if self.response_rows is not None:
+            kwargs["shared_prompts"] = SharedPrompts(self.response_rows, self.block_attention, self.prompt_mask,
+                                                     self.answer_offsets)
         return kwargs
 
     @property
@@ -144,7 +162,28 @@ class ModelInputs:
             return t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t
         return ModelInputs(move(self.input_ids), move(self.attention_mask), move(self.mm_token_type_ids),
                            move(self.pixel_values), move(self.image_grid_thw), move(self.response_positions),
-                           move(self.response_ids), move(self.response_mask), self.sample_ids)
+                           move(self.response_ids), move(self.response_mask), self.sample_ids,
+                           move(self.response_rows), move(self.block_attention), move(self.prompt_mask),
+                           move(self.answer_offsets))
+
+
+@dataclass
+class SharedPrompts:
+    """The layout of a shared-prompt batch (see ModelInputs), as ActorCritic consumes it."""
+
+    response_rows: torch.Tensor
+    block_attention: torch.Tensor
+    prompt_mask: torch.Tensor
+    answer_offsets: torch.Tensor
+
+    def position_ids(self, model, input_ids, mm_token_type_ids, image_grid_thw) -> torch.Tensor:
+        """[3, R, L] mrope positions: the prompt's from Qwen2-VL's own rule, and each answer's
+        t-th token at the position after the prompt's last plus t, as if it followed the prompt alone."""
+        positions, _ = model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask=self.prompt_mask)
+        next_position = positions.masked_fill(self.prompt_mask[None] == 0, -1).amax(dim=(0, 2)) + 1  # [R]
+        answers = self.answer_offsets >= 0
+        after_prompt = (next_position[:, None] + self.answer_offsets).expand(3, -1, -1)
+        return torch.where(answers[None], after_prompt, positions)
 
 
 # Finite (a -inf logit makes the entropy's p * log p a NaN) yet far below any real logit: its
@@ -181,21 +220,31 @@ class ActorCritic(nn.Module):
         return self.policy.disable_adapter()
 
     @staticmethod
-    def _trunk(model, input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw):
+    def _trunk(model, input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
+               shared: SharedPrompts | None = None):
         base = unwrap(model)
+        position_ids = None
+        if shared is not None:
+            position_ids = shared.position_ids(base.model, input_ids, mm_token_type_ids, image_grid_thw)
+            attention_mask = shared.block_attention
         out = base.model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-                         pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False)
+                         pixel_values=pixel_values, image_grid_thw=image_grid_thw, position_ids=position_ids,
+                         use_cache=False)
         return out.last_hidden_state
 
     @staticmethod
-    def _at(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """hidden [B, L, H] at positions [B, T] -> [B, T, H]."""
+    def _at(hidden: torch.Tensor, positions: torch.Tensor, shared: SharedPrompts | None = None) -> torch.Tensor:
+        """hidden [R, L, H] at positions [B, T] of rows `shared.response_rows` (row b otherwise) -> [B, T, H]."""
+        if shared is not None:
+            return hidden[shared.response_rows[:, None], positions]
         return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
     def forward(self, input_ids, attention_mask, mm_token_type_ids, response_positions, pixel_values=None,
-                image_grid_thw=None, with_values: bool = True):
-        hidden = self._trunk(self.policy, input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw)
-        at_response = self._at(hidden, response_positions)
+                image_grid_thw=None, shared_prompts: SharedPrompts | None = None, with_values: bool = True):
+        shared = shared_prompts
+        hidden = self._trunk(self.policy, input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
+                             shared)
+        at_response = self._at(hidden, response_positions, shared)
         logits = unwrap(self.policy).lm_head(at_response)
         if self.banned_token_ids:
             logits = logits.index_fill(-1, torch.tensor(self.banned_token_ids, device=logits.device), BANNED_LOGIT)
@@ -203,8 +252,8 @@ class ActorCritic(nn.Module):
         if with_values and self.value_head is not None:
             if self.critic is not None:
                 critic_hidden = self._trunk(self.critic, input_ids, attention_mask, mm_token_type_ids, pixel_values,
-                                            image_grid_thw)
-                values = self.value_head(self._at(critic_hidden, response_positions))
+                                            image_grid_thw, shared)
+                values = self.value_head(self._at(critic_hidden, response_positions, shared))
             else:
                 values = self.value_head(at_response)
         return logits, values
@@ -323,14 +372,19 @@ class InputBuilder:
                 "use the same processor config, chat text and max_image_pixels")
         return cached
 
-    def build(self, experiences: Sequence[Experience], ensure_image: bool = False) -> ModelInputs:
+    def build(self, experiences: Sequence[Experience], ensure_image: bool = False,
+              share_prompts: bool = False) -> ModelInputs:
         """Rows in the order given. With `ensure_image`, a micro-batch without any image gets one
         extra, fully masked row holding a one-token dummy image, so the vision tower runs in every
         forward: under ZeRO-3 each module's weights are gathered collectively when it runs, and a
-        rank that skipped the vision tower while another ran it would mismatch the collectives."""
+        rank that skipped the vision tower while another ran it would mismatch the collectives.
+        With `share_prompts`, answers to the same prompt share one input row (see the module doc);
+        the response tensors keep one row per experience, in the order given."""
         if not experiences:
             raise ValueError("cannot build inputs for an empty micro-batch")
         encoded = [self.encode_prompt(e) for e in experiences]
+        if share_prompts:
+            return self._build_shared(experiences, encoded, ensure_image)
         add_dummy = ensure_image and all(pix is None for _, pix, _ in encoded)
         lengths = [len(e.prompt_ids) + len(e.response_ids) for e in experiences]
         max_len, max_resp = max(lengths), max(len(e.response_ids) for e in experiences)
@@ -365,6 +419,69 @@ class InputBuilder:
             pixel_values=torch.cat(pixels) if pixels else None, image_grid_thw=torch.cat(grids) if grids else None,
             response_positions=positions, response_ids=response_ids, response_mask=response_mask,
             sample_ids=tuple(e.sample_id for e in experiences))
+
+
+    def _build_shared(self, experiences: Sequence[Experience], encoded, ensure_image: bool) -> ModelInputs:
+        """One input row per distinct prompt (request and prompt text), its answers after it."""
+        prompts: dict[tuple[str, str], list[int]] = {}  # prompt -> indices of its experiences
+        for k, e in enumerate(experiences):
+            prompts.setdefault((e.request_id, e.prompt_text), []).append(k)
+        rows = list(prompts.values())
+        add_dummy = ensure_image and all(pix is None for _, pix, _ in encoded)
+        lengths = [len(encoded[ks[0]][0]) + sum(len(experiences[k].response_ids) for k in ks) for ks in rows]
+        num_rows, max_len = len(rows) + int(add_dummy), max(lengths)
+        num_answers = len(experiences) + int(add_dummy)
+        max_resp = max(len(e.response_ids) for e in experiences)
+        input_ids = torch.full((num_rows, max_len), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((num_rows, max_len), dtype=torch.long)
+        prompt_mask = torch.zeros((num_rows, max_len), dtype=torch.long)
+        answer_offsets = torch.full((num_rows, max_len), -1, dtype=torch.long)
+        # padding attends to itself only: a query row with no key at all would make SDPA's softmax NaN
+        block = torch.eye(max_len, dtype=torch.bool).repeat(num_rows, 1, 1)
+        response_rows = torch.zeros(num_answers, dtype=torch.long)
+        positions = torch.zeros((num_answers, max_resp), dtype=torch.long)
+        response_ids = torch.full((num_answers, max_resp), self.pad_id, dtype=torch.long)
+        response_mask = torch.zeros((num_answers, max_resp), dtype=torch.bool)
+        causal = torch.ones(max_len, max_len, dtype=torch.bool).tril()
+        pixels, grids = [], []
+        for row, ks in enumerate(rows):
+            ids, pix, grid = encoded[ks[0]]
+            p = len(ids)
+            input_ids[row, :p] = torch.tensor(ids)
+            prompt_mask[row, :p] = 1
+            block[row, :p, :p] = causal[:p, :p]
+            start = p
+            for k in ks:
+                answer = list(experiences[k].response_ids)
+                r, end = len(answer), start + len(answer)
+                input_ids[row, start:end] = torch.tensor(answer)
+                answer_offsets[row, start:end] = torch.arange(r)
+                block[row, start:end, :p] = True
+                block[row, start:end, start:end] = causal[:r, :r]
+                t = torch.arange(max_resp)
+                # token 0 is predicted by the prompt's last state, token t by the answer's token t-1
+                positions[k] = torch.where(t == 0, p - 1, torch.where(t < r, start + t - 1, end - 1))
+                response_rows[k] = row
+                response_ids[k, :r] = torch.tensor(answer)
+                response_mask[k, :r] = True
+                start = end
+            attention_mask[row, :start] = 1
+            if pix is not None:
+                pixels.append(pix)
+                grids.append(grid)
+        if add_dummy:  # the last row and the last answer: one image token, never part of any response
+            input_ids[-1, 0] = self.image_token_id
+            attention_mask[-1, 0] = prompt_mask[-1, 0] = 1
+            response_rows[-1] = num_rows - 1
+            pixels.append(self.dummy_pixels)
+            grids.append(self.dummy_grid)
+        mm_token_type_ids = (input_ids == self.image_token_id).long() * prompt_mask
+        return ModelInputs(
+            input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+            pixel_values=torch.cat(pixels) if pixels else None, image_grid_thw=torch.cat(grids) if grids else None,
+            response_positions=positions, response_ids=response_ids, response_mask=response_mask,
+            sample_ids=tuple(e.sample_id for e in experiences), response_rows=response_rows,
+            block_attention=block[:, None], prompt_mask=prompt_mask, answer_offsets=answer_offsets)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,10 +112,12 @@ class UpdatePlan:
 
 
 def make_plan(response_lengths: Sequence[int], num_ranks: int, minibatch_size: int, micro_batch_size: int,
-              epochs: int, seed: int | Sequence[int]) -> UpdatePlan:
+              epochs: int, seed: int | Sequence[int], group_ids: Sequence[int] | None = None) -> UpdatePlan:
     """For each epoch, a seeded shuffle cut into minibatches of `minibatch_size` (the last may be
     smaller), each cut into `num_ranks` distinct shards of equal size, each cut into micro-batches
-    of at most `micro_batch_size`.
+    of at most `micro_batch_size`. With `group_ids`, each minibatch is ordered by group before it
+    is cut (its content is the shuffle's): the answers of one prompt then share micro-batches,
+    where they share the prompt's forward (learner.share_prompts).
 
     A minibatch whose size is not a multiple of `num_ranks` (the last one, or any when rollouts
     were skipped) is padded with ghost rows (see MicroBatch) so every rank runs the same number of
@@ -133,6 +135,8 @@ def make_plan(response_lengths: Sequence[int], num_ranks: int, minibatch_size: i
         minibatches = []
         for start in range(0, n, minibatch_size):
             chunk = order[start:start + minibatch_size]
+            if group_ids is not None:
+                chunk.sort(key=lambda i: group_ids[i])
             per_rank = -(-len(chunk) // num_ranks)
             shards = []
             for r in range(num_ranks):

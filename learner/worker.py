@@ -176,7 +176,8 @@ class LearnerWorker:
 
     def _inputs(self, experiences: list[Experience], micro: U.MicroBatch):
         """The padded micro-batch on this rank's device; ghost rows are masked out of the response."""
-        inputs = self.builder.build([experiences[i] for i in micro.indices], ensure_image=self.world_size > 1)
+        inputs = self.builder.build([experiences[i] for i in micro.indices], ensure_image=self.world_size > 1,
+                                    share_prompts=self.cfg.share_prompts)
         inputs.response_mask[: len(micro.ghost)][torch.tensor(micro.ghost, dtype=torch.bool)] = False
         return inputs.to(self.device)
 

@@ -25,12 +25,13 @@ log = logging.getLogger(__name__)
 
 class RolloutGroup:
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0, max_lora_rank: int | None = None,
-                 max_restarts: int = 3, scheduling: Sequence | None = None):
-        """`scheduling[i]`, when given, is a Ray scheduling strategy for worker i (placement group bundle)."""
+                 max_restarts: int = 3, scheduling: Sequence | None = None, num_threads: int | None = None):
+        """`scheduling[i]`, when given, is a Ray scheduling strategy for worker i (placement group
+        bundle). `num_threads` per worker defaults to its CPUs (`rollout.num_cpus_per_worker`)."""
         from rollout.engine import vllm_env
 
         self.cfg = cfg
-        env = vllm_env(cfg, num_threads=max(1, int(cfg.num_cpus_per_worker)))
+        env = vllm_env(cfg, num_threads=num_threads or max(1, int(cfg.num_cpus_per_worker)))
         self.workers = [
             RolloutWorker.options(
                 num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker,

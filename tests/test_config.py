@@ -142,6 +142,16 @@ def test_gpu_presets_fit_their_gpus(preset, gpus):
     assert cfg.algorithm.minibatch_size % cfg.learner.num_ranks == 0
     if gpus == 1:  # vLLM shares the device: its memory share leaves room for the learner and retriever
         assert cfg.rollout.gpu_memory_utilization <= 0.4 and cfg.ray.num_gpus == 1
+    assert cfg.rollout.lora_push_mode() == "adapter"  # GPU workers apply the adapter (vLLM's LoRA kernels)
+
+
+def test_lora_push_mode():
+    from rollout.config import RolloutConfig
+
+    assert RolloutConfig().lora_push_mode() == "merged"  # CPU workers: plain-weight generation
+    assert RolloutConfig(num_gpus_per_worker=1).lora_push_mode() == "adapter"
+    assert RolloutConfig(lora_push="adapter").lora_push_mode() == "adapter"
+    assert RolloutConfig(num_gpus_per_worker=1, lora_push="merged").lora_push_mode() == "merged"
 
 
 def test_roles_that_do_not_fit_together_are_refused():

@@ -115,6 +115,42 @@ def test_mrope_positions_are_three_dimensional_and_padding_safe(policy, builder,
         assert not torch.equal(pos1[1, 0, image], pos1[2, 0, image])  # height and width differ on the image
 
 
+def test_shared_prompt_rows_give_the_logprobs_and_gradients_of_one_row_per_answer(policy, builder, experiences):
+    """Answers to the same prompt packed after one copy of it (block attention, positions restarting
+    after the prompt) give the same logprobs, entropy and LoRA gradients as one right-padded row per
+    answer, with far fewer input tokens; the dummy-image row still works; order is kept."""
+    from learner.model import ActorCritic, apply_lora, forward_outputs
+
+    model = apply_lora(load_policy(policy), LoraConfig(r=4))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B = 0 at init would make the adapter (and its A gradients) a no-op
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(0))
+    actor = ActorCritic(model)
+    mixed = [experiences[i] for i in (0, 2, 4, 1, 5, 3)]  # the groups' answers interleaved
+    plain, shared = builder.build(mixed), builder.build(mixed, share_prompts=True)
+    assert shared.input_ids.shape[0] == 3 and shared.num_tokens < 0.75 * plain.num_tokens
+    results = {}
+    for name, inputs in (("plain", plain), ("shared", shared)):
+        actor.zero_grad()
+        out = forward_outputs(actor, inputs, with_entropy=True, with_values=False)
+        weights = torch.linspace(-1.0, 1.0, out.logprobs.numel()).view_as(out.logprobs)
+        (out.logprobs * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in actor.named_parameters() if p.grad is not None}
+        results[name] = (out.logprobs.detach(), out.entropy.detach(), grads)
+    torch.testing.assert_close(results["shared"][0], results["plain"][0], atol=2e-5, rtol=0)
+    torch.testing.assert_close(results["shared"][1], results["plain"][1], atol=2e-5, rtol=0)
+    assert results["shared"][2].keys() == results["plain"][2].keys() and results["plain"][2]
+    for n, g in results["plain"][2].items():
+        torch.testing.assert_close(results["shared"][2][n], g, atol=1e-5, rtol=1e-4, msg=n)
+    text_only = [e for e in experiences if not e.pages]
+    padded = builder.build(text_only, ensure_image=True, share_prompts=True)
+    assert padded.pixel_values is not None and not padded.response_mask[-1].any()
+    with torch.no_grad():
+        a = forward_outputs(actor, builder.build(text_only), with_entropy=False, with_values=False).logprobs
+        b = forward_outputs(actor, padded, with_entropy=False, with_values=False).logprobs
+    torch.testing.assert_close(b[:-1], a, atol=2e-5, rtol=0)
+
+
 def test_dummy_image_row_leaves_a_text_only_batch_unchanged(policy, builder, experiences):
     """ZeRO-3 needs the vision tower in every forward; the dummy image row that guarantees it
     is masked out and does not change the other rows' logprobs."""

@@ -95,3 +95,22 @@ def test_learner_ranks_use_the_gpu_ray_gave_them(ray_cluster):
     assert sorted(visible for _, visible in got) == ["0", "1"]  # one GPU each, narrowed by Ray
     assert cuda_local_rank(1, [], True) == 1  # CPU ranks keep their rank on the node
     assert cuda_local_rank(0, ["3"], False) == 3  # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES: all visible
+
+
+def test_async_threads_fit_the_local_cores():
+    """Async mode runs both roles at once: on a local machine their threads are scaled to its
+    cores; sync mode (they take turns) and remote clusters keep each role's CPUs."""
+    from cluster.config import load_config
+    from cluster.placement import role_threads
+
+    def cfg(mode, rollout_cpus, learner_cpus, workers=1):
+        return load_config(None, [f"trainer.mode={mode}", f"rollout.num_cpus_per_worker={rollout_cpus}",
+                                  f"learner.num_cpus_per_rank={learner_cpus}", f"rollout.num_workers={workers}",
+                                  "ray.num_cpus=8"])
+
+    assert role_threads(cfg("sync", 2, 2), cores=2) == (2, 2)
+    assert role_threads(cfg("async", 2, 2), cores=2) == (1, 1)
+    assert role_threads(cfg("async", 2, 2), cores=4) == (2, 2)
+    assert role_threads(cfg("async", 4, 2), cores=3) == (2, 1)
+    assert role_threads(cfg("async", 1, 1, workers=2), cores=2) == (1, 1)  # never below one thread
+    assert role_threads(cfg("async", 2, 2), cores=None) == (2, 2)  # a remote cluster: Ray's bundles decide

@@ -78,6 +78,8 @@ def test_two_steps_over_an_epoch_boundary_then_an_interrupt_and_an_exact_resume(
     try:
         final = trainer.run()
         assert trainer.rollout.version == trainer.learner.version == 2  # every update reached the rollout
+        # LoRA training with CPU rollout workers pushes merged full weights (rollout.lora_push: auto)
+        assert trainer.push_kind == "full" and trainer.rollout.cfg.lora_push_mode() == "merged"
         assert trainer.sampler.epoch == 1  # step 2 crossed into the second epoch
     finally:
         trainer.shutdown()
