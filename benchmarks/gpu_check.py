@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -135,13 +136,14 @@ def main() -> int:
             record(f"doctor {dtype}", "no report: " + out[-300:].replace("\n", " "), False, s)
             continue
         worst = max(v for k, v in d.items() if k in ("base", "full_push", "lora_push", "sampled") and v is not None)
-        record(f"doctor {dtype} (tiny)", f"max |dlogprob| {worst:.2e} (bar {tolerance:g}); greedy identical: "
+        record(f"doctor {dtype} (tiny)", f"max abs dlogprob {worst:.2e} (bar {tolerance:g}); greedy identical: "
                f"{d['greedy_identical']}", code == 0, s)
         record(f"weight push {dtype} (tiny, object store)",
                f"full {d['full_push_s']:.2f}s, LoRA adapter {d['lora_push_s']:.2f}s", None if code else True, 0)
 
     # 3. tiny preset training steps on the device
     run_dir = work / "tiny-train"
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run: a rerun starts it over
     steps = 3
     code, out, s = run(docrl("train", *common, f"run.output_dir={run_dir}", f"trainer.total_steps={steps}",
                              "trainer.eval_every=0", "trainer.save_every=0", "trainer.warm_start.steps=2",
@@ -156,6 +158,7 @@ def main() -> int:
 
     # 4. ~100M policy: LoRA, bf16 on the GPU (fp32 on CPU: bf16 vLLM needs AVX512-BF16 there)
     run_dir = work / "100m-train"
+    shutil.rmtree(run_dir, ignore_errors=True)
     dtype = "bfloat16" if gpu else "float32"
     code, out, s = run(docrl("train", *common, f"run.output_dir={run_dir}", f"learner.policy={policy_100m}",
                              "trainer.total_steps=2", "trainer.eval_every=0", "trainer.save_every=0",
