@@ -89,6 +89,8 @@ def _retriever_group(cfg):
 
 
 def cmd_index(args) -> int:
+    """Stream the pages into an index: segment by segment, with progress (pages/s, ETA) logged;
+    an interrupted run resumes when the same command runs again."""
     import time
 
     from docvqa.data import load_train_eval
@@ -96,10 +98,12 @@ def cmd_index(args) -> int:
 
     cfg = _load(args)
     out = _index_dir(cfg, args)
+    if (Path(out) / "manifest.json").exists():
+        raise CLIError(f"{out} already holds a page index: remove it to rebuild, or index into another --out")
     if args.folder:
         if not Path(args.folder).is_dir():
             raise CLIError(f"--folder {args.folder}: no such folder")
-        report = ingest_folder(args.folder)
+        report = ingest_folder(args.folder)  # lists pages; PDF pages are rendered one by one as they are embedded
         pages, skipped = report.pages, report.skipped
         if not pages:
             for line in skipped:
@@ -114,12 +118,19 @@ def cmd_index(args) -> int:
     group = _retriever_group(cfg)
     group.ready()  # model loading is not indexing time
     t0 = time.time()
-    result = group.build(pages, out)
+    try:
+        result = group.build(pages, out)
+    except KeyboardInterrupt:
+        print(f"docrl index: interrupted; the segments written so far are kept in {out}: run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     elapsed = time.time() - t0
     for line in skipped + result["skipped"]:
         print(f"skipped: {line}")
-    print(f"indexed {result['indexed']} pages into {out} in {elapsed:.1f}s ({result['indexed'] / max(elapsed, 1e-9):.1f} pages/s), "
-          f"skipped {len(skipped) + len(result['skipped'])}")
+    embedded = result["indexed"] - result["resumed"]
+    resumed = f", {result['resumed']} of them indexed by an earlier run" if result["resumed"] else ""
+    print(f"indexed {result['indexed']} pages into {out}{resumed}; embedded {embedded} in {elapsed:.1f}s "
+          f"({embedded / max(elapsed, 1e-9):.1f} pages/s), skipped {len(skipped) + len(result['skipped'])}")
     return 0
 
 

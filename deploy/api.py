@@ -17,6 +17,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from PIL import Image
@@ -421,3 +422,56 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: s
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The rater page's reads
+
+
+# Leading bytes of the formats every browser shows -> their media type.
+_BROWSER_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+                        (b"GIF89a", "image/gif"))
+
+
+def page_image_body(data: bytes, page_id: str) -> tuple[bytes, str]:
+    """A page image of the index as a browser shows it, and its media type: PNG, JPEG, GIF and
+    WEBP as stored; anything else PIL reads (a TIFF scan, a BMP) converted to PNG."""
+    for magic, media in _BROWSER_IMAGE_MAGIC:
+        if data.startswith(magic):
+            return data, media
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return data, "image/webp"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            out = io.BytesIO()
+            im.convert("RGB").save(out, format="PNG")
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise APIError(503, f"page {page_id}: its image file is not a readable image ({e})", type="server_error") from None
+    return out.getvalue(), "image/png"
+
+
+def query_int(params, name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter within [low, high]; 400 naming it otherwise."""
+    raw = params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise APIError(400, f"{name}: expected an integer, got {raw!r}", param=name) from None
+    if not low <= value <= high:
+        raise APIError(400, f"{name}={value} is out of range: {low} to {high}", param=name)
+    return value
+
+
+def query_time(params, name: str) -> datetime | None:
+    """An ISO 8601 date or time query parameter (UTC without a zone) or None; 400 naming it otherwise."""
+    raw = params.get(name)
+    if raw is None:
+        return None
+    try:
+        t = datetime.fromisoformat(raw)
+    except ValueError:
+        raise APIError(400, f"{name}: {raw!r} is not an ISO 8601 date or time (e.g. 2026-03-01T00:00:00Z)",
+                       param=name) from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)

@@ -27,22 +27,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from deploy.api import (
     SSE_DONE, APIError, ChatCompletionRequest, Choice, Citation, Completion, DocQARequest, DocQAResponse,
     GenerationParams, RequestRefused, Retrieval, StreamEvent, chat_chunk, chat_completion_body, chat_input,
-    chat_params, check_bearer, docqa_k, key_digest, new_id, parse_json, read_body, usage, validate,
+    chat_params, check_bearer, docqa_k, key_digest, new_id, page_image_body, parse_json, query_int, query_time,
+    read_body, usage, validate,
 )
 from deploy.config import LimitsConfig
 from deploy.engine_loop import EngineDead
 from deploy.feedback_api import (
-    FeedbackPublisher, feedback_api_error, feedback_body, feedback_body_limit, resolved_feedback_config, stats_body,
+    UI_HEADERS, UI_PAGE, FeedbackPublisher, feedback_api_error, feedback_body, feedback_body_limit, queue_body,
+    resolved_feedback_config, stats_body, timeline_body, ui_file,
 )
 from deploy.pages import PageUnavailable
 from feedback.config import FeedbackConfig
-from feedback.store import FeedbackError, FeedbackIn, Interaction
+from feedback.store import TIMELINE_BUCKETS, FeedbackError, FeedbackIn, Interaction
 from retriever.config import RetrieverConfig
 from rollout.config import RolloutConfig, SamplingConfig
 
@@ -79,7 +81,8 @@ class Retriever:
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.cfg = cfg
         self.encoder = PageEncoder(model_path, cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens)
-        self.index = load_index(index_dir)
+        self.index = load_index(index_dir, pooling=cfg.pooling())  # memory-mapped
+        self.search_method = cfg.search_method(len(self.index))
         settings = self.encoder.settings()
         recorded = self.index.settings.get("model")
         if recorded and _same_directory(recorded, model_path, base_dir):
@@ -88,12 +91,18 @@ class Retriever:
         self.pages = PageStore.from_index(index_dir, base_dir, pages_folder)
         self.search_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
 
+    def _search_now(self, queries: list[tuple[str, int]]) -> list[list[tuple[str, float]]]:
+        vectors = self.encoder.embed_queries([q for q, _ in queries], batch_size=self.cfg.query_batch_size)
+        hits = self.index.search(vectors, max(k for _, k in queries), dtype=self.search_dtype,
+                                 method=self.search_method, shortlist=self.cfg.shortlist)
+        return [h[:k] for h, (_, k) in zip(hits, queries)]
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _search(self, queries: list[tuple[str, int]]) -> list[list[tuple[str, float]]]:
-        """Concurrent questions are embedded and scored as one batch."""
-        vectors = self.encoder.embed_queries([q for q, _ in queries], batch_size=self.cfg.query_batch_size)
-        hits = self.index.search(vectors, max(k for _, k in queries), dtype=self.search_dtype)
-        return [h[:k] for h, (_, k) in zip(hits, queries)]
+        """Concurrent questions are embedded and scored as one batch, in a worker thread: the
+        CPU-bound embedding and MaxSim would otherwise block this replica's event loop (its health
+        checks and the batching of the next questions). One batch runs at a time."""
+        return await asyncio.to_thread(self._search_now, queries)
 
     async def search(self, question: str, k: int, read: int) -> Retrieval:
         """The top-k pages by score, and the best `read` of them with their images."""
@@ -101,7 +110,17 @@ class Retriever:
         citations = [Citation(rank=rank, page_id=pid, doc_id=self.index.meta[pid].get("doc_id"),
                               page_no=self.index.meta[pid].get("page_no"), score=score, read=rank <= read)
                      for rank, (pid, score) in enumerate(hits, start=1)]
-        return Retrieval(citations, [self.pages.load(c.page_id) for c in citations if c.read])
+        # reading a file or rendering a PDF page is blocking work too
+        pages = await asyncio.to_thread(lambda: [self.pages.load(c.page_id) for c in citations if c.read])
+        return Retrieval(citations, pages)
+
+    async def page_image(self, page_id: str) -> bytes | None:
+        """A page image of this index by id (the rater page shows what was cited); None for an id
+        the index does not hold. A page of the index whose image cannot be read: PageUnavailable."""
+        if page_id not in self.pages.pages and page_id not in self.pages.unavailable:
+            return None
+        # reading a file or rendering a PDF page: off the event loop, as in search
+        return (await asyncio.to_thread(self.pages.load, page_id)).image_bytes
 
     def info(self) -> dict:
         return {"pages": len(self.index), "readable_pages": len(self.pages), "model": self.encoder.model_id}
@@ -470,6 +489,60 @@ class Ingress:
         except StorageError as e:
             versions, error = None, e.message
         return stats_body(recorder.stats(), versions, error, replica=self.publisher.replica)
+
+    # -- the rater page (deploy/ui/) and what only it reads ------------------------------------
+
+    @api.get("/ui")
+    async def rater_page(self):
+        """The page itself needs no key (it holds no data); every request it makes does."""
+        body, media = ui_file(UI_PAGE)
+        return Response(body, media_type=media, headers=UI_HEADERS)
+
+    @api.get("/ui/{name}")
+    async def rater_asset(self, name: str):
+        body, media = ui_file(name)
+        return Response(body, media_type=media, headers=UI_HEADERS)
+
+    @api.get("/v1/pages/{page_id:path}/image")
+    async def page_image(self, request: Request, page_id: str):
+        """A page image of the served index, by page id (what citations name): never a path."""
+        deadline = time.monotonic() + min(30.0, self.s.request_timeout_s)
+        self._authorize(request)
+        data = await self._await(self.retriever.page_image.remote(page_id), "the retriever", deadline)
+        if data is None:
+            raise APIError(404, f"page {page_id!r} is not in the index this server answers from",
+                           type="not_found_error", param="page_id", code="page_not_found")
+        body, media = await asyncio.to_thread(page_image_body, data, page_id)
+        return Response(body, media_type=media, headers={"Cache-Control": "private, max-age=3600",
+                                                         "X-Content-Type-Options": "nosniff"})
+
+    @api.get("/v1/feedback/queue")
+    async def feedback_queue(self, request: Request):
+        """The newest answers nobody has rated yet, newest first: `?limit=` (1-200, default 20)."""
+        self._authorize(request)
+        recorder = self._recorder()
+        limit = query_int(request.query_params, "limit", 20, 1, 200)
+        try:
+            items = await asyncio.to_thread(recorder.store.unrated, limit)
+        except FeedbackError as e:
+            raise feedback_api_error(e) from None
+        return queue_body(items, limit)
+
+    @api.get("/v1/feedback/timeline")
+    async def feedback_timeline(self, request: Request):
+        """Answers, up, down and corrections per model version per `?bucket=hour|day` (of the
+        answers' time, UTC), for answers given since `?since=` (ISO 8601; default: all)."""
+        self._authorize(request)
+        recorder = self._recorder()
+        bucket = request.query_params.get("bucket", "day")
+        if bucket not in TIMELINE_BUCKETS:
+            raise APIError(400, f"bucket: {bucket!r} is not one of {', '.join(TIMELINE_BUCKETS)}", param="bucket")
+        since = query_time(request.query_params, "since")
+        try:
+            points = await asyncio.to_thread(recorder.store.timeline, bucket, since)
+        except FeedbackError as e:
+            raise feedback_api_error(e) from None
+        return timeline_body(points, bucket, since)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,13 @@ Gauges (Ray metrics; Prometheus shows them as `ray_docrl_feedback_*`), set every
 * the database's ratings per model version (tags `model`, `checkpoint`, `weights_version`):
   answers, up, down, corrections, and up_rate / down_rate once something was rated. Every replica
   publishes the same database-wide numbers.
+
+The rater page (`deploy/ui/`: static HTML, JS and CSS, no build step) is served by the same
+ingress at `/ui` with a Content-Security-Policy that allows only its own files: no inline script
+or style, nothing from another origin. It reads and writes through the API (`/v1/docqa`,
+`/v1/chat/completions`, `/v1/feedback`, `/v1/feedback/queue`, `/v1/feedback/timeline`,
+`/v1/pages/{page_id}/image`) with the key the rater typed, which it keeps in the tab's
+sessionStorage.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from pathlib import Path
 from deploy.api import APIError
 from feedback.config import FeedbackConfig
 from feedback.recorder import RecorderStats
-from feedback.store import MAX_RESPONSE_ID_CHARS, FeedbackError, FeedbackRecord, StorageError, VersionStats, resolve_url
+from feedback.store import (MAX_RESPONSE_ID_CHARS, FeedbackError, FeedbackRecord, StorageError, StoredInteraction,
+                            TimelinePoint, VersionStats, resolve_url)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,51 @@ def stats_body(recorder_stats: RecorderStats, versions: list[VersionStats] | Non
     per model version (None, with `error`, while the database cannot be read)."""
     return {"object": "feedback.stats", "replica": replica, "recorder": asdict(recorder_stats),
             "versions": None if versions is None else [version_body(v) for v in versions], "error": error}
+
+
+def interaction_body(it: StoredInteraction) -> dict:
+    """An answer waiting for a rating, as GET /v1/feedback/queue lists it (uploaded images by count:
+    the API serves only the index's page images)."""
+    return {"response_id": it.response_id, "kind": it.kind, "question": it.question, "answer": it.answer,
+            "page_ids": list(it.page_ids), "uploaded_images": len(it.image_hashes), "model": it.model,
+            "weights_version": it.weights_version, "checkpoint": it.checkpoint, "created_at": it.created_at.isoformat()}
+
+
+def queue_body(items: list[StoredInteraction], limit: int) -> dict:
+    return {"object": "list", "limit": limit, "data": [interaction_body(it) for it in items]}
+
+
+def timeline_body(points: list[TimelinePoint], bucket: str, since) -> dict:
+    """GET /v1/feedback/timeline: `version_body` per model version and hour or day of the answers."""
+    return {"object": "feedback.timeline", "bucket": bucket, "since": None if since is None else since.isoformat(),
+            "points": [{"start": p.start.isoformat(), **version_body(p.version)} for p in points]}
+
+
+# -- the rater page's files ---------------------------------------------------------------------
+
+UI_DIR = Path(__file__).parent / "ui"
+UI_PAGE = "index.html"
+UI_ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+# Only this origin's files; no inline script or style (every answer, question and comment is
+# put in the page as text, and this makes an injected <script> or handler inert even so).
+UI_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
+          "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+UI_HEADERS = {"Content-Security-Policy": UI_CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+              "X-Frame-Options": "DENY", "Cache-Control": "no-cache"}
+
+
+def ui_file(name: str) -> tuple[bytes, str]:
+    """The rater page (`index.html`) or one of its assets by name, and its media type. Only the
+    names listed above are served: a request never names a path."""
+    media = "text/html; charset=utf-8" if name == UI_PAGE else UI_ASSETS.get(name)
+    if media is None:
+        raise APIError(404, f"no rater page asset named {name!r} (there are {', '.join(sorted(UI_ASSETS))})",
+                       type="not_found_error")
+    try:
+        return (UI_DIR / name).read_bytes(), media
+    except OSError as e:
+        raise APIError(500, f"the rater page's file {name} is missing from the installed package ({e})",
+                       type="server_error") from None
 
 
 class FeedbackPublisher:

@@ -1,58 +1,91 @@
 """The page images behind a saved index: the only files the server reads on a request's behalf.
 
-A page id resolves to the image file the index recorded for it when it was built (`source` in
-its manifest; relative paths are taken from the directory the server was started in, where
-`docrl index` ran). Requests name page ids found by retrieval, never paths. Pages indexed from
-bytes (PDF pages rendered by `docrl index --folder`) are rendered again from `serve.pages_folder`
-when it is given.
+A page id resolves to the source the index recorded for it when it was built (`source` in its
+manifest: an image file, or `file.pdf#page=N` for a PDF page; relative paths are taken from the
+directory the server was started in, where `docrl index` ran). Requests name page ids found by
+retrieval, never paths. Pages of an index built before PDF pages were recorded by file (their
+source is `<bytes:...>`) are looked up in `serve.pages_folder` by document id.
+
+Starting a replica reads no image and renders no PDF: it only checks that each source file
+exists (one stat per file, however many pages it holds). A page is read, or its PDF page
+rendered, when a request needs it, and kept encoded in a cache bounded in bytes (least recently
+used first out), so a popular page is rendered once.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from docvqa.sample import Page
 
 log = logging.getLogger(__name__)
 
+CACHE_BYTES = 256 * 1024 * 1024  # encoded page images kept per replica
+_PDF_PAGE = ".pdf#page="
+
 
 class PageUnavailable(LookupError):
     """A page of the index whose image this server cannot read."""
 
 
+def _page_from_source(pid: str, meta: dict, path: Path) -> Page:
+    """A page whose `path` may carry a PDF page fragment (`file.pdf#page=N`)."""
+    doc_id, page_no = meta.get("doc_id", ""), int(meta.get("page_no", 1))
+    name = str(path)
+    if _PDF_PAGE in name.lower():
+        cut = name.lower().rindex(_PDF_PAGE) + len(".pdf")
+        return Page(pid, doc_id, page_no, image_path=name[:cut], pdf_page=int(name[cut + len("#page="):]))
+    return Page(pid, doc_id, page_no, image_path=name)
+
+
 class PageStore:
-    def __init__(self, pages: dict[str, Page], unavailable: dict[str, str]):
+    def __init__(self, pages: dict[str, Page], unavailable: dict[str, str], cache_bytes: int = CACHE_BYTES):
         self.pages = pages
         self.unavailable = unavailable  # page id -> why
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, bytes] = OrderedDict()  # page id -> encoded image, oldest use first
+        self._cached_bytes = 0
+        self._lock = threading.Lock()  # pages are loaded from worker threads
 
     @classmethod
     def from_index(cls, index_dir: str | Path, base_dir: str | Path | None = None,
-                   pages_folder: str | Path | None = None) -> PageStore:
+                   pages_folder: str | Path | None = None, cache_bytes: int = CACHE_BYTES) -> PageStore:
         from retriever.index import read_manifest
 
         manifest = read_manifest(index_dir)
         base = Path(base_dir) if base_dir is not None else Path.cwd()
+        folder = Path(pages_folder) if pages_folder is not None else None
+        exists: dict[Path, bool] = {}  # one stat per file, however many pages it holds
+
+        def is_file(path: Path) -> bool:
+            if path not in exists:
+                exists[path] = path.is_file()
+            return exists[path]
+
         pages: dict[str, Page] = {}
         unavailable: dict[str, str] = {}
         for pid in manifest.live_page_ids():
             meta = manifest.pages[pid]
             source = str(meta.get("source", ""))
             if not source or source.startswith("<bytes:"):
-                unavailable[pid] = "indexed from image bytes, not a file (start the server with serve.pages_folder)"
+                found = cls._in_folder(folder, meta, is_file) if folder is not None else None
+                if found is None:
+                    unavailable[pid] = ("indexed from image bytes, not a file (start the server with serve.pages_folder)"
+                                        if folder is None else f"indexed from image bytes, and {folder} holds no file "
+                                        f"of its document {meta.get('doc_id')!r}")
+                    continue
+                pages[pid] = _page_from_source(pid, meta, found)
                 continue
             path = Path(source) if Path(source).is_absolute() else base / source
-            if not path.is_file():
-                unavailable[pid] = f"its image file {path} does not exist"
+            page = _page_from_source(pid, meta, path)
+            if not is_file(Path(page.image_path)):
+                unavailable[pid] = f"its image file {page.image_path} does not exist"
                 continue
-            pages[pid] = Page(pid, meta.get("doc_id", ""), int(meta.get("page_no", 1)), image_path=str(path))
-        if pages_folder is not None:
-            from retriever.ingest import ingest_folder
-
-            for page in ingest_folder(pages_folder).pages:
-                if page.page_id in unavailable:
-                    pages[page.page_id] = page
-                    del unavailable[page.page_id]
+            pages[pid] = page
         shown = "; ".join(f"{pid}: {why}" for pid, why in list(unavailable.items())[:5])
         if not pages:
             raise PageUnavailable(f"none of the pages of the index {index_dir} has a readable image"
@@ -60,7 +93,19 @@ class PageStore:
         if unavailable:
             log.warning("%d of %d pages of %s have no readable image and cannot be read to answer (%s)",
                         len(unavailable), len(unavailable) + len(pages), index_dir, shown)
-        return cls(pages, unavailable)
+        return cls(pages, unavailable, cache_bytes)
+
+    @staticmethod
+    def _in_folder(folder: Path, meta: dict, is_file) -> Path | None:
+        """The file of a page's document in `folder` (document id = path without suffix, as
+        `docrl index --folder` named it): its PDF page, or the image of a one-page document."""
+        from retriever.ingest import IMAGE_SUFFIXES
+
+        doc = folder / str(meta.get("doc_id", ""))
+        pdf = doc.with_name(doc.name + ".pdf")
+        if is_file(pdf):
+            return Path(f"{pdf}#page={int(meta.get('page_no', 1))}")
+        return next((doc.with_name(doc.name + s) for s in sorted(IMAGE_SUFFIXES) if is_file(doc.with_name(doc.name + s))), None)
 
     def __len__(self) -> int:
         return len(self.pages)
@@ -72,8 +117,34 @@ class PageStore:
             raise PageUnavailable(f"page {page_id}: {self.unavailable.get(page_id, 'not in the index')}")
         if page.image_bytes is not None:
             return page
-        try:
-            data = Path(page.image_path).read_bytes()
-        except OSError as e:
-            raise PageUnavailable(f"page {page_id}: cannot read {page.image_path}: {e}") from None
+        with self._lock:
+            data = self._cache.get(page_id)
+            if data is not None:
+                self._cache.move_to_end(page_id)
+        if data is None:
+            data = self._encoded(page)
+            self._remember(page_id, data)
         return Page(page.page_id, page.doc_id, page.page_no, image_bytes=data)
+
+    @staticmethod
+    def _encoded(page: Page) -> bytes:
+        try:
+            if page.pdf_page is None:
+                return Path(page.image_path).read_bytes()
+            buf = io.BytesIO()
+            page.load_image().save(buf, format="PNG")  # renders this one PDF page
+            return buf.getvalue()
+        except OSError as e:
+            raise PageUnavailable(f"page {page.page_id}: cannot read {page.source}: {e}") from None
+
+    def _remember(self, page_id: str, data: bytes) -> None:
+        if len(data) > self.cache_bytes:
+            return
+        with self._lock:
+            if page_id in self._cache:
+                return
+            self._cache[page_id] = data
+            self._cached_bytes += len(data)
+            while self._cached_bytes > self.cache_bytes:
+                _, dropped = self._cache.popitem(last=False)
+                self._cached_bytes -= len(dropped)

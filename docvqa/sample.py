@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
@@ -17,12 +18,19 @@ def make_page_id(doc_id: str, page_no: int) -> str:
     return f"{doc_id}/p{page_no}"
 
 
+# PDF pages are rendered at this resolution (a US letter page: 1224 x 1584 pixels), then fitted to
+# each model's pixel budget by its processor.
+PDF_DPI = 144
+
+
 @dataclass(frozen=True)
 class Page:
     """One page image of the retrieval corpus.
 
     Exactly one of `image_path` (a file on disk) and `image_bytes` (an encoded image, as the Hugging
-    Face dataset layout stores it) is set.
+    Face dataset layout stores it) is set. With `pdf_page`, `image_path` is a PDF and the page is
+    its `pdf_page`-th page (1-based), rendered when the image is loaded: a page of a PDF is a few
+    bytes of reference until someone needs its pixels.
     """
 
     page_id: str
@@ -30,26 +38,69 @@ class Page:
     page_no: int
     image_path: str | None = None
     image_bytes: bytes | None = field(default=None, repr=False)
+    pdf_page: int | None = None
 
     def __post_init__(self) -> None:
         if (self.image_path is None) == (self.image_bytes is None):
             raise ValueError(f"page {self.page_id}: exactly one of image_path and image_bytes must be set")
+        if self.pdf_page is not None and (self.image_path is None or self.pdf_page < 1):
+            raise ValueError(f"page {self.page_id}: pdf_page={self.pdf_page} needs image_path (the PDF) and must be >= 1")
 
     def load_image(self) -> Image.Image:
         """Decode the page as RGB. Raises `OSError`/`ValueError` naming the page on a bad image."""
         try:
+            if self.pdf_page is not None:
+                return render_pdf_page(self.image_path, self.pdf_page)  # type: ignore[arg-type]
             if self.image_path is not None:
                 with Image.open(self.image_path) as im:
                     return im.convert("RGB")
             with Image.open(io.BytesIO(self.image_bytes)) as im:  # type: ignore[arg-type]
                 return im.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            where = self.image_path or "<embedded bytes>"
-            raise OSError(f"page {self.page_id}: cannot read image {where}: {e}") from e
+            raise OSError(f"page {self.page_id}: cannot read image {self.source}: {e}") from e
 
     @property
     def source(self) -> str:
+        """Where the image comes from: a file, `file.pdf#page=N`, or `<bytes:page id>`."""
+        if self.pdf_page is not None:
+            return f"{self.image_path}#page={self.pdf_page}"
         return self.image_path if self.image_path is not None else f"<bytes:{self.page_id}>"
+
+
+def pdf_page_count(path: str | Path) -> int:
+    """Pages of a PDF, without rendering any. Raises ValueError naming the file when unreadable."""
+    import pypdfium2 as pdfium
+
+    try:
+        pdf = pdfium.PdfDocument(str(path))
+    except pdfium.PdfiumError as e:
+        raise ValueError(f"{path}: not a readable PDF ({e})") from None
+    try:
+        return len(pdf)
+    finally:
+        pdf.close()
+
+
+def render_pdf_page(path: str | Path, page_no: int, dpi: int = PDF_DPI) -> Image.Image:
+    """Page `page_no` (1-based) of a PDF as an RGB image; only that page is rendered."""
+    import pypdfium2 as pdfium
+
+    try:
+        pdf = pdfium.PdfDocument(str(path))
+    except pdfium.PdfiumError as e:
+        raise ValueError(f"not a readable PDF ({e})") from None
+    try:
+        if not 1 <= page_no <= len(pdf):
+            raise ValueError(f"the PDF has {len(pdf)} pages, not a page {page_no}")
+        page = pdf[page_no - 1]
+        try:
+            return page.render(scale=dpi / 72).to_pil().convert("RGB")
+        finally:
+            page.close()
+    except pdfium.PdfiumError as e:
+        raise ValueError(f"page {page_no} does not render ({e})") from None
+    finally:
+        pdf.close()
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,17 @@ class VersionStats:
         return out
 
 
+TIMELINE_BUCKETS = ("hour", "day")
+
+
+@dataclass(frozen=True)
+class TimelinePoint:
+    """The ratings of the answers one model version gave in one hour or day (UTC), `start` its first instant."""
+
+    start: datetime
+    version: VersionStats
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 
@@ -578,21 +589,69 @@ class FeedbackStore:
         return [RatedInteraction(self._interaction(r), FeedbackRecord(
             r.response_id, r.rating, r.correction, r.comment, r.rated_at, r.updated_at)) for r in rows]
 
+    @staticmethod
+    def _ratings_query(*extra_columns):
+        """Answers and their ratings counted per (model, checkpoint, weights version, *extra_columns)."""
+        i, f = INTERACTIONS.c, FEEDBACK.c
+        keys = (i.model, i.checkpoint, i.weights_version, *extra_columns)
+        return (select(*keys, func.count(i.response_id).label("answers"),
+                       func.sum(case((f.rating == "up", 1), else_=0)).label("up"),
+                       func.sum(case((f.rating == "down", 1), else_=0)).label("down"),
+                       func.sum(case((and_(f.rating == "down", f.correction.is_not(None)), 1), else_=0))
+                       .label("corrections"))
+                .select_from(INTERACTIONS.outerjoin(FEEDBACK, f.response_id == i.response_id))
+                .group_by(*keys))
+
+    @staticmethod
+    def _version_stats(row) -> VersionStats:
+        return VersionStats(row.model, row.checkpoint, row.weights_version, int(row.answers), int(row.up or 0),
+                            int(row.down or 0), int(row.corrections or 0))
+
+    @staticmethod
+    def _version_order(s: VersionStats) -> tuple:
+        return s.model, s.checkpoint or "", -1 if s.weights_version is None else s.weights_version
+
     def stats(self, since: datetime | None = None) -> list[VersionStats]:
         """Answers and ratings per (model, checkpoint, weights version), for answers given since `since`."""
-        i, f = INTERACTIONS.c, FEEDBACK.c
-        query = (select(i.model, i.checkpoint, i.weights_version, func.count(i.response_id).label("answers"),
-                        func.sum(case((f.rating == "up", 1), else_=0)).label("up"),
-                        func.sum(case((f.rating == "down", 1), else_=0)).label("down"),
-                        func.sum(case((and_(f.rating == "down", f.correction.is_not(None)), 1), else_=0))
-                        .label("corrections"))
-                 .select_from(INTERACTIONS.outerjoin(FEEDBACK, f.response_id == i.response_id))
-                 .group_by(i.model, i.checkpoint, i.weights_version))
+        query = self._ratings_query()
         if since is not None:
-            query = query.where(i.created_at >= since)
+            query = query.where(INTERACTIONS.c.created_at >= since)
         with self._transaction() as conn:
             rows = conn.execute(query).all()
-        out = [VersionStats(r.model, r.checkpoint, r.weights_version, int(r.answers), int(r.up or 0),
-                            int(r.down or 0), int(r.corrections or 0)) for r in rows]
-        return sorted(out, key=lambda s: (s.model, s.checkpoint or "",
-                                          -1 if s.weights_version is None else s.weights_version))
+        return sorted((self._version_stats(r) for r in rows), key=self._version_order)
+
+    def timeline(self, bucket: str = "day", since: datetime | None = None) -> list[TimelinePoint]:
+        """`stats` per hour or day (UTC) of the answers' time, oldest first: how each model
+        version's answers were rated over time (the rater page's chart)."""
+        if bucket not in TIMELINE_BUCKETS:
+            raise FeedbackValidationError(f"bucket must be one of {', '.join(TIMELINE_BUCKETS)} (got {bucket!r})")
+        created = INTERACTIONS.c.created_at
+        with self._transaction() as conn:
+            if conn.dialect.name == "postgresql":
+                start = func.date_trunc(bucket, created)
+            else:  # SQLite keeps datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff' text
+                start = func.strftime("%Y-%m-%d 00:00:00" if bucket == "day" else "%Y-%m-%d %H:00:00", created)
+            query = self._ratings_query(start.label("start"))
+            if since is not None:
+                query = query.where(created >= since)
+            rows = conn.execute(query).all()
+        points = [TimelinePoint(_utc(r.start), self._version_stats(r)) for r in rows]
+        return sorted(points, key=lambda p: (p.start, self._version_order(p.version)))
+
+    def unrated(self, limit: int = 20) -> list[StoredInteraction]:
+        """The newest answers that have no feedback yet, newest first (the rater page's queue)."""
+        if not isinstance(limit, int) or limit < 1:
+            raise FeedbackValidationError(f"limit must be a positive integer (got {limit!r})")
+        i = INTERACTIONS.c
+        query = (select(INTERACTIONS)
+                 .select_from(INTERACTIONS.outerjoin(FEEDBACK, FEEDBACK.c.response_id == i.response_id))
+                 .where(FEEDBACK.c.response_id.is_(None))
+                 .order_by(i.created_at.desc(), i.response_id.desc()).limit(limit))
+        with self._transaction() as conn:
+            return [self._interaction(r) for r in conn.execute(query)]
+
+
+def _utc(value: datetime | str) -> datetime:
+    """A bucket start as the database returned it (PostgreSQL: a naive UTC datetime; SQLite: text)."""
+    t = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)

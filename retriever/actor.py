@@ -20,45 +20,60 @@ class RetrieverActor:
         device = "cuda" if cfg.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.cfg = cfg
         self.encoder = PageEncoder(model_path, cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens)
-        self.index = PageIndex(self.encoder.settings())
+        self.index = PageIndex(self.encoder.settings(), cfg.pooling())
         self.search_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
 
     def settings(self) -> dict:
         return self.encoder.settings()
 
-    def add_pages(self, pages: list[Page], segment_dir: str | None = None, segment_name: str | None = None) -> dict:
-        """Embed pages into this shard (and into a new segment file when `segment_dir` is given).
+    def add_pages(self, pages: list[Page], segment_dir: str | None = None, segment_name: str | None = None,
+                  keep: bool = True) -> dict:
+        """Embed pages into a new segment file when `segment_dir` is given, and into this shard
+        unless `keep` is False (a streaming build: the group maps the finished index afterwards).
 
-        Returns {"added": n, "skipped": ["page id: reason", ...], "segment": manifest entry or None,
-        "meta": {page_id: metadata}}. Unreadable pages are skipped and named, never fatal.
+        Images are decoded one embedding batch at a time, so memory is bounded by the batch (and
+        the vectors of this call), not by the pages. Returns {"added": n, "skipped": ["page id:
+        reason", ...], "segment": manifest entry or None, "meta": {page_id: metadata}}.
+        Unreadable pages are skipped and named, never fatal.
         """
         from retriever.index import write_segment
 
-        images, kept, skipped = [], [], []
-        for page in pages:
-            try:
-                images.append(page.load_image())
-                kept.append(page)
-            except OSError as e:
-                skipped.append(f"{page.page_id}: {e}")
-        vectors = self.encoder.embed_images(images, batch_size=self.cfg.embed_batch_size, names=[p.page_id for p in kept])
-        meta = [{"doc_id": p.doc_id, "page_no": p.page_no, "source": p.source} for p in kept]
-        self.index.add([p.page_id for p in kept], vectors, meta)
+        if keep:
+            self.index.refuse_present([p.page_id for p in pages])
+        kept, skipped, vectors = [], [], []
+        step = self.cfg.embed_batch_size
+        for i in range(0, len(pages), step):
+            images, batch = [], []
+            for page in pages[i:i + step]:
+                try:
+                    images.append(page.load_image())
+                    batch.append(page)
+                except OSError as e:
+                    skipped.append(f"{page.page_id}: {e}")
+            vectors += self.encoder.embed_images(images, batch_size=step, names=[p.page_id for p in batch], progress=False)
+            kept += batch
+        ids = [p.page_id for p in kept]
+        meta = {p.page_id: {"doc_id": p.doc_id, "page_no": p.page_no, "source": p.source} for p in kept}
         segment = None
         if segment_dir is not None and kept:
-            segment = write_segment(segment_dir, segment_name, [p.page_id for p in kept], vectors)
-        return {"added": len(kept), "skipped": skipped, "segment": segment,
-                "meta": {p.page_id: m for p, m in zip(kept, meta)}}
+            segment = write_segment(segment_dir, segment_name, ids, vectors, dtype=self.cfg.vector_dtype,
+                                    pooling=self.cfg.pooling())
+        if keep and segment is not None:
+            del vectors  # the shard maps the segment just written instead of holding a second copy
+            self.index.add_segment(segment_dir, segment, meta)
+        elif keep:
+            self.index.add(ids, vectors, [meta[pid] for pid in ids])
+        return {"added": len(kept), "skipped": skipped, "segment": segment, "meta": meta}
 
     def clear(self) -> None:
         from retriever.index import PageIndex
 
-        self.index = PageIndex(self.encoder.settings())
+        self.index = PageIndex(self.encoder.settings(), self.cfg.pooling())
 
     def load_shard(self, index_dir: str, page_range: tuple[int, int]) -> int:
         from retriever.index import load_index
 
-        index = load_index(index_dir, page_range)
+        index = load_index(index_dir, page_range, self.cfg.pooling())
         index.check_compatible(self.encoder.settings(), where=index_dir)
         self.index = index
         return len(index)
@@ -68,4 +83,5 @@ class RetrieverActor:
 
     def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
         vectors = self.encoder.embed_queries(queries, batch_size=self.cfg.query_batch_size)
-        return self.index.search(vectors, k, dtype=self.search_dtype)
+        return self.index.search(vectors, k, dtype=self.search_dtype, method=self.cfg.search_method(len(self.index)),
+                                 shortlist=self.cfg.shortlist)

@@ -22,3 +22,27 @@ class RetrieverConfig(Section):
     embed_batch_size: int = Field(8, ge=1)
     query_batch_size: int = Field(32, ge=1)
     max_visual_tokens: int | None = Field(None, ge=4)  # caps page resolution (pixels = n * 28 * 28)
+    # -- the index at scale (README, "Indexing at scale") --
+    # exact: every page scored by MaxSim; two_stage: pooled vectors choose `shortlist` pages per
+    # query, which are scored exactly; auto: two_stage from `two_stage_min_pages` pages per actor
+    search: Literal["auto", "exact", "two_stage"] = "auto"
+    two_stage_min_pages: int = Field(20_000, ge=1)
+    shortlist: int = Field(1024, ge=1)  # pages per query re-scored exactly after the first stage
+    # first-stage vectors per page (token pooling): at most pooled_vectors, fewer when every token
+    # of the page has one within cosine pooling_similarity
+    pooled_vectors: int = Field(128, ge=1)
+    pooling_similarity: float = Field(0.5, gt=0.0)
+    vector_dtype: Literal["float32", "float16"] = "float32"  # how segments store the page vectors
+    segment_pages: int = Field(256, ge=1)  # pages per segment file: the unit of streaming and of resuming
+
+    def search_method(self, num_pages: int) -> str:
+        """'exact' or 'two_stage' for an index (shard) of `num_pages` pages."""
+        if self.search != "auto":
+            return self.search
+        return "two_stage" if num_pages >= self.two_stage_min_pages else "exact"
+
+    def pooling(self):
+        """The token pooling of the first stage (`retriever.pooling.Pooling`)."""
+        from retriever.pooling import Pooling
+
+        return Pooling(self.pooled_vectors, self.pooling_similarity)

@@ -2,8 +2,9 @@
 
 Queries fan out to every shard in batches and the per-shard top-k lists are merged exactly: the
 shards hold contiguous slices of the index's page order, in order, so `merge_topk` reproduces the
-unsharded ranking, ties included. Persistence: each actor writes its own segment file in parallel
-and the group writes the manifest once (format in `retriever/index.py`).
+unsharded ranking, ties included. Persistence: actors write segment files in parallel, batch by
+batch, and the group journals each finished one, then writes the manifest once (format in
+`retriever/index.py`); an interrupted build resumes from its journal.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ray
@@ -20,10 +23,14 @@ from common.ray_helpers import get_with_timeout
 from docvqa.sample import Page
 from retriever.actor import RetrieverActor
 from retriever.config import RetrieverConfig
-from retriever.index import IndexLoadError, Manifest, next_segment_name, read_manifest, write_manifest
+from retriever.index import (
+    COMPATIBILITY_KEYS, JOURNAL, IndexLoadError, Manifest, append_journal, next_segment_name, read_journal,
+    read_manifest, segment_name, write_journal, write_manifest,
+)
 from retriever.maxsim import merge_topk
 
 log = logging.getLogger(__name__)
+CORPUS_STAMP = "docrl_corpus.json"  # the fingerprint of the pages an index was built from
 
 
 def contiguous_ranges(n: int, parts: int) -> list[tuple[int, int]]:
@@ -35,6 +42,48 @@ def contiguous_ranges(n: int, parts: int) -> list[tuple[int, int]]:
         ranges.append((lo, hi))
         lo = hi
     return ranges
+
+
+def _fingerprint(pages: Sequence[Page]) -> str:
+    """`corpus_fingerprint`, also for pages whose file is missing (the build skips and names them)."""
+    import hashlib
+    import os
+
+    from docvqa.data import corpus_fingerprint
+
+    try:
+        return corpus_fingerprint(pages)
+    except OSError:
+        missing = [p for p in pages if p.image_path is not None and not os.path.exists(p.image_path)]
+        gone = {p.page_id for p in missing}
+        names = hashlib.sha256("\n".join(sorted(gone)).encode()).hexdigest()
+        return f"{corpus_fingerprint([p for p in pages if p.page_id not in gone])}+missing:{names}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class BuildProgress:
+    """Logs an index build's progress, pages/s and ETA (at most every `every_s` seconds, and at
+    the end); the rate counts only pages embedded by this run, not resumed ones."""
+
+    def __init__(self, total: int, resumed: int, callback: Callable[[int, int], None] | None = None,
+                 every_s: float = 10.0):
+        self.total, self.resumed, self.callback, self.every_s = total, resumed, callback, every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if done >= self.total or now - self.last >= self.every_s:
+            self.last = now
+            rate = (done - self.resumed) / max(now - self.start, 1e-9)
+            eta = _duration((self.total - done) / rate) if rate > 0 else "unknown"
+            log.info("indexed %d/%d pages (%.1f%%), %.1f pages/s, ETA %s", done, self.total,
+                     100.0 * done / max(self.total, 1), rate, eta)
+        if self.callback is not None:
+            self.callback(done, self.total)
 
 
 class RetrieverGroup:
@@ -61,40 +110,148 @@ class RetrieverGroup:
         """Wait until every actor has loaded its model; returns the embedding settings."""
         return self._get([a.settings.remote() for a in self.actors], "starting the retriever actors")[0]
 
-    def build(self, pages: Sequence[Page], index_dir: str | Path | None = None) -> dict:
-        """Embed a corpus from scratch across the shards; with `index_dir`, persist it there."""
-        if index_dir is not None:
-            index_dir = Path(index_dir)
-            if (index_dir / "manifest.json").exists():
-                raise FileExistsError(f"{index_dir} already holds a page index: load it, or build into an empty directory")
+    def build(self, pages: Sequence[Page], index_dir: str | Path | None = None,
+              progress: Callable[[int, int], None] | None = None, restart_if_changed: bool = False) -> dict:
+        """Embed a corpus from scratch across the shards; with `index_dir`, stream it there.
+
+        In memory (no `index_dir`), each actor embeds and keeps its contiguous slice. On disk, the
+        pages are embedded `retriever.segment_pages` at a time, each batch by the next free actor,
+        into its own segment file, recorded in the journal (`ingest.jsonl`) once written: memory
+        stays bounded by the batches in flight (two per actor), whatever the corpus. A build that
+        was interrupted (Ctrl-C, a crash, a lost node) resumes from its journal when run again on
+        the same corpus and model; another corpus or model is refused with the difference named
+        (or, with `restart_if_changed`, the directory is cleared and the build starts over). The
+        finished index is then mapped, each actor its slice. `progress(done, total)` is called
+        after each finished batch (pages, resumed ones included).
+        Returns {"indexed", "skipped", "resumed": how many of the indexed pages an earlier run embedded}.
+        """
+        if index_dir is None:
+            return self._build_in_memory(pages)
+        index_dir = Path(index_dir)
+        if (index_dir / "manifest.json").exists():
+            raise FileExistsError(f"{index_dir} already holds a page index: load it, or build into an empty directory")
+        repeated = sorted(pid for pid, n in Counter(p.page_id for p in pages).items() if n > 1)
+        if repeated:
+            raise ValueError(f"{len(repeated)} page id(s) appear more than once among the pages (e.g. {repeated[:3]})")
+        settings = self.ready()
+        header = {"format": "docrl-ingest", "corpus": _fingerprint(pages), "pages": len(pages),
+                  "settings": {k: settings.get(k) for k in COMPATIBILITY_KEYS}, "vector_dtype": self.cfg.vector_dtype,
+                  "segment_pages": min(self.cfg.segment_pages, max(1, -(-len(pages) // len(self.actors))))}
+        header, done = self._resume(index_dir, header, restart_if_changed)
+        size = header["segment_pages"]
+        batches = [list(pages[i:i + size]) for i in range(0, len(pages), size)]
+        finished = sum(len(batches[b]) for b in done)
+        if finished:
+            log.info("resuming the index build in %s: an earlier run went through %d of its %d pages",
+                     index_dir, finished, len(pages))
+        resumed = sum(len(r["meta"]) for r in done.values())  # pages it indexed (not skipped)
+        progress_log = BuildProgress(len(pages), finished, progress)
+        self._stream(batches, [b for b in range(len(batches)) if b not in done], index_dir, done, progress_log)
+        records = [done[b] for b in sorted(done)]
+        self.manifest = Manifest(settings, [r["segment"] for r in records if r["segment"]],
+                                 {pid: m for r in records for pid, m in r["meta"].items()})
+        write_manifest(index_dir, self.manifest)
+        (index_dir / CORPUS_STAMP).write_text(json.dumps({"fingerprint": header["corpus"], "pages": len(pages)}))
+        (index_dir / JOURNAL).unlink()
+        self.load(index_dir)
+        self.skipped = [s for r in records for s in r["skipped"]]
+        return {"indexed": len(self), "skipped": self.skipped, "resumed": resumed}
+
+    def _build_in_memory(self, pages: Sequence[Page]) -> dict:
         self._get([a.clear.remote() for a in self.actors], "clearing the shards")
         ranges = contiguous_ranges(len(pages), len(self.actors))
-        refs = [actor.add_pages.remote(list(pages[lo:hi]), str(index_dir) if index_dir else None, f"segment-{i:05d}.safetensors")
-                for i, (actor, (lo, hi)) in enumerate(zip(self.actors, ranges))]
-        reports = self._get(refs, f"embedding {len(pages)} pages")
+        reports = self._get([actor.add_pages.remote(list(pages[lo:hi])) for actor, (lo, hi) in zip(self.actors, ranges)],
+                            f"embedding {len(pages)} pages")
         self.shard_sizes = [r["added"] for r in reports]
         self.skipped = [s for r in reports for s in r["skipped"]]
-        if index_dir is not None:
-            settings = self._get(self.actors[0].settings.remote(), "settings")
-            self.manifest = Manifest(settings, [r["segment"] for r in reports if r["segment"]],
-                                     {pid: m for r in reports for pid, m in r["meta"].items()})
-            write_manifest(index_dir, self.manifest)
-            self.index_dir = index_dir
-        return {"indexed": len(self), "skipped": self.skipped}
+        self.index_dir = self.manifest = None
+        return {"indexed": len(self), "skipped": self.skipped, "resumed": 0}
+
+    def _resume(self, index_dir: Path, header: dict, restart_if_changed: bool) -> tuple[dict, dict[int, dict]]:
+        """The header and finished batches to continue from (a fresh journal when there is none).
+        Segment files no journal line names (cut off by the interruption) are removed."""
+        before, done = read_journal(index_dir)
+        if before is not None:
+            changed = [k for k in ("corpus", "pages", "settings", "vector_dtype") if before.get(k) != header[k]]
+            if not changed:
+                header = {**header, "segment_pages": before["segment_pages"]}  # the same batches as before
+            else:
+                why = "; ".join("the pages or their images" if k == "corpus" else
+                                f"{k}: {before.get(k)!r} then, {header[k]!r} now" for k in changed)
+                if not restart_if_changed:
+                    raise IndexLoadError(f"{index_dir} holds an interrupted index build of another corpus or model "
+                                         f"({why} differ): remove {index_dir} to start over, or index into another "
+                                         "directory")
+                log.warning("restarting the index build in %s: the interrupted one was of another corpus or "
+                            "model (%s differ)", index_dir, why)
+                shutil.rmtree(index_dir)
+                done = {}
+        # a journaled segment whose file is gone (removed by hand) is embedded again
+        done = {b: r for b, r in done.items() if not r["segment"] or (index_dir / r["segment"]["file"]).exists()}
+        index_dir.mkdir(parents=True, exist_ok=True)
+        write_journal(index_dir, header, [done[b] for b in sorted(done)])
+        journaled = {r["segment"]["file"] for r in done.values() if r["segment"]}
+        for stray in [*index_dir.glob("segment-*.safetensors"), *index_dir.glob(".segment-*.tmp")]:
+            if stray.name not in journaled:
+                stray.unlink()
+        return header, done
+
+    def _stream(self, batches: list[list[Page]], todo: list[int], index_dir: Path, done: dict[int, dict],
+                progress: BuildProgress) -> None:
+        """Embed batches `todo`, at most two in flight per actor, journaling each as it finishes."""
+        queue, in_flight, busy = deque(todo), {}, [0] * len(self.actors)
+
+        def submit() -> None:
+            while queue:
+                a = min(range(len(self.actors)), key=busy.__getitem__)
+                if busy[a] >= 2:
+                    return
+                b = queue.popleft()
+                in_flight[self.actors[a].add_pages.remote(batches[b], str(index_dir), segment_name(b), False)] = (b, a)
+                busy[a] += 1
+
+        def finish(ref) -> None:
+            b, a = in_flight.pop(ref)
+            busy[a] -= 1
+            result = self._get(ref, f"embedding pages {batches[b][0].page_id} .. {batches[b][-1].page_id}")
+            done[b] = {"batch": b, "segment": result["segment"], "meta": result["meta"], "skipped": result["skipped"]}
+            append_journal(index_dir, done[b])
+
+        submit()
+        try:
+            while in_flight:
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.timeout_s)
+                if not ready:
+                    raise TimeoutError(f"retriever group: no segment of {index_dir} finished within "
+                                       f"{self.timeout_s:g}s ({len(in_flight)} in flight)")
+                finish(ready[0])
+                progress.update(sum(len(batches[b]) for b in done))
+                submit()
+        except Exception:
+            # Segments already being written are let finish and journaled, so that a retry in this
+            # process neither redoes them nor races their writes. (Ctrl-C does not wait: a rerun
+            # removes what they left.)
+            queue.clear()
+            for ref in list(in_flight):
+                try:
+                    finish(ref)
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    in_flight.pop(ref, None)
+            raise
 
     def open(self, pages: Sequence[Page], index_dir: str | Path, owned: bool) -> None:
-        """Load the index of exactly these pages from `index_dir`, or build it there. The index
-        records a fingerprint of the pages it was built from (`docrl_corpus.json`). An index the
-        caller `owned` (a run's own `<output_dir>/index`) is a cache: rebuilt, with a warning saying
-        why, when the pages changed. Anyone else's is refused with the difference named."""
+        """Load the index of exactly these pages from `index_dir`, or build it there (resuming an
+        interrupted build of them). The index records a fingerprint of the pages it was built from
+        (`docrl_corpus.json`). An index the caller `owned` (a run's own `<output_dir>/index`) is a
+        cache: rebuilt, with a warning saying why, when the pages changed. Anyone else's is
+        refused with the difference named."""
         from docvqa.data import corpus_fingerprint
 
         index_dir = Path(index_dir)
-        stamp = index_dir / "docrl_corpus.json"
-        fingerprint = corpus_fingerprint(pages)
+        stamp = index_dir / CORPUS_STAMP
         if (index_dir / "manifest.json").exists():
             built_from = json.loads(stamp.read_text())["fingerprint"] if stamp.exists() else None
-            if built_from == fingerprint:
+            if built_from == corpus_fingerprint(pages):
                 self.load(index_dir)
                 return
             indexed, wanted = set(read_manifest(index_dir).live_page_ids()), {p.page_id for p in pages}
@@ -110,8 +267,7 @@ class RetrieverGroup:
                                      "with `docrl index`, or let the run build its own (unset retriever.index_dir)")
             log.warning("rebuilding the page index %s: %s", index_dir, why)
             shutil.rmtree(index_dir)
-        self.build(pages, index_dir)
-        stamp.write_text(json.dumps({"fingerprint": fingerprint, "pages": len(pages)}))
+        self.build(pages, index_dir, restart_if_changed=owned)
 
     def load(self, index_dir: str | Path) -> int:
         """Load a saved index, each actor its contiguous slice; refuses an index of another model."""

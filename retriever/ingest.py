@@ -1,18 +1,21 @@
-"""Turning a folder of page images and PDFs into `Page`s for the index.
+"""Turning a folder of page images and PDFs into `Page`s for the index, without rendering anything.
 
-PDF pages are rendered with pypdfium2 (pip-installable, no system dependency) and kept as PNG
-bytes. A corrupt image or PDF is skipped and counted by file name, never a crash mid-index.
+An image file is a page; a PDF contributes one `Page(image_path=pdf, pdf_page=n)` per page, which
+only counts the PDF's pages here: each page is rendered by whoever loads its image (the retriever
+actor embedding it, pypdfium2, pip-installable), one page at a time, so listing a folder of
+100,000 pages holds 100,000 small references, never their pixels. A corrupt image or PDF is
+skipped and counted by file name, never a crash mid-index; a PDF page that fails to render is
+skipped by name when it is embedded.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from docvqa.sample import Page, make_page_id
+from docvqa.sample import Page, make_page_id, pdf_page_count
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"}
 
@@ -23,31 +26,11 @@ class IngestReport:
     skipped: list[str] = field(default_factory=list)  # "file: reason"
 
 
-def render_pdf(path: str | Path, dpi: int = 144) -> list[Image.Image]:
-    """Every page of a PDF as an RGB image at `dpi`. Raises ValueError naming the file when corrupt."""
-    import pypdfium2 as pdfium
-
-    try:
-        pdf = pdfium.PdfDocument(str(path))
-    except pdfium.PdfiumError as e:
-        raise ValueError(f"{path}: not a readable PDF ({e})") from None
-    try:
-        return [pdf[i].render(scale=dpi / 72).to_pil().convert("RGB") for i in range(len(pdf))]
-    finally:
-        pdf.close()
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def ingest_folder(folder: str | Path, pdf_dpi: int = 144) -> IngestReport:
+def ingest_folder(folder: str | Path) -> IngestReport:
     """Pages from every image and PDF under `folder` (recursively, in sorted path order).
 
     Document id = the file's path relative to `folder` without suffix; an image is page 1 of its
-    own document, a PDF's pages are numbered from 1.
+    own document, a PDF's pages are numbered from 1. Images are checked by their header only.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -59,19 +42,19 @@ def ingest_folder(folder: str | Path, pdf_dpi: int = 144) -> IngestReport:
         if suffix in IMAGE_SUFFIXES:
             try:
                 with Image.open(path) as im:
-                    im.load()
+                    im.size  # noqa: B018 - forces the header parse, decodes nothing
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 report.skipped.append(f"{path}: unreadable image ({e})")
                 continue
             report.pages.append(Page(make_page_id(doc_id, 1), doc_id, 1, image_path=str(path)))
         elif suffix == ".pdf":
             try:
-                images = render_pdf(path, pdf_dpi)
+                count = pdf_page_count(path)
             except ValueError as e:
                 report.skipped.append(str(e))
                 continue
-            if not images:
+            if not count:
                 report.skipped.append(f"{path}: PDF has no pages")
-            for no, image in enumerate(images, start=1):
-                report.pages.append(Page(make_page_id(doc_id, no), doc_id, no, image_bytes=_png_bytes(image)))
+            report.pages += [Page(make_page_id(doc_id, no), doc_id, no, image_path=str(path), pdf_page=no)
+                             for no in range(1, count + 1)]
     return report

@@ -1,4 +1,4 @@
-"""Exact, masked, chunked late-interaction (MaxSim) scoring and deterministic top-k. Pure torch, no Ray.
+"""Exact, masked, chunked late-interaction (MaxSim) scoring and deterministic top-k. Torch and numpy, no Ray.
 
     score(q, p) = sum over valid query tokens i of  max over valid page tokens j of <q_i, p_j>
 
@@ -23,9 +23,9 @@ Layout (measured on 2 AVX512/AVX512-BF16 cores, 32 queries x 1,000 pages x 600-8
 valid query tokens flattened ``[Tq, D]`` times a chunk of pages flattened ``[C*L, D]`` transposed
 gives ``[Tq, C*L]`` (MKL/oneDNN reads the transposed view directly), amax over the contiguous last
 dim, then ``index_add_`` per query. Each chunk is trimmed to the column span that holds valid
-tokens (works for left and right padding). ``prepare_pages`` sanitises, casts and length-sorts the
-corpus once, for an index that is searched many times (the retriever actor): chunks of similar
-length then carry almost no padding.
+tokens (works for left and right padding). ``prepare_pages`` sanitises, casts and length-sorts a
+padded corpus once, for one searched many times: chunks of similar length then carry almost no
+padding. (The page index uses the packed layout below instead, which has no padding at all.)
 
 Top-k and ties: ``topk_pages`` orders by score descending, ties broken by page order (lower page
 index first), deterministically (``torch.topk`` alone gives no such guarantee). ``merge_topk``
@@ -47,6 +47,15 @@ Threads: on a shared machine every parallel torch op ends in an OpenMP barrier t
 descheduled thread (seen here: 5-10 ms per op instead of 0.2 ms with 2 threads on 2 busy cores);
 give the retriever actor ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` equal to its CPU share.
 
+Packed pages (the page index's layout): ``maxsim_packed`` scores pages stored back to back without
+padding, ``tokens [T, D]`` plus ``offsets [P + 1]`` (page p is ``tokens[offsets[p]:offsets[p + 1]]``),
+which is how an index segment lies on disk, so a memory-mapped segment is scored in place: no
+padded copy of the corpus, nothing held twice. A chunk of whole pages is one contiguous slice,
+cast to ``dtype`` as it is read (a float16 segment is never widened as a whole); the max over each
+page's tokens is one ``numpy.maximum.reduceat`` over the chunk's page starts (measured: within
+noise of the matmul alone for one query; ``torch.segment_reduce`` was 2-4x slower). There is
+no padding, so no mask and no NaN to guard against.
+
 Exactness caveat: scores are exact up to float32 rounding of the GEMM (|diff| ~1e-6 against a
 per-pair loop for unit vectors); they need not be bit-identical between different chunkings or
 shardings, because the BLAS kernel may change with the matrix shape. For integer-valued embeddings
@@ -60,13 +69,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
     "PreparedPages",
+    "maxsim_packed",
     "maxsim_scores",
     "merge_topk",
+    "pack_pages",
     "pad_multivectors",
     "prepare_pages",
     "rerank_shortlist",
@@ -339,14 +351,97 @@ def topk_pages(scores: Tensor, page_ids: Sequence[str], k: int) -> list[list[tup
     return results
 
 
+def pack_pages(pages: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Concatenate ``[L_i, D]`` multi-vectors into the packed layout ``(tokens [sum L_i, D], offsets [n + 1])``."""
+    pages = list(pages)
+    if not pages:
+        raise ValueError("pack_pages needs at least one tensor (the embedding dim is unknown otherwise)")
+    offsets = torch.zeros(len(pages) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor([p.shape[0] for p in pages], dtype=torch.int64), 0)
+    return torch.cat(pages), offsets
+
+
+def _check_packed(tokens: Tensor, offsets: Tensor) -> np.ndarray:
+    """The offsets as numpy, after checking that they cut `tokens` into non-empty pages."""
+    if tokens.dim() != 2:
+        raise ValueError(f"packed tokens must be [T, D], got shape {tuple(tokens.shape)}")
+    offs = offsets.detach().cpu().numpy().astype(np.int64, copy=False)
+    if offs.ndim != 1 or len(offs) < 1 or offs[0] != 0 or offs[-1] != tokens.shape[0]:
+        raise ValueError(f"offsets must run from 0 to the {tokens.shape[0]} packed tokens, "
+                         f"got {offs[:3].tolist()}...{offs[-3:].tolist()}")
+    empty = np.flatnonzero(np.diff(offs) <= 0)
+    if len(empty):
+        raise ValueError(f"{len(empty)} packed page(s) have no token (index {', '.join(map(str, empty[:10]))}): "
+                         "MaxSim of an empty page is undefined")
+    return offs
+
+
+def maxsim_packed(queries: Sequence[Tensor], tokens: Tensor, offsets: Tensor, *,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """Exact MaxSim of queries against packed pages, float32 ``[num_queries, num_pages]``.
+
+    queries: a list of ``[L_i, D]`` tensors of valid tokens (as the encoder returns them).
+    tokens ``[T, D]`` (any float dtype; a memory-mapped segment is read in place) and offsets
+    ``[P + 1]``: page p is ``tokens[offsets[p]:offsets[p + 1]]``. The matmul runs in ``dtype``
+    (float32, bfloat16 or float64), the max is exact and the sum is accumulated as in
+    ``maxsim_scores``, whose results these equal up to GEMM rounding.
+    """
+    _check_dtype(dtype)
+    offs = _check_packed(tokens, offsets)
+    queries = list(queries)
+    for i, q in enumerate(queries):
+        if not isinstance(q, Tensor) or q.dim() != 2 or q.shape[0] == 0:
+            raise ValueError(f"query {i}: expected a [L, D] tensor with at least one token, "
+                             f"got shape {tuple(getattr(q, 'shape', ()))}")
+        if q.shape[1] != tokens.shape[1]:
+            raise ValueError(f"embedding dims differ: query {i} has {q.shape[1]}, pages {tokens.shape[1]}")
+    num_q, num_p = len(queries), len(offs) - 1
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.zeros(num_q, num_p, dtype=acc_dtype)
+    if num_q == 0 or num_p == 0:
+        return out.float()
+    with torch.inference_mode():
+        qflat = torch.cat([q.detach().cpu() for q in queries]).to(dtype)  # [Tq, D]
+        seg = torch.repeat_interleave(torch.arange(num_q), torch.tensor([q.shape[0] for q in queries]))
+        num_tok = qflat.shape[0]
+        longest = int(np.diff(offs).max())
+        # The same [query tokens, chunk tokens] bound as maxsim_scores: tile the query tokens only
+        # when one page would overflow it, then take as many whole pages as fit.
+        rows = num_tok if num_tok * longest <= _CHUNK_TARGET_ELEMENTS else max(1, _CHUNK_TARGET_ELEMENTS // longest)
+        budget = max(1, _CHUNK_TARGET_ELEMENTS // rows)
+        s = 0
+        while s < num_p:
+            e = min(num_p, max(s + 1, int(np.searchsorted(offs, offs[s] + budget, side="right")) - 1))
+            t0, t1 = int(offs[s]), int(offs[e])
+            pages_t = tokens[t0:t1].to(dtype).T  # [D, chunk tokens]; a view when already in dtype
+            starts = offs[s:e] - t0
+            for r0 in range(0, num_tok, rows):
+                r1 = min(num_tok, r0 + rows)
+                sim = torch.matmul(qflat[r0:r1], pages_t)
+                sim = sim.numpy() if dtype == torch.float64 else sim.float().numpy()
+                best = torch.from_numpy(np.maximum.reduceat(sim, starts, axis=1))  # [rows, pages]: max per page
+                out[:, s:e].index_add_(0, seg[r0:r1], best.to(acc_dtype))  # sum over each query's tokens
+            s = e
+        if not bool(torch.isfinite(out).all()):
+            bad = (~torch.isfinite(out)).nonzero()[:5].tolist()
+            raise ValueError(f"non-finite MaxSim scores at (query, page) {bad}: a query or page token holds NaN/inf")
+    return out.float()
+
+
+# Pages re-scored per chunk by `rerank_shortlist`: bounds the packed copy of the candidates
+# (64 x 800 tokens x 128 dims x 4 bytes = 26 MB) whatever the shortlist.
+_RERANK_CHUNK_PAGES = 64
+
+
 def rerank_shortlist(fast_scores: Tensor, queries: Sequence[Tensor], pages: Sequence[Tensor], shortlist: int) -> Tensor:
-    """Exact fp32 scores for each query's `shortlist` best pages under `fast_scores` (e.g. bf16),
-    -inf for every other page.
+    """Exact fp32 scores for each query's `shortlist` best pages under `fast_scores` (e.g. bf16, or
+    a two-stage index's pooled first stage), -inf for every other page.
 
     bf16 MaxSim is ~2x faster than fp32 but its rounding (up to ~1e-2 on unit vectors) can swap
     pages whose exact scores differ by less: re-scoring a shortlist in fp32 restores the exact
     order among the candidates at a cost proportional to the shortlist, not the corpus. `queries`
-    and `pages` are lists of valid-token tensors ([L, D], no padding), in score row/column order.
+    and `pages` are sequences of valid-token tensors ([L, D], no padding), in score row/column
+    order; `pages` is only indexed (a lazy sequence of memory-mapped views will do).
     Take top-k with k <= shortlist from the result.
     """
     if shortlist < 1:
@@ -358,7 +453,12 @@ def rerank_shortlist(fast_scores: Tensor, queries: Sequence[Tensor], pages: Sequ
     out = torch.full((num_q, num_p), float("-inf"), dtype=torch.float32)
     for q, idx in enumerate(candidates):
         chosen = sorted(idx.tolist())  # page order, so topk_pages' tie-break stays by page index
-        out[q, chosen] = maxsim_scores([queries[q]], None, [pages[i] for i in chosen], None, dtype=torch.float32)[0]
+        for c in range(0, len(chosen), _RERANK_CHUNK_PAGES):
+            part = chosen[c:c + _RERANK_CHUNK_PAGES]
+            # one copy of the chunk's pages, cast per chunk inside maxsim_packed: per-page ops would
+            # each pay a thread barrier (module docstring, "Threads")
+            tokens, offsets = pack_pages([pages[i] for i in part])
+            out[q, part] = maxsim_packed([queries[q]], tokens, offsets)[0]
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -34,12 +35,19 @@ def test_json_loader_reads_generated_corpus(synthetic_corpus):
 def test_hf_layout_round_trip_matches_json_loader(synthetic_corpus, tmp_path):
     ds = load_docvqa_json(synthetic_corpus / "val_v1.0.json")
     write_hf_layout(ds, tmp_path / "hf", split="validation")
-    hf = load_hf_docvqa(str(tmp_path / "hf"), "validation")
+    hf = load_hf_docvqa(str(tmp_path / "hf"), "validation", page_dir=tmp_path / "pages")
     assert [(s.question_id, s.question, s.answers, s.gold_page, s.doc_id) for s in hf.samples] == \
            [(s.question_id, s.question, s.answers, s.gold_page, s.doc_id) for s in ds.samples]
     for s in hf.samples[:3]:
-        assert hf.pages[s.gold_page].image_bytes is not None
         assert hf.pages[s.gold_page].load_image().tobytes() == ds.pages[s.gold_page].load_image().tobytes()
+    # the driver holds no page bytes: every page is a file in the page folder, named by its content
+    files = sorted((tmp_path / "pages").rglob("*.png"))
+    assert all(p.image_bytes is None and Path(p.image_path).parent.parent == tmp_path / "pages" for p in hf.pages.values())
+    assert len(files) == len(hf.pages)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = load_hf_docvqa(str(tmp_path / "hf"), "validation", page_dir=tmp_path / "pages")
+    assert {p.image_path for p in again.pages.values()} == {p.image_path for p in hf.pages.values()}
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # written once: the corpus fingerprint stays the same
 
 
 def _corrupt(corpus_dir):

@@ -357,3 +357,57 @@ def test_colpali_engine_zero_padding_bug_changes_ranking():
     assert ids(topk_pages(ours, pids, 2)) == [["long", "short"]] == ids(reference_topk(ref, pids, 2))
     torch.testing.assert_close(theirs, torch.tensor([[-0.1, 0.0]]))  # the padded zero won the max
     assert ids(topk_pages(theirs, pids, 2)) == [["short", "long"]]  # wrong ranking
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed pages (the index's layout): tokens back to back plus offsets, no padding
+
+
+@pytest.mark.parametrize("target", [None, 20, 200])  # the default chunking, query-token tiles, a few pages a chunk
+def test_packed_matches_loop(monkeypatch, target):
+    from retriever.maxsim import maxsim_packed, pack_pages
+
+    if target is not None:
+        monkeypatch.setattr(M, "_CHUNK_TARGET_ELEMENTS", target)
+    gen = torch.Generator().manual_seed(11)
+    qs = [torch.randn(n, 8, generator=gen) for n in (4, 1, 7)]
+    ps = [torch.randn(n, 8, generator=gen) for n in (9, 2, 5, 9, 1, 7, 3, 12)]
+    tokens, offsets = pack_pages(ps)
+    assert tokens.shape == (48, 8) and offsets.tolist() == [0, 9, 11, 16, 25, 26, 33, 36, 48]
+    qp, qm = pad_multivectors(qs)
+    pp, pm = pad_multivectors(ps)
+    ref = loop_reference(qp, qm, pp, pm)
+    got = maxsim_packed(qs, tokens, offsets)
+    assert got.dtype == torch.float32 and got.shape == (3, 8)
+    torch.testing.assert_close(got.double(), ref, **FP32_TOL)
+    # a float16 store is read as it is (the cast happens per chunk): equal to scoring the rounded vectors
+    half = maxsim_packed(qs, tokens.half(), offsets)
+    torch.testing.assert_close(half.double(), loop_reference(qp, qm, pp.half().float(), pm), **FP32_TOL)
+
+
+def test_packed_is_bit_exact_on_integers_in_every_dtype():
+    from retriever.maxsim import maxsim_packed, pack_pages
+
+    gen = torch.Generator().manual_seed(12)
+    qs = [torch.randint(-3, 4, (n, 8), generator=gen).float() for n in (3, 4, 1)]
+    ps = [torch.randint(-3, 4, (int(n), 8), generator=gen).float() for n in torch.randint(1, 10, (23,), generator=gen)]
+    ref = maxsim_scores(qs, None, ps, None)
+    tokens, offsets = pack_pages(ps)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        assert torch.equal(maxsim_packed(qs, tokens, offsets, dtype=dtype), ref)
+
+
+def test_packed_refuses_bad_layouts_by_name():
+    from retriever.maxsim import maxsim_packed
+
+    q = [torch.ones(2, 4)]
+    with pytest.raises(ValueError, match=r"1 packed page\(s\) have no token \(index 1\)"):
+        maxsim_packed(q, torch.ones(3, 4), torch.tensor([0, 3, 3]))
+    with pytest.raises(ValueError, match="offsets must run from 0 to the 3 packed tokens"):
+        maxsim_packed(q, torch.ones(3, 4), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="embedding dims differ: query 0 has 4, pages 5"):
+        maxsim_packed(q, torch.ones(3, 5), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="query 0: expected a"):
+        maxsim_packed([torch.ones(0, 4)], torch.ones(3, 4), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="non-finite MaxSim scores"):
+        maxsim_packed(q, torch.full((3, 4), float("nan")), torch.tensor([0, 3]))

@@ -122,9 +122,12 @@ def test_folder_ingestion_renders_pdfs_and_skips_corrupt_files(tmp_path):
     (tmp_path / "docs" / "broken.pdf").write_bytes(b"%PDF-1.4 garbage")
     (tmp_path / "docs" / "broken.png").write_bytes(b"garbage")
     (tmp_path / "docs" / "notes.txt").write_text("ignored")
-    report = ingest_folder(tmp_path / "docs", pdf_dpi=72)
+    report = ingest_folder(tmp_path / "docs")
     assert [p.page_id for p in report.pages] == ["report/p1", "report/p2", "report/p3", "sub/scan/p1"]
-    assert report.pages[1].load_image().size == (200, 260)
+    # PDF pages are references, rendered one at a time when loaded (at PDF_DPI = 144: 2x the points)
+    assert [(p.pdf_page, p.image_bytes) for p in report.pages[:3]] == [(1, None), (2, None), (3, None)]
+    assert report.pages[1].source == f"{tmp_path / 'docs' / 'report.pdf'}#page=2"
+    assert report.pages[1].load_image().size == (400, 520)
     assert report.pages[2].load_image().getpixel((5, 5)) == (0, 0, 0)
     assert len(report.skipped) == 2 and any("broken.pdf" in s for s in report.skipped)
     assert any("broken.png" in s for s in report.skipped)
@@ -287,3 +290,64 @@ def test_an_index_of_a_changed_corpus_is_rebuilt_when_owned_and_refused_otherwis
             group.open(pages, index, owned=False)
     finally:
         group.shutdown()
+
+
+@pytest.mark.ray
+def test_streaming_build_resumes_after_an_interruption_and_indexes_pdfs_page_by_page(ray_cluster, tiny_models,
+                                                                                      synthetic_corpus, tmp_path):
+    """A build stopped after its first segments (an exception from the progress hook, as a crash
+    between segments would) resumes from the journal: the finished segments are not embedded again
+    and the index equals one built in one go. Another corpus is refused while the journal is
+    there. PDF pages are references until an actor renders them, and Serve reads them by file."""
+    from deploy.pages import PageStore
+    from docvqa.loaders import load_docvqa_json
+    from docvqa.synthetic import generate_pdf
+    from retriever.config import RetrieverConfig
+    from retriever.group import RetrieverGroup
+    from retriever.index import read_journal
+    from retriever.ingest import ingest_folder
+
+    (tmp_path / "docs").mkdir()
+    generate_pdf(tmp_path / "docs" / "report.pdf", [Image.new("RGB", (200, 260), c) for c in ("white", "gray", "black")])
+    pdf_pages = ingest_folder(tmp_path / "docs").pages
+    pages = sorted(load_docvqa_json(synthetic_corpus / "train_v1.0.json").pages.values(), key=lambda p: p.page_id)
+    pages = pages + pdf_pages
+    questions = ["What is the total?", "Who signed the letter?", "invoice date"]
+    group = RetrieverGroup(str(tiny_models["retriever"]), RetrieverConfig(num_actors=1, num_cpus_per_actor=0.5,
+                                                                          segment_pages=2))
+    try:
+        group.build(pages, tmp_path / "whole")
+        expected = group.search(questions, k=5)
+        assert len(group) == len(pages)
+
+        calls = []
+
+        def stop_after_two(done, total):
+            calls.append(done)
+            if len(calls) == 2:
+                raise RuntimeError("simulated crash between segments")
+
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            group.build(pages, tmp_path / "idx", progress=stop_after_two)
+        header, done = read_journal(tmp_path / "idx")
+        assert header["segment_pages"] == 2 and 2 <= len(done) < -(-len(pages) // 2)
+        assert not (tmp_path / "idx" / "manifest.json").exists()
+        finished = {b for b, r in done.items() if r["segment"]}
+        with pytest.raises(IndexLoadError, match=r"interrupted index build of another corpus or model \(the pages"):
+            group.build(pages[1:], tmp_path / "idx")
+
+        calls.clear()
+        report = group.build(pages, tmp_path / "idx", progress=lambda done, total: calls.append(done))
+        assert report["resumed"] == 2 * len(finished) and report["indexed"] == len(pages)
+        # only the rest was embedded: the first batch finished now brings the count past the resumed ones
+        assert calls[0] == min(len(pages), 2 * (len(finished) + 1)) and calls[-1] == len(pages)
+        assert not (tmp_path / "idx" / "ingest.jsonl").exists()
+        _assert_same_ranking(group.search(questions, k=5), expected)
+        assert read_manifest(tmp_path / "idx").segments == read_manifest(tmp_path / "whole").segments
+    finally:
+        group.shutdown()
+
+    manifest = read_manifest(tmp_path / "idx")
+    assert manifest.pages["report/p2"]["source"] == f"{tmp_path / 'docs' / 'report.pdf'}#page=2"
+    store = PageStore.from_index(tmp_path / "idx")
+    assert store.load("report/p3").load_image().getpixel((5, 5)) == (0, 0, 0)
