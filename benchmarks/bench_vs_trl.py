@@ -210,7 +210,7 @@ def step_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(metrics) if "time/step_s" in r] if metrics.exists() else []
 
 
-def run_docrl(mode: str, overrides: list[str], out_dir: Path, attempts: int = 3) -> dict:
+def run_docrl(mode: str, overrides: list[str], out_dir: Path, attempts: int = 4) -> dict:
     for attempt in range(1, attempts + 1):
         run_dir = out_dir.with_name(f"{out_dir.name}-try{attempt}")
         cmd = [sys.executable, "-m", "cluster.cli", "train", "--config", CONFIG, *overrides,
@@ -222,7 +222,9 @@ def run_docrl(mode: str, overrides: list[str], out_dir: Path, attempts: int = 3)
         # ("timed out during startup"); such a run never reached training, so run it again.
         if step_rows(run_dir) or attempt == attempts:
             raise RuntimeError(f"docrl {mode} run failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-        say(f"  docrl {mode} failed before training (try {attempt}: {done.stderr.strip().splitlines()[-1][:200]}); again")
+        say(f"  docrl {mode} failed before training (try {attempt}: {done.stderr.strip().splitlines()[-1][:200]}); "
+            "again when the machine is quieter")
+        wait_for_quiet(0.3, 120)
     rows = step_rows(run_dir)[WARMUP_STEPS:]
     return {"step_s": [r["time/step_s"] for r in rows],
             "completion_mean_length": [r["learner/response_length_mean"] for r in rows if "learner/response_length_mean" in r],
@@ -388,10 +390,12 @@ def main() -> None:
             if steps <= WARMUP_STEPS:
                 raise SystemExit(f"--steps must exceed the {WARMUP_STEPS} warm-up steps each run drops")
             results.append(bench_size(size, steps, rounds, args.set, Path(tmp), args.max_busy, args.max_wait))
-    print(f"\ndocrl vs TRL {trl_version} GRPOTrainer: {PROMPTS_PER_STEP} prompts x {ANSWERS_PER_PROMPT} answers, "
-          f"<= {MAX_NEW_TOKENS} new tokens, fp32, LoRA r={LORA_RANK}, kl 0, {THREADS} threads; medians\n")
-    print_table(results)
-    print(json.dumps({"versions": versions, "docrl_overrides": args.set, "results": results}))
+            # each size's table as soon as it is measured: a later failure does not take it along
+            print(f"\ndocrl vs TRL {trl_version} GRPOTrainer: {PROMPTS_PER_STEP} prompts x {ANSWERS_PER_PROMPT} "
+                  f"answers, <= {MAX_NEW_TOKENS} new tokens, fp32, LoRA r={LORA_RANK}, kl 0, {THREADS} threads; "
+                  "medians\n", flush=True)
+            print_table(results[-1:])
+            print(json.dumps({"versions": versions, "docrl_overrides": args.set, "results": results[-1:]}), flush=True)
 
 
 if __name__ == "__main__":
