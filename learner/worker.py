@@ -267,7 +267,7 @@ class LearnerWorker:
                         rows = [experiences[i].rollout_logprobs for i in micro.indices]
                         taken, on_policy_stats = U.on_policy_targets(out.logprobs, rows, out.mask, self.algo)
                         target.update(taken)
-                        if self.algo.kl_coef > 0 and self.algo.kl_in == "loss":
+                        if self.use_reference:  # the KL in the loss, or only its metric (log_kl_to_ref)
                             ref = self._reference_outputs(inputs).first_rows(len(micro.indices))
                             target["ref_logprobs"] = ref.logprobs.float()
                     share = U.micro_batch_share(self.algo.loss_aggregation, out.mask, mb_sequences, mb_tokens,

@@ -24,8 +24,17 @@ from docvqa.sample import Page
 from retriever.actor import RetrieverActor
 from retriever.config import RetrieverConfig
 from retriever.index import (
-    COMPATIBILITY_KEYS, JOURNAL, IndexLoadError, Manifest, append_journal, next_segment_name, read_journal,
-    read_manifest, segment_name, write_journal, write_manifest,
+    COMPATIBILITY_KEYS,
+    JOURNAL,
+    IndexLoadError,
+    Manifest,
+    append_journal,
+    next_segment_name,
+    read_journal,
+    read_manifest,
+    segment_name,
+    write_journal,
+    write_manifest,
 )
 from retriever.maxsim import merge_topk
 
@@ -61,7 +70,7 @@ def _fingerprint(pages: Sequence[Page]) -> str:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 

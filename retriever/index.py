@@ -60,6 +60,7 @@ COMPATIBILITY_KEYS = ("model_identity", "family", "dim", "max_pixels", "min_pixe
 # near-ties: benchmarks/RESULTS.md, "MaxSim search").
 BF16_RESCORED_PAGES = 32
 SEARCH_METHODS = ("exact", "two_stage")
+DEFAULT_POOLING = Pooling()  # the defaults of retriever.pooled_vectors and retriever.pooling_similarity
 
 
 class IndexLoadError(ValueError):
@@ -171,9 +172,10 @@ class _Block:
         return self.tokens[self._starts[row]:self._starts[row + 1]]
 
     def prefetch(self, rows: Sequence[int]) -> None:
-        """Ask the OS to start reading these pages' vectors now, all of them at once: a page of a
-        memory map is otherwise read when first touched, one page fault (and one disk read) after
-        another, and a shortlist is scattered over the segments."""
+        """Ask the OS to read these pages' vectors now, all at once and only them: otherwise each
+        is read when first touched, one page fault after another, and each fault's readahead reads
+        far past a scattered page (measured at 10,000 pages, cold cache: a two-stage query read
+        1,167 MiB and took 2.3 s without this, 140 MiB and 1.1 s with it)."""
         memmap = getattr(self.mapped, "_mmap", None)
         if memmap is None or not hasattr(mmap, "MADV_WILLNEED"):
             return
@@ -241,7 +243,7 @@ class _PageVectors(Sequence):
 class PageIndex:
     """Page ids, their metadata and multi-vectors (`vectors[i]` is page i's [tokens, dim] tensor)."""
 
-    def __init__(self, settings: dict, pooling: Pooling = Pooling()):
+    def __init__(self, settings: dict, pooling: Pooling = DEFAULT_POOLING):
         self.settings = dict(settings)
         self.pooling = pooling  # for pages whose segment stores no pooled vectors
         self.page_ids: list[str] = []
@@ -442,7 +444,7 @@ def read_manifest(directory: str | Path) -> Manifest:
 
 
 def load_index(directory: str | Path, page_range: tuple[int, int] | None = None,
-               pooling: Pooling = Pooling()) -> PageIndex:
+               pooling: Pooling = DEFAULT_POOLING) -> PageIndex:
     """Map a whole index, or only pages [lo, hi) of its page order (one shard of a retriever
     group). Segments are memory-mapped, not read."""
     directory = Path(directory)
@@ -470,7 +472,7 @@ def save_index(index: PageIndex, directory: str | Path) -> Path:
     return directory
 
 
-def compact_index(directory: str | Path, pooling: Pooling = Pooling()) -> None:
+def compact_index(directory: str | Path, pooling: Pooling = DEFAULT_POOLING) -> None:
     """Rewrite each segment that holds deleted pages without them (in its place in the page
     order; one segment in memory at a time; pooled again with `pooling` if it was pooled), then
     remove the old files."""

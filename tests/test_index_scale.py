@@ -10,8 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from retriever.index import (IndexLoadError, Manifest, PageIndex, compact_index, load_index, read_journal,
-                             read_manifest, write_journal, write_manifest, write_segment)
+from retriever.index import (
+    IndexLoadError,
+    Manifest,
+    PageIndex,
+    compact_index,
+    load_index,
+    read_journal,
+    read_manifest,
+    write_journal,
+    write_manifest,
+    write_segment,
+)
 from retriever.pooling import Pooling
 
 SETTINGS = {"model": "m", "family": "colqwen2", "dim": 16, "max_pixels": 100, "min_pixels": 10}

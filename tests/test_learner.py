@@ -473,11 +473,12 @@ def test_lora_update_moves_only_adapter_and_value_head_with_ratio_one_at_start(p
     assert metrics["kl_to_ref_during_update"] > 0.0
 
 
-@pytest.mark.parametrize("kl_coef, lora", [(0.0, True), (0.05, True), (0.05, False)])
-def test_update_without_scoring_pass_equals_the_update_with_it(policy, experiences, kl_coef, lora):
+@pytest.mark.parametrize("kl_coef, lora, log_kl", [(0.0, True, False), (0.0, True, True), (0.05, True, False),
+                                                   (0.05, False, False)])
+def test_update_without_scoring_pass_equals_the_update_with_it(policy, experiences, kl_coef, lora, log_kl):
     """One epoch of one minibatch under GRPO is exactly on-policy: skipping the scoring pass (the
     training forward's own logprobs are the old ones, its TIS weights and mismatch taken from them,
-    the reference computed inside training when the KL is in the loss) gives the same weights and
+    the reference computed inside training when the KL is in the loss or logged) gives the same weights and
     the same metrics as scoring first. The rollout logprobs are perturbed so TIS weights are not 1."""
     from dataclasses import replace
 
@@ -485,7 +486,7 @@ def test_update_without_scoring_pass_equals_the_update_with_it(policy, experienc
              for e in experiences]
     algo = AlgorithmConfig(minibatch_size=len(noisy), kl_coef=kl_coef, kl_in="loss")
     cfg = _config(value_model="none", micro_batch_size=4, lora=LoraConfig(enabled=lora),
-                  freeze_vision_tower=True, learning_rate=1e-3)
+                  freeze_vision_tower=True, learning_rate=1e-3, log_kl_to_ref=log_kl)
     slow, fast = _group(policy, cfg, algo), _group(policy, cfg, algo)
     slow_metrics = slow.update(noisy, score_first=True)
     fast_metrics = fast.update(noisy)  # the default decides: no scoring pass here
@@ -499,7 +500,7 @@ def test_update_without_scoring_pass_equals_the_update_with_it(policy, experienc
                 "first_micro_batch/ratio_mean", "clip_fraction", "advantage_mean", "grad_norm"):
         assert fast_metrics[key] == pytest.approx(slow_metrics[key], abs=1e-6, rel=1e-5), key
     assert slow_metrics["tis_weight_mean"] < 0.999  # the perturbation reached the weights
-    if kl_coef > 0:
+    if kl_coef > 0 or log_kl:
         assert fast_metrics["kl_to_ref"] == pytest.approx(slow_metrics["kl_to_ref"], abs=1e-7)
     else:  # nothing needs the reference: neither path computes it
         assert "kl_to_ref" not in fast_metrics and "kl_to_ref" not in slow_metrics

@@ -58,12 +58,13 @@ class _LearnerWorker:
     """learner.worker.LearnerWorker's outputs without a model: made-up logprobs, the real loss
     and micro-batch statistics, and the per-minibatch bookkeeping the group combines."""
 
-    def __init__(self, algo):
-        self.algo = algo
+    def __init__(self, algo, use_reference):
+        self.algo, self.use_reference = algo, use_reference
 
     def score(self, experiences, micro_batches):
         return {i: {"old": torch.full((len(experiences[i].response_ids),), -1.1),
-                    "ref": torch.full((len(experiences[i].response_ids),), -1.2), "values": None}
+                    "ref": torch.full((len(experiences[i].response_ids),), -1.2) if self.use_reference else None,
+                    "values": None}
                 for micro in micro_batches for i in micro.real}
 
     def train(self, experiences, targets, schedule):
@@ -75,10 +76,17 @@ class _LearnerWorker:
                 micro_stats = []
                 for micro in micro_batches:
                     target = U.gather_targets(targets, micro.indices)
-                    _, mask = U.pad_right([targets.old_logprobs[i] for i in micro.indices])
+                    rollout_rows = [experiences[i].rollout_logprobs for i in micro.indices]
+                    logprobs, mask = U.pad_right([torch.tensor(r, dtype=torch.float32) - 0.05 for r in rollout_rows])
+                    on_policy_stats = {}
+                    if target["old_logprobs"] is None:  # no scoring pass: the worker takes its own
+                        taken, on_policy_stats = U.on_policy_targets(logprobs, rollout_rows, mask, self.algo)
+                        target.update(taken)
+                        if self.use_reference:
+                            target["ref_logprobs"] = logprobs - 0.1
                     share = U.micro_batch_share(self.algo.loss_aggregation, mask, mb_sequences, mb_tokens, 1)
-                    _, stats = U.micro_batch_loss(target["old_logprobs"] - 0.05, None, None, mask, target,
-                                                  self.algo, share)
+                    _, stats = U.micro_batch_loss(logprobs, None, None, mask, target, self.algo, share)
+                    stats.update(on_policy_stats)
                     stats["tokens"] = int(mask.sum())
                     first = first or dict(stats)
                     micro_stats.append(stats)
@@ -99,7 +107,7 @@ def _learner(cfg):
     group = object.__new__(LearnerGroup)  # __init__ would start the ranks
     group.cfg, group.algo, group.seed, group.local, group.num_ranks = cfg.learner, cfg.algorithm, 0, True, 1
     group.version, group.update_calls, group.last_skips = 0, 0, []
-    group.worker = _LearnerWorker(cfg.algorithm)
+    group.worker = _LearnerWorker(cfg.algorithm, cfg.algorithm.kl_coef > 0 or cfg.learner.log_kl_to_ref)
     return group
 
 
@@ -108,7 +116,7 @@ def _trainer(tmp_path):
     from cluster.train import QuestionSampler, Trainer
     from docvqa.sample import DocVQASample, Page
 
-    cfg = load_config(None)
+    cfg = load_config(None, ["learner.log_kl_to_ref=true"])  # the dashboard charts it when it is on
     questions = [DocVQASample(f"q{i}", "What word is printed?", ("red",), f"d{i}", f"d{i}/p1", (f"d{i}/p1",))
                  for i in range(cfg.trainer.prompts_per_step)]
     trainer = object.__new__(Trainer)  # __init__ would start the Ray parts
