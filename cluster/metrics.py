@@ -91,29 +91,72 @@ def training_summary(rows: Sequence[Mapping]) -> dict:
     return out
 
 
+# The report's panels: (title, metric keys or key prefixes ending in "@"), in reading order. A
+# panel whose metrics a run never logged is left out.
+REPORT_PANELS = (
+    ("train reward (mean over answers)", ("reward/mean",)),
+    ("held-out answers (greedy)", ("eval/anls", "eval/exact_match")),
+    ("held-out retrieval", ("eval/retrieval_recall@",)),
+    ("KL(policy || reference) per token", ("learner/kl_to_ref",)),
+    ("entropy per token", ("learner/entropy", "learner/entropy_estimate")),
+    ("rollout vs learner logprob gap", ("learner/logprob_mismatch_mean", "learner/logprob_mismatch_max")),
+)
+
+
+def _series(rows: Sequence[Mapping], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _headline(summary: Mapping) -> str:
+    parts = []
+    for name, label in (("anls", "held-out ANLS"), ("exact_match", "exact match")):
+        if f"{name}_rl_gain" in summary:
+            parts.append(f"{label} {summary[f'{name}_before_rl']:.3f} -> {summary[f'{name}_after_rl']:.3f} "
+                         f"({summary[f'{name}_rl_gain']:+.3f})")
+    return "RL: " + ", ".join(parts) if parts else ""
+
+
+def report_panels(logged: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """The `REPORT_PANELS` that `logged` metric names fill, each with the names it plots."""
+    panels = []
+    for panel_title, wanted in REPORT_PANELS:
+        found = [k for w in wanted for k in sorted(logged) if (k.startswith(w) if w.endswith("@") else k == w)]
+        if found:
+            panels.append((panel_title, tuple(found)))
+    return panels
+
+
 def plot_report(jsonl_path: str | Path, png_path: str | Path, keys: Sequence[str] | None = None, title: str = "docrl") -> Path:
-    """One panel per metric (all logged metrics, or `keys`), step on the x axis."""
+    """The run at a glance: one panel per `REPORT_PANELS` entry the run logged, step on the x axis,
+    and the RL gain on held-out questions in the title (step 0 is the start of RL, after any warm
+    start). With `keys`: one panel per listed metric instead (the trainer's report_all.png: every one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_jsonl(jsonl_path)
-    keys = list(keys) if keys else sorted({k for r in rows for k in r if k != "step"})
-    if not keys:
+    logged = sorted({k for r in rows for k in r if k != "step"})
+    panels = [(k, (k,)) for k in keys] if keys is not None else report_panels(logged)
+    if not panels:
         raise ValueError(f"{jsonl_path}: no metrics to plot")
-    cols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / cols)
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.2 * nrows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3)
-        ax.set_title(key)
-        ax.set_xlabel("step")
+    for ax, (panel_title, panel_keys) in zip(axes.flat, panels):
+        for key in panel_keys:
+            x, y = _series(rows, key)
+            ax.plot(x, y, marker="o", markersize=3, label=key)
+        if len(panel_keys) > 1:
+            ax.legend(fontsize=7)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(title)
+    headline = _headline(training_summary(rows)) if keys is None else ""
+    fig.suptitle(f"{title}\n{headline}" if headline else title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)
     plt.close(fig)

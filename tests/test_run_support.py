@@ -62,6 +62,25 @@ def test_metrics_go_to_jsonl_tensorboard_and_png(tmp_path):
     assert prometheus_name("time/rollout_s") == "docrl_time_rollout_s"
 
 
+def test_the_report_shows_the_headline_panels_that_a_run_logged():
+    from cluster.metrics import _headline, report_panels
+
+    logged = ["reward/mean", "eval/anls", "eval/exact_match", "eval/retrieval_recall@1", "eval/retrieval_recall@3",
+              "learner/kl_to_ref", "learner/entropy_estimate", "learner/logprob_mismatch_mean", "time/step_s"]
+    panels = dict(report_panels(logged))
+    assert list(panels) == ["train reward (mean over answers)", "held-out answers (greedy)", "held-out retrieval",
+                            "KL(policy || reference) per token", "entropy per token", "rollout vs learner logprob gap"]
+    assert panels["held-out answers (greedy)"] == ("eval/anls", "eval/exact_match")
+    assert panels["held-out retrieval"] == ("eval/retrieval_recall@1", "eval/retrieval_recall@3")
+    assert panels["entropy per token"] == ("learner/entropy_estimate",)
+    # a run without retrieval or a reference gets no empty panel for them
+    assert [t for t, _ in report_panels(["reward/mean", "eval/anls"])] == ["train reward (mean over answers)",
+                                                                          "held-out answers (greedy)"]
+    summary = {"anls_before_rl": 0.2, "anls_after_rl": 0.5, "anls_rl_gain": 0.3,
+               "exact_match_before_rl": 0.125, "exact_match_after_rl": 0.25, "exact_match_rl_gain": 0.125}
+    assert _headline(summary) == "RL: held-out ANLS 0.200 -> 0.500 (+0.300), exact match 0.125 -> 0.250 (+0.125)"
+
+
 @pytest.mark.ray
 def test_ray_metrics_gauges_accept_values(ray_cluster, tmp_path):
     log = MetricsLogger(tmp_path, tensorboard=False, tags={"run": "test"})
