@@ -76,6 +76,8 @@ def training_summary(rows: Sequence[Mapping]) -> dict:
     out: dict = {"train_steps": max((r["step"] for r in steps), default=0)}
     if warm:
         out["warm_start"] = {k.split("/", 1)[1]: warm[k] for k in warm if k.startswith("warm_start/")}
+        if warm.get("warm_start/eval_anls_after") is not None and warm.get("warm_start/eval_anls_before") is not None:
+            out["anls_warm_start_gain"] = warm["warm_start/eval_anls_after"] - warm["warm_start/eval_anls_before"]
     if evals:
         first, last = evals[0], evals[-1]
         for key in ("eval/anls", "eval/exact_match"):

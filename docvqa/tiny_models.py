@@ -85,9 +85,13 @@ def _tokenizer_training_text() -> list[str]:
         "system user assistant you are a helpful assistant read the page and answer briefly "
         "dear sincerely regards subject reference phone email street road avenue city state zip "
         "january february march april may june july august september october november december "
-        "monday tuesday wednesday thursday friday red blue green yellow black white orange purple"
+        "monday tuesday wednesday thursday friday red blue green yellow black white orange purple pink"
     ).split()
     lines = [" ".join(words[i:i + 12]) for i in range(0, len(words), 7)]
+    # Each word also alone on a line, twice: like a real vocabulary, the tokenizer then holds common
+    # words whole at the start of a text too (an answer follows "assistant\n" without a space), so
+    # a one-word answer is one token rather than a few word pieces.
+    lines += words + words
     lines += [f"{i} {i * 37 % 1000}.{i % 100:02d} ${i * 13:,}.00 {i}/{i % 12 + 1}/20{i % 30:02d}" for i in range(400)]
     lines += ["".join(chr(c) for c in range(32, 127))]
     return lines
@@ -242,15 +246,21 @@ def build_retriever(out_dir: str | Path, seed: int = 1) -> Path:
     return out
 
 
+# What a build writes, versioned: bumped whenever a change here changes the files of a build (2:
+# the tokenizer holds whole words), so a cached build of an older version is rebuilt, not reused.
+TINY_FORMAT = 2
+
+
 def _write_manifest(out: Path, info: dict) -> None:
-    (out / "docrl_tiny.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    (out / "docrl_tiny.json").write_text(json.dumps({**info, "format": TINY_FORMAT}, indent=2, sort_keys=True) + "\n")
 
 
 def build_tiny_models(out_dir: str | Path, size: str = "tiny", seed: int = 0, force: bool = False) -> dict[str, Path]:
     """Build (or reuse) the tiny policy and retriever under `out_dir`. Returns {"policy", "retriever"}."""
     out = Path(out_dir)
     paths = {"policy": out / "policy" if size == "tiny" else out / f"policy-{size}", "retriever": out / "retriever"}
-    expected = {"policy": {"kind": "policy", "size": size, "seed": seed}, "retriever": {"kind": "retriever", "seed": seed + 1}}
+    expected = {"policy": {"kind": "policy", "size": size, "seed": seed, "format": TINY_FORMAT},
+                "retriever": {"kind": "retriever", "seed": seed + 1, "format": TINY_FORMAT}}
     for role, path in paths.items():
         manifest = path / "docrl_tiny.json"
         if not force and manifest.exists():

@@ -99,6 +99,7 @@ def test_training_summary_separates_warm_start_from_rl():
     rows += [{"step": 5, "eval/anls": 0.4, "eval/exact_match": 0.3}, {"step": 10, "eval/anls": 0.6, "eval/exact_match": 0.55}]
     s = training_summary(rows)
     assert s["warm_start"]["eval_anls_after"] == 0.25 and s["warm_start"]["loss_last"] == 0.5
+    assert s["anls_warm_start_gain"] == pytest.approx(0.25)  # the warm start's own gain, apart from RL's
     assert (s["anls_before_rl"], s["anls_after_rl"]) == (0.25, 0.6) and s["anls_rl_gain"] == pytest.approx(0.35)
     assert s["exact_match_rl_gain"] == pytest.approx(0.35) and s["eval_steps"] == [0, 5, 10] and s["train_steps"] == 10
     # the first and last fifth (2 of 10 steps) of the train reward
