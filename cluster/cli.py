@@ -1,7 +1,7 @@
 """The `docrl` command line.
 
     docrl config show --config configs/tiny.yaml trainer.total_steps=20
-    docrl make-tiny-models artifacts/tiny-models [--size 100m]
+    docrl make-tiny-models artifacts/tiny-models [--size 100m] [--family qwen2_5_vl]
     docrl make-synthetic OUT [--num-documents 40 --seed 0 --level easy]
     docrl demo --config configs/tiny.yaml [KEY=VALUE ...]
     docrl index --config configs/tiny.yaml [--folder DIR | --split train|eval|all] [--out DIR]
@@ -50,9 +50,16 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_make_tiny_models(args) -> int:
-    from docvqa.tiny_models import build_tiny_models
+    from docvqa.tiny_models import build_tiny_family, build_tiny_models, tiny_family_role
 
-    paths = build_tiny_models(args.out_dir, size=args.size, seed=args.seed, force=args.force)
+    if args.family:
+        try:
+            role = tiny_family_role(args.family)
+        except ValueError as e:
+            raise CLIError(f"--family: {e}") from None
+        paths = {role: build_tiny_family(args.out_dir, args.family, size=args.size, seed=args.seed, force=args.force)}
+    else:
+        paths = build_tiny_models(args.out_dir, size=args.size, seed=args.seed, force=args.force)
     for role, path in paths.items():
         print(f"{role}: {path}")
     return 0
@@ -211,7 +218,7 @@ def cmd_doctor(args) -> int:
     policy = resolve_model(cfg.learner.policy, "policy", cfg.run.models_dir)
     report = run_doctor(policy, cfg.rollout, lora_rank=cfg.learner.lora.r, timeout_s=cfg.ray.actor_start_timeout_s)
     ok = True
-    print(f"docrl doctor: {policy} ({cfg.rollout.dtype})")
+    print(f"docrl doctor: {policy} ({report['family']}, {cfg.rollout.dtype})")
     for label in ("base", "full_push", "lora_push"):
         r = report[label]
         ok &= r["max_abs_dlogprob"] < args.tolerance and r["greedy_tokens_identical"]
@@ -307,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="tiny", choices=["tiny", "100m"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if the models exist")
+    p.add_argument("--family", help="build only the model of this family, at OUT_DIR/<role>-<family> (a policy "
+                                    "family such as qwen2_5_vl, or a retriever family; configs name it "
+                                    "tiny-<family>); default: the default policy and retriever")
     p.set_defaults(func=cmd_make_tiny_models)
 
     p = sub.add_parser("make-synthetic", help="render a synthetic DocVQA-layout corpus")

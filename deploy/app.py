@@ -555,11 +555,12 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     models, the page files the index recorded, an SQLite feedback database) are taken from
     `base_dir` (default: the current directory), so replicas find them wherever they run on this
     node. Fails here, before any replica starts, when the checkpoint, the index or the API key is
-    missing, or the feedback database URL is unusable.
+    missing, the policy is not of a supported family, or the feedback database URL is unusable.
 
     `share_models_of`: the name of a running application of this module whose retriever and
     policy deployments this one uses instead of starting its own (an ingress with other settings,
     e.g. another key or feedback database, over the same models; `index_dir` is then unused)."""
+    from common.policy_family import policy_family
     from rollout.policy import resolve_policy
     from docvqa.tiny_models import resolve_model
     from retriever.index import read_manifest
@@ -572,6 +573,7 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     policy = resolve_policy(absolute(checkpoint))
     if Path(absolute(policy["model"])).exists():  # a local base model; a hub id stays as it is
         policy["model"] = absolute(policy["model"])
+    policy_family(policy["model"])  # an unsupported family is refused here, naming the supported ones
     if share_models_of is None:
         index_dir = absolute(index_dir)
         read_manifest(index_dir)  # refuses a missing or incomplete index now, naming what is missing

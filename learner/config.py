@@ -18,7 +18,9 @@ class LoraConfig(Section):
 
 
 class LearnerConfig(Section):
-    policy: str = "tiny"  # "tiny" (built locally), a local path, or a hub id such as Qwen/Qwen2-VL-2B-Instruct
+    # "tiny" or "tiny-<family>" (built locally, docvqa.tiny_models), a local path, or a hub id such as
+    # Qwen/Qwen2-VL-2B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct (the families of common.policy_family)
+    policy: str = "tiny"
     num_ranks: int = Field(1, ge=1)
     num_gpus_per_rank: float = Field(0.0, ge=0.0)
     num_cpus_per_rank: float = Field(1.0, gt=0.0)

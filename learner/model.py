@@ -1,7 +1,8 @@
 """The learner's models in plain torch/peft (no Ray, no DeepSpeed): policy, value, reference, and
 the exact rebuild of the multimodal input vLLM saw.
 
-* Policy: `Qwen2VLForConditionalGeneration`, with LoRA (peft) on the LANGUAGE MODEL only, or full
+* Policy: a Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: `common.policy_family` picks the class
+  from the checkpoint's config.json), with LoRA (peft) on the LANGUAGE MODEL only, or full
   fine-tuning. The vision tower is frozen by default (`learner.freeze_vision_tower`).
 * Reference: with LoRA, the same model with its adapters disabled (`disable_adapter()`, no second
   copy); with full fine-tuning, a frozen copy made before training starts.
@@ -9,11 +10,13 @@ the exact rebuild of the multimodal input vLLM saw.
   with its own head ("separate"), or none (GRPO/RLOO need no critic).
 
 Inputs. Each sequence is `prompt_ids + response_ids`, right-padded; the prompt ids are the ones
-vLLM saw (image placeholders expanded) and the learner checks that Qwen2-VL's own processor, given
+vLLM saw (image placeholders expanded) and the learner checks that the model's own processor, given
 the same chat text and the same resized images, produces exactly them - otherwise the image
 features would land on the wrong tokens (the silent image-token mismatch of other frameworks).
-Positions are the 3-D mrope ones: the model computes them from `mm_token_type_ids` (1 on image
-tokens), `image_grid_thw` and the attention mask, so right padding cannot shift them.
+Positions are the 3-D mrope ones: the model computes them with its family's own rule from
+`mm_token_type_ids` (1 on image tokens), `image_grid_thw` and the attention mask, so right padding
+cannot shift them (Qwen2.5-VL's temporal spacing, `second_per_grid_ts`, applies to videos only:
+a page is a still image with the same positions as in Qwen2-VL).
 
 Logits are computed only at the response positions (the hidden state at position p-1+t predicts
 response token t): a prompt of a few hundred image tokens times a 152k vocabulary would otherwise
@@ -45,7 +48,8 @@ from learner.config import LearnerConfig, LoraConfig
 from learner.ppo import entropy_from_logits, logprobs_from_logits
 from learner.types import Experience
 
-# Module names of Qwen2-VL's language model inside Qwen2VLForConditionalGeneration (transformers 5).
+# Module names of the language model and the vision tower in every supported family's
+# ForConditionalGeneration (transformers 5; common.policy_family).
 LANGUAGE_MODEL_PREFIX = "model.language_model."
 VISION_PREFIX = "model.visual."
 
@@ -55,11 +59,11 @@ VISION_PREFIX = "model.visual."
 
 
 def load_policy(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """The policy as transformers loads it (eval mode: PPO passes run without dropout unless asked)."""
-    from transformers import Qwen2VLForConditionalGeneration
+    """The policy as transformers loads it, in its family's class (eval mode: PPO passes run without
+    dropout unless asked)."""
+    from common.policy_family import load_policy_model
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    return model.eval()
+    return load_policy_model(path, dtype=dtype, attn_implementation=attn_implementation).eval()
 
 
 def lora_target_regex(target_modules: Sequence[str]) -> str:
@@ -90,11 +94,14 @@ def freeze_vision_tower(model) -> int:
         if name.startswith(VISION_PREFIX):
             p.requires_grad_(False)
             n += 1
+    if n == 0:  # a family with another layout would otherwise train its vision tower unnoticed
+        raise ValueError(f"no parameter under {VISION_PREFIX!r}: the vision tower is not where the supported "
+                         "families keep it")
     return n
 
 
 def unwrap(model):
-    """The Qwen2VLForConditionalGeneration under a peft wrapper (the model itself otherwise).
+    """The ForConditionalGeneration model under a peft wrapper (the model itself otherwise).
     peft injects its LoRA layers in place, so calling the unwrapped modules still applies them."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -127,7 +134,7 @@ class ModelInputs:
 
     input_ids: torch.Tensor  # [B, L] prompt + response, right-padded with pad_id
     attention_mask: torch.Tensor  # [B, L] 1 on real tokens
-    mm_token_type_ids: torch.Tensor  # [B, L] 1 on image tokens (Qwen2-VL needs it for mrope)
+    mm_token_type_ids: torch.Tensor  # [B, L] 1 on image tokens (the mrope rule needs it)
     pixel_values: torch.Tensor | None  # [sum of patches, C*T*P*P] for all images of the batch, in order
     image_grid_thw: torch.Tensor | None  # [num_images, 3]
     response_positions: torch.Tensor  # [B, T] index of the hidden state that predicts response token t
@@ -177,7 +184,7 @@ class SharedPrompts:
     answer_offsets: torch.Tensor
 
     def position_ids(self, model, input_ids, mm_token_type_ids, image_grid_thw) -> torch.Tensor:
-        """[3, R, L] mrope positions: the prompt's from Qwen2-VL's own rule, and each answer's
+        """[3, R, L] mrope positions: the prompt's from the model's own rule, and each answer's
         t-th token at the position after the prompt's last plus t, as if it followed the prompt alone."""
         positions, _ = model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask=self.prompt_mask)
         next_position = positions.masked_fill(self.prompt_mask[None] == 0, -1).amax(dim=(0, 2)) + 1  # [R]
@@ -207,7 +214,7 @@ class ActorCritic(nn.Module):
         # distribution, with their logits pushed to where exp() is exactly 0 in float32
         self.banned_token_ids = list(vision_token_ids(unwrap(policy).config))
         self.value_head = value_head
-        self.critic = critic  # a separate trunk (Qwen2VLForConditionalGeneration without lm_head), or None
+        self.critic = critic  # a separate trunk (the policy's class without lm_head), or None
 
     @property
     def has_values(self) -> bool:

@@ -11,7 +11,9 @@ from common.schema import Section
 
 class RetrieverConfig(Section):
     model: str = "tiny"  # "tiny" (built locally), a local path, or a hub id such as vidore/colqwen2-v1.0
-    model_class: Literal["auto", "colqwen2", "colqwen2_5", "colpali"] = "auto"
+    # the family (retriever.encoder.FAMILIES): multi-vector colqwen2, colqwen2_5, colpali; single-vector
+    # biqwen2, biqwen2_5, gme. auto: from the checkpoint (retriever.encoder.infer_model_class says how)
+    model_class: Literal["auto", "colqwen2", "colqwen2_5", "colpali", "biqwen2", "biqwen2_5", "gme"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     index_dir: str | None = None  # default <run.output_dir>/index
     top_k: int = Field(1, ge=1)
@@ -24,7 +26,8 @@ class RetrieverConfig(Section):
     max_visual_tokens: int | None = Field(None, ge=4)  # caps page resolution (pixels = n * 28 * 28)
     # -- the index at scale (README, "Indexing at scale") --
     # exact: every page scored by MaxSim; two_stage: pooled vectors choose `shortlist` pages per
-    # query, which are scored exactly; auto: two_stage from `two_stage_min_pages` pages per actor
+    # query, which are scored exactly; auto: two_stage from `two_stage_min_pages` pages per actor.
+    # A single-vector family's index is always searched exactly (one vector has nothing to pool)
     search: Literal["auto", "exact", "two_stage"] = "auto"
     two_stage_min_pages: int = Field(20_000, ge=1)
     shortlist: int = Field(1024, ge=1)  # pages per query re-scored exactly after the first stage

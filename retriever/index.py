@@ -31,6 +31,11 @@ pages; measured 1.7 GB with the pooling's defaults on benchmarks/bench_index_sca
 only when a two-stage search first needs it. Search methods (`PageIndex.search`): "exact" scores
 every page; "two_stage" scores the pooled vectors, keeps each query's `shortlist` best pages and
 re-scores those exactly, so returned scores are always exact MaxSim.
+
+Single-vector families (BiQwen2, GME: settings "single_vector") use the same index: a page is a
+multi-vector of one vector, and MaxSim of a one-vector query against it is their inner product,
+so persistence, sharding and the top-k tie rules are the multi-vector ones. Such an index stores
+no pooled vectors and is always searched exactly (pooling one vector gives it back).
 """
 
 from __future__ import annotations
@@ -126,7 +131,8 @@ def write_segment(directory: str | Path, name: str, page_ids: Sequence[str], vec
     else:
         flat, offsets = torch.zeros(0, 0), torch.zeros(1, dtype=torch.int64)
     tensors = {"vectors": flat.to(_STORED_DTYPES[dtype]).contiguous(), "offsets": offsets}
-    if pooling is not None and vectors:
+    single_vector = len(vectors) == len(flat)  # every page one vector: pooling would copy them
+    if pooling is not None and vectors and not single_vector:
         pooled, pooled_offsets = pack_pages(pool_tokens(vectors, pooling))
         tensors.update(pooled=pooled.half().contiguous(), pooled_offsets=pooled_offsets)
     tmp = directory / f".{name}.tmp"
@@ -261,6 +267,10 @@ class PageIndex:
     def vectors(self) -> Sequence[Tensor]:
         return _PageVectors(self)
 
+    @property
+    def single_vector(self) -> bool:
+        return bool(self.settings.get("single_vector"))
+
     def add(self, page_ids: Sequence[str], vectors: Sequence[Tensor], meta: Sequence[dict] | None = None) -> None:
         """Add pages held in memory (their vectors are copied into one packed float32 block)."""
         if len(page_ids) != len(vectors):
@@ -324,6 +334,12 @@ class PageIndex:
         keys = COMPATIBILITY_KEYS if "model_identity" in self.settings else ("model", *COMPATIBILITY_KEYS[1:])
         diffs = [f"{k}: index {self.settings.get(k)!r} vs encoder {encoder_settings.get(k)!r}"
                  for k in keys if self.settings.get(k) != encoder_settings.get(k)]
+        ours, theirs = self.settings.get("family"), encoder_settings.get("family")
+        if ours != theirs:
+            raise IndexLoadError(f"the page index{' at ' + where if where else ''} holds {ours} page vectors and "
+                                 f"cannot be searched with a {theirs} query model ({encoder_settings.get('model')!r}): "
+                                 f"search it with its own {ours} model ({self.settings.get('model')!r}), or rebuild "
+                                 f"it with `docrl index` ({'; '.join(diffs)})")
         if diffs:
             raise IndexLoadError(f"the page index{' at ' + where if where else ''} was built with other embedding "
                                  f"settings (model {self.settings.get('model')!r}, searched with "
@@ -337,13 +353,14 @@ class PageIndex:
         "exact" scores every page in `dtype`; in bf16 each query's best max(32, k) pages are then
         re-scored in fp32. "two_stage" scores the pooled vectors in `dtype` and re-scores each
         query's best max(shortlist, k) pages in fp32: it returns exact search's answer whenever
-        exact search's top k are among them (recall: benchmarks/RESULTS.md, "Index at scale")."""
+        exact search's top k are among them (recall: benchmarks/RESULTS.md, "Index at scale").
+        A single-vector index is searched exactly whatever `method` says."""
         if not self.page_ids:
             raise ValueError("the page index is empty")
         if method not in SEARCH_METHODS:
             raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {method!r}")
         queries = list(queries)
-        if method == "two_stage":
+        if method == "two_stage" and not self.single_vector:
             first = self._scan(queries, dtype, pooled=True)
             shortlist = max(shortlist, k)
             self._prefetch(torch.topk(first, min(shortlist, first.shape[1]), dim=1).indices.unique().tolist())

@@ -111,14 +111,13 @@ class RolloutEngine:
     # -- prompts -------------------------------------------------------------------------------
 
     def _image_tokens(self, image) -> int:
-        """Visual tokens Qwen2-VL's processor gives an image (its smart_resize, then 2x2 merge)."""
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
+        """Visual tokens the model's own image processor gives an image (its resize rule counts the
+        patches, then merge_size x merge_size patches become one token), in every family."""
         ip = self.processor.image_processor
-        factor = ip.patch_size * ip.merge_size
         min_pixels, max_pixels = pixel_bounds(ip)
-        h, w = smart_resize(image.height, image.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-        return (h // factor) * (w // factor)
+        patches = ip.get_number_of_image_patches(image.height, image.width,
+                                                 {"min_pixels": min_pixels, "max_pixels": max_pixels})
+        return patches // ip.merge_size ** 2
 
     def prepare(self, req: RolloutRequest) -> tuple[dict, str, tuple, tuple, int]:
         """The vLLM prompt (chat text with one pad per image), and its length once expanded."""

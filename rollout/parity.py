@@ -1,13 +1,14 @@
 """Rollout-vs-reference logprob parity: the check that weights really reached vLLM and that the
 learner scores exactly what vLLM sampled.
 
-`reference_logprobs` is the plain-transformers computation (teacher forcing with Qwen2-VL's
+`reference_logprobs` is the plain-transformers computation (teacher forcing with the family's
 3-D mrope positions, which need `mm_token_type_ids`: without them transformers silently falls
-back to 1-D positions). `run_doctor` measures max |Δlogprob| between a rollout worker and the
-reference for the base weights, after a full push of perturbed weights, and after a LoRA push,
-plus whether greedy decoding picks the same tokens; and, on the base weights, for answers
-sampled at a temperature other than 1 (`sampled_parity`): the logprobs vLLM returns must be those
-of the temperature-scaled distribution it sampled from, which is what the learner trains on.
+back to 1-D positions), in the model's family's class (`common.policy_family`). `run_doctor`
+measures max |Δlogprob| between a rollout worker and the reference for the base weights, after a
+full push of perturbed weights, and after a LoRA push, plus whether greedy decoding picks the same
+tokens; and, on the base weights, for answers sampled at a temperature other than 1
+(`sampled_parity`): the logprobs vLLM returns must be those of the temperature-scaled distribution
+it sampled from, which is what the learner trains on.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 @torch.no_grad()
 def reference_logprobs(model, processor, prompt_text: str, images: Sequence, response_ids: Sequence[int],
                        expect_prompt_ids: Sequence[int] | None = None, temperature: float = 1.0) -> torch.Tensor:
-    """Logprob of each response token under `model` (a Qwen2-VL, possibly peft-wrapped), in the
-    distribution softmax(logits / temperature) (float32 logits divided, as vLLM's sampler does)
-    over the tokens an answer may hold (the vision placeholders are banned, as in the rollout)."""
+    """Logprob of each response token under `model` (of a supported policy family, possibly
+    peft-wrapped), in the distribution softmax(logits / temperature) (float32 logits divided, as
+    vLLM's sampler does) over the tokens an answer may hold (the vision placeholders are banned, as
+    in the rollout)."""
     from rollout.prompts import vision_token_ids
 
     if not temperature > 0:
@@ -105,9 +107,11 @@ def run_doctor(policy_path: str, rollout_cfg, lora_rank: int = 8, timeout_s: flo
                sample_temperature: float = 0.7) -> dict:
     """Start one rollout worker and measure parity: greedy on the base weights, after a full push
     and after a LoRA push ("base", "full_push", "lora_push"), and answers sampled at
-    `sample_temperature` on the base weights ("base_sampled"). Returns a report dict."""
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    `sample_temperature` on the base weights ("base_sampled"). Returns a report dict (with the
+    policy's "family")."""
+    from transformers import AutoProcessor
 
+    from common.policy_family import load_policy_model, policy_family
     from docvqa.sample import Page
     from docvqa.synthetic import generate_corpus
     from rollout.config import SamplingConfig
@@ -116,7 +120,7 @@ def run_doctor(policy_path: str, rollout_cfg, lora_rank: int = 8, timeout_s: flo
     from rollout.types import RolloutRequest
     from rollout.weights import write_model_copy
 
-    report: dict = {}
+    report: dict = {"family": policy_family(policy_path)}  # an unsupported family fails here, before vLLM starts
     work = Path(tempfile.mkdtemp(prefix="docrl-doctor-"))
     generate_corpus(work / "data", num_documents=2, seed=0, level="realistic", val_fraction=0.5)
     page_file = sorted((work / "data" / "documents").glob("*.png"))[0]
@@ -129,7 +133,7 @@ def run_doctor(policy_path: str, rollout_cfg, lora_rank: int = 8, timeout_s: flo
     group.ready()
     processor = AutoProcessor.from_pretrained(policy_path)
     dtype = getattr(torch, cfg.dtype)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(policy_path, dtype=dtype).eval()
+    model = load_policy_model(policy_path, dtype=dtype).eval()
     greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=16)
 
     def measure(label: str, reference) -> None:
@@ -151,8 +155,7 @@ def run_doctor(policy_path: str, rollout_cfg, lora_rank: int = 8, timeout_s: flo
     t0 = time.perf_counter()
     group.push_full(perturbed, version=1)
     report["full_push_seconds"] = time.perf_counter() - t0
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
-        write_model_copy(policy_path, perturbed, work / "perturbed"), dtype=dtype).eval()
+    model = load_policy_model(write_model_copy(policy_path, perturbed, work / "perturbed"), dtype=dtype).eval()
     measure("full_push", model)
     adapter = random_lora_adapter(model, work / "adapter", r=lora_rank)
     t0 = time.perf_counter()

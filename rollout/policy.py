@@ -76,9 +76,11 @@ def materialize_policy(path: str | Path, out_dir: str | Path) -> Path:
         shutil.copytree(spec["model"], tmp)
     else:
         from peft import PeftModel
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
-        base = AutoModelForImageTextToText.from_pretrained(spec["model"], dtype="auto")
+        from common.policy_family import load_policy_model
+
+        base = load_policy_model(spec["model"], dtype="auto")
         merged = PeftModel.from_pretrained(base, spec["adapter"]).merge_and_unload()
         merged.save_pretrained(tmp)
         AutoProcessor.from_pretrained(spec["model"]).save_pretrained(tmp)

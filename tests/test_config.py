@@ -31,6 +31,23 @@ def test_real_preset_validates_without_downloading():
     assert batch % cfg.algorithm.minibatch_size == 0
 
 
+@pytest.mark.parametrize("preset,policy,retriever,model_class", [
+    ("colqwen25-qwen25vl-3b-docvqa", "Qwen/Qwen2.5-VL-3B-Instruct", "Metric-AI/ColQwen2.5-3b-multilingual-v1.0",
+     "colqwen2_5"),
+    ("gme-qwen2vl-2b-docvqa", "Qwen/Qwen2-VL-2B-Instruct", "Alibaba-NLP/gme-Qwen2-VL-2B-Instruct", "gme"),
+])
+def test_model_family_presets_name_the_hub_models(preset, policy, retriever, model_class):
+    """The presets of the brief's model families validate without downloading and name the hub
+    ids a real cluster fetches; the family is explicit (a GME config.json says qwen2_vl like a
+    ColQwen2's, and the ColQwen2.5 checkpoint is an adapter over a base)."""
+    from retriever.encoder import infer_model_class
+
+    cfg = load_config(ROOT / f"configs/{preset}.yaml")
+    assert (cfg.learner.policy, cfg.retriever.model, cfg.retriever.model_class) == (policy, retriever, model_class)
+    assert cfg.data.source == "hf" and cfg.data.path == "lmms-lab/DocVQA" and cfg.learner.lora.enabled
+    assert infer_model_class(retriever) == model_class  # offline: the hub id's name says it too
+
+
 def test_every_shipped_config_validates():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
@@ -130,7 +147,8 @@ def test_cluster_launch_files_fit_the_real_preset():
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
 
 
-@pytest.mark.parametrize("preset,gpus", [("qwen2vl-2b-1gpu", 1), ("qwen2vl-2b-8gpu", 8), ("qwen2vl-2b-docvqa", 16)])
+@pytest.mark.parametrize("preset,gpus", [("qwen2vl-2b-1gpu", 1), ("qwen2vl-2b-8gpu", 8), ("qwen2vl-2b-docvqa", 16),
+                                         ("colqwen25-qwen25vl-3b-docvqa", 16), ("gme-qwen2vl-2b-docvqa", 16)])
 def test_gpu_presets_fit_their_gpus(preset, gpus):
     """Every role's bundles are reserved together, before any model loads: the GPUs the roles ask
     for fit the machine the preset is for, and the learner's batch splits over its ranks."""
