@@ -112,6 +112,15 @@ class DocRLConfig(Section):
                 f"retriever.top_k={self.retriever.top_k} pages exceed rollout.max_images_per_prompt="
                 f"{self.rollout.max_images_per_prompt} and rollout.on_too_many_images is 'refuse'"
             )
+        for key, name, role in (("learner.policy", self.learner.policy, "policy"),
+                                ("retriever.model", self.retriever.model, "retriever")):
+            if name.startswith("tiny-"):
+                from docvqa.tiny_models import POLICY_FAMILIES, RETRIEVER_FAMILIES
+
+                families = POLICY_FAMILIES if role == "policy" else RETRIEVER_FAMILIES
+                if name[len("tiny-"):] not in families:
+                    errors.append(f"{key}={name!r} names no tiny {role} family: use 'tiny' or one of "
+                                  f"{', '.join('tiny-' + f for f in families)}")
         if self.ray.address is None and self.ray.num_gpus is not None:
             wanted = {
                 "rollout": self.rollout.num_workers * self.rollout.num_gpus_per_worker,

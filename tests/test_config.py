@@ -48,6 +48,15 @@ def test_model_family_presets_name_the_hub_models(preset, policy, retriever, mod
     assert infer_model_class(retriever) == model_class  # offline: the hub id's name says it too
 
 
+def test_a_tiny_family_that_does_not_exist_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"learner.policy='tiny-qwen9_vl' names no tiny policy family: .*tiny-qwen2_5_vl"):
+        load_config(ROOT / "configs/tiny.yaml", ["learner.policy=tiny-qwen9_vl"])
+    with pytest.raises(ConfigError, match=r"retriever.model='tiny-qwen2_5_vl' names no tiny retriever family: .*tiny-gme"):
+        load_config(ROOT / "configs/tiny.yaml", ["retriever.model=tiny-qwen2_5_vl"])
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["learner.policy=tiny-qwen2_5_vl", "retriever.model=tiny-gme"])
+    assert (cfg.learner.policy, cfg.retriever.model) == ("tiny-qwen2_5_vl", "tiny-gme")
+
+
 def test_every_shipped_config_validates():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
