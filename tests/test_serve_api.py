@@ -210,11 +210,15 @@ def test_missing_api_key_fails_before_any_replica_starts(monkeypatch, tmp_path):
 
     monkeypatch.delenv("DOCRL_NO_SUCH_KEY", raising=False)
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "qwen2_vl"}')
     (tmp_path / "index").mkdir()
     write_manifest(tmp_path / "index", Manifest({"model": "m"}, [], {}))
     cfg = load_config(None, ["serve.api_key_env=DOCRL_NO_SUCH_KEY", f"retriever.model={tmp_path / 'model'}"])
     with pytest.raises(ValueError, match="serve.api_key_env='DOCRL_NO_SUCH_KEY' but that environment variable is empty"):
+        build_application(cfg, str(tmp_path / "model"), str(tmp_path / "index"))
+    # a policy of an unsupported family is refused as early, naming the supported ones
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llava"}')
+    with pytest.raises(ValueError, match="model_type 'llava'.*supported: qwen2_vl, qwen2_5_vl"):
         build_application(cfg, str(tmp_path / "model"), str(tmp_path / "index"))
 
 
