@@ -115,12 +115,12 @@ class DocRLConfig(Section):
         for key, name, role in (("learner.policy", self.learner.policy, "policy"),
                                 ("retriever.model", self.retriever.model, "retriever")):
             if name.startswith("tiny-"):
-                from docvqa.tiny_models import POLICY_FAMILIES, RETRIEVER_FAMILIES
+                from docvqa.tiny_models import check_tiny_name
 
-                families = POLICY_FAMILIES if role == "policy" else RETRIEVER_FAMILIES
-                if name[len("tiny-"):] not in families:
-                    errors.append(f"{key}={name!r} names no tiny {role} family: use 'tiny' or one of "
-                                  f"{', '.join('tiny-' + f for f in families)}")
+                try:
+                    check_tiny_name(name, role)
+                except ValueError as e:
+                    errors.append(f"{key}={e}")
         if self.ray.address is None and self.ray.num_gpus is not None:
             wanted = {
                 "rollout": self.rollout.num_workers * self.rollout.num_gpus_per_worker,

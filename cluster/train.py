@@ -518,11 +518,12 @@ class Trainer:
         self.metrics.log(self.step, final)
         self.save()
         self.metrics.close()
+        rows = read_jsonl(self.metrics.jsonl_path)
         plot_report(self.metrics.jsonl_path, self.out / "logs" / "report.png", title=self.cfg.run.name)
-        every_metric = sorted({k for r in read_jsonl(self.metrics.jsonl_path) for k in r if k != "step"})
+        every_metric = sorted({k for r in rows for k in r if k != "step"})
         plot_report(self.metrics.jsonl_path, self.out / "logs" / "report_all.png", keys=every_metric,
                     title=self.cfg.run.name)
-        summary = training_summary(read_jsonl(self.metrics.jsonl_path))
+        summary = training_summary(rows)
         (self.out / "logs" / "summary.json").write_text(json.dumps(summary, indent=2))
         return final
 

@@ -137,6 +137,13 @@ def _save_tokenizer(tok, out: Path) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
 
+def _vision_token_ids(special_ids: dict[str, int]) -> dict[str, int]:
+    """The image/video placeholder and vision-block ids every family's config takes from the tokenizer."""
+    return {"image_token_id": special_ids["<|image_pad|>"], "video_token_id": special_ids["<|video_pad|>"],
+            "vision_start_token_id": special_ids["<|vision_start|>"],
+            "vision_end_token_id": special_ids["<|vision_end|>"]}
+
+
 def _qwen2vl_config(size: TinySize, special_ids: dict[str, int], vocab_size: int):
     from transformers import Qwen2VLConfig
 
@@ -172,10 +179,7 @@ def _qwen2vl_config(size: TinySize, special_ids: dict[str, int], vocab_size: int
             temporal_patch_size=2,
             in_channels=3,
         ),
-        image_token_id=special_ids["<|image_pad|>"],
-        video_token_id=special_ids["<|video_pad|>"],
-        vision_start_token_id=special_ids["<|vision_start|>"],
-        vision_end_token_id=special_ids["<|vision_end|>"],
+        **_vision_token_ids(special_ids),
         bos_token_id=special_ids["<|endoftext|>"],
         eos_token_id=special_ids["<|im_end|>"],
         pad_token_id=special_ids["<|endoftext|>"],
@@ -210,10 +214,7 @@ def _qwen2_5_vl_config(size: TinySize, special_ids: dict[str, int], vocab_size: 
             temporal_patch_size=2,
             in_channels=3,
         ),
-        image_token_id=special_ids["<|image_pad|>"],
-        video_token_id=special_ids["<|video_pad|>"],
-        vision_start_token_id=special_ids["<|vision_start|>"],
-        vision_end_token_id=special_ids["<|vision_end|>"],
+        **_vision_token_ids(special_ids),
         bos_token_id=special_ids["<|endoftext|>"],
         eos_token_id=special_ids["<|im_end|>"],
         pad_token_id=special_ids["<|endoftext|>"],
@@ -253,10 +254,7 @@ def _qwen3_vl_config(size: TinySize, special_ids: dict[str, int], vocab_size: in
             temporal_patch_size=2,
             in_channels=3,
         ),
-        image_token_id=special_ids["<|image_pad|>"],
-        video_token_id=special_ids["<|video_pad|>"],
-        vision_start_token_id=special_ids["<|vision_start|>"],
-        vision_end_token_id=special_ids["<|vision_end|>"],
+        **_vision_token_ids(special_ids),
         tie_word_embeddings=False,
     )
 
@@ -416,7 +414,7 @@ def _build_adapter(out: Path, seed: int) -> Path:
               str(weights), metadata={"format": "pt"})
     for f in sorted(base.iterdir()):  # the processor and tokenizer travel with the adapter, as on the hub
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "generation_config.json",
-                                                                          "docrl_tiny.json"):
+                                                                          TINY_MANIFEST):
             shutil.copy(f, out / f.name)
     _write_manifest(out, {"kind": "retriever", "family": "colqwen2_5_adapter", "size": "tiny", "seed": seed,
                           "architecture": "ColQwen2_5 LoRA adapter", "base": base.name})
@@ -426,10 +424,12 @@ def _build_adapter(out: Path, seed: int) -> Path:
 # What a build writes, versioned: bumped whenever a change here changes the files of a build (2:
 # the tokenizer holds whole words), so a cached build of an older version is rebuilt, not reused.
 TINY_FORMAT = 2
+# Each build's manifest: kind, family, size, seed, format (retriever.encoder reads the family).
+TINY_MANIFEST = "docrl_tiny.json"
 
 
 def _write_manifest(out: Path, info: dict) -> None:
-    (out / "docrl_tiny.json").write_text(json.dumps({**info, "format": TINY_FORMAT}, indent=2, sort_keys=True) + "\n")
+    (out / TINY_MANIFEST).write_text(json.dumps({**info, "format": TINY_FORMAT}, indent=2, sort_keys=True) + "\n")
 
 
 # The retriever families build_retriever makes (its `family` keyword).
@@ -438,7 +438,7 @@ RETRIEVER_FAMILIES = ("colqwen2", "colqwen2_5", "colqwen2_5_adapter", "biqwen2",
 
 def _build_once(path: Path, expected: dict, build, force: bool = False) -> Path:
     """`build(tmp)` into `path`, unless `path`'s manifest already holds the `expected` entries."""
-    manifest = path / "docrl_tiny.json"
+    manifest = path / TINY_MANIFEST
     expected = {**expected, "format": TINY_FORMAT}
     if not force and manifest.exists():
         info = json.loads(manifest.read_text())
@@ -493,6 +493,17 @@ def build_tiny_family(out_dir: str | Path, family: str, size: str = "tiny", seed
                        lambda tmp: build_retriever(tmp, seed=seed + 1, family=family), force)
 
 
+def check_tiny_name(name: str, role: str) -> None:
+    """Refuse a 'tiny-<family>' `name` of no tiny `role` family ('policy' or 'retriever'), naming
+    the ones there are; any other name passes."""
+    if not name.startswith("tiny-"):
+        return
+    families = POLICY_FAMILIES if role == "policy" else RETRIEVER_FAMILIES
+    if name[len("tiny-"):] not in families:
+        raise ValueError(f"{name!r} names no tiny {role} family: use 'tiny' or one of "
+                         f"{', '.join('tiny-' + f for f in families)}")
+
+
 def resolve_model(name: str, role: str, models_dir: str | Path) -> str:
     """'tiny' -> the default tiny model for `role` ('policy' or 'retriever'); 'tiny-<family>' ->
     the tiny model of that family, built once under `models_dir`; else unchanged (a local path or
@@ -501,9 +512,5 @@ def resolve_model(name: str, role: str, models_dir: str | Path) -> str:
         return str(build_tiny_models(models_dir)[role])
     if not name.startswith("tiny-"):
         return name
-    family = name[len("tiny-"):]
-    families = POLICY_FAMILIES if role == "policy" else RETRIEVER_FAMILIES
-    if family not in families:
-        raise ValueError(f"{role} model {name!r}: no tiny {role} of family {family!r}; use 'tiny' or one of "
-                         f"{', '.join('tiny-' + f for f in families)}")
-    return str(build_tiny_family(models_dir, family))
+    check_tiny_name(name, role)
+    return str(build_tiny_family(models_dir, name[len("tiny-"):]))

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from docvqa.tiny_models import TINY_MANIFEST  # a tiny build's manifest names its family
+
 # model_class -> (colpali-engine model class, processor class); "gme" is loaded by retriever.gme
 MODEL_CLASSES = {
     "colqwen2": ("ColQwen2", "ColQwen2Processor"),
@@ -31,7 +33,6 @@ MODEL_CLASSES = {
 FAMILIES = (*MODEL_CLASSES, "gme")
 SINGLE_VECTOR_FAMILIES = frozenset({"biqwen2", "biqwen2_5", "gme"})
 _MODEL_TYPE_TO_CLASS = {"qwen2_vl": "colqwen2", "qwen2_5_vl": "colqwen2_5", "paligemma": "colpali"}
-TINY_MANIFEST = "docrl_tiny.json"  # docvqa.tiny_models writes the family of each tiny retriever here
 
 
 def infer_model_class(model: str) -> str:
