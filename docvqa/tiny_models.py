@@ -197,7 +197,11 @@ def _qwen2_5_vl_config(size: TinySize, special_ids: dict[str, int], vocab_size: 
     text = {k: qwen2["text_config"][k] for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "bos_token_id",
-        "eos_token_id", "pad_token_id", "tie_word_embeddings")}
+        "eos_token_id", "pad_token_id")}
+    # Tied word embeddings (the output head is the input embedding), as in Qwen2.5-VL-3B and
+    # Qwen2-VL-2B: the checkpoint holds no lm_head, and every push must reach the head through the
+    # embedding. The default tiny Qwen2-VL keeps them untied, as in the 7B models.
+    text["tie_word_embeddings"] = True
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=dict(
@@ -218,7 +222,7 @@ def _qwen2_5_vl_config(size: TinySize, special_ids: dict[str, int], vocab_size: 
         bos_token_id=special_ids["<|endoftext|>"],
         eos_token_id=special_ids["<|im_end|>"],
         pad_token_id=special_ids["<|endoftext|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,
     )
 
 
@@ -422,8 +426,9 @@ def _build_adapter(out: Path, seed: int) -> Path:
 
 
 # What a build writes, versioned: bumped whenever a change here changes the files of a build (2:
-# the tokenizer holds whole words), so a cached build of an older version is rebuilt, not reused.
-TINY_FORMAT = 2
+# the tokenizer holds whole words; 3: Qwen2.5-VL builds tie their word embeddings), so a cached
+# build of an older version is rebuilt, not reused.
+TINY_FORMAT = 3
 # Each build's manifest: kind, family, size, seed, format (retriever.encoder reads the family).
 TINY_MANIFEST = "docrl_tiny.json"
 

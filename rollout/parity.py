@@ -13,6 +13,7 @@ it sampled from, which is what the learner trains on.
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
 from collections.abc import Sequence
@@ -104,11 +105,18 @@ def sampled_parity(group, request, images: Sequence, reference, processor, tempe
 
 
 def run_doctor(policy_path: str, rollout_cfg, lora_rank: int = 8, timeout_s: float = 600.0,
-               sample_temperature: float = 0.7) -> dict:
+               sample_temperature: float = 0.7, page_size: tuple[int, int] | None = None,
+               full_push: bool = True) -> dict:
     """Start one rollout worker and measure parity: greedy on the base weights, after a full push
     and after a LoRA push ("base", "full_push", "lora_push"), and answers sampled at
     `sample_temperature` on the base weights ("base_sampled"). Returns a report dict (with the
-    policy's "family")."""
+    policy's "family").
+
+    The probe is one synthetic page of `page_size` (width, height; default the synthetic letter
+    page). Beside the rollout worker's copy of the weights this process holds one copy (the
+    reference model) and, during the full push, a second (the perturbed weights, also put once in
+    the object store): three copies at the peak, so `full_push=False` skips that measurement
+    where three do not fit (a 3B policy in bf16 on a 24 GiB machine)."""
     from transformers import AutoProcessor
 
     from common.policy_family import load_policy_model, policy_family
@@ -122,7 +130,7 @@ def run_doctor(policy_path: str, rollout_cfg, lora_rank: int = 8, timeout_s: flo
 
     report: dict = {"family": policy_family(policy_path)}  # an unsupported family fails here, before vLLM starts
     work = Path(tempfile.mkdtemp(prefix="docrl-doctor-"))
-    generate_corpus(work / "data", num_documents=2, seed=0, level="realistic", val_fraction=0.5)
+    generate_corpus(work / "data", num_documents=2, seed=0, level="realistic", val_fraction=0.5, page_size=page_size)
     page_file = sorted((work / "data" / "documents").glob("*.png"))[0]
     page = Page("probe/p1", "probe", 1, image_path=str(page_file))
     image = fit_image(page.load_image(), rollout_cfg.max_image_pixels)
@@ -151,12 +159,18 @@ def run_doctor(policy_path: str, rollout_cfg, lora_rank: int = 8, timeout_s: flo
 
     measure("base", model)
     report["base_sampled"] = sampled_parity(group, request, [image], model, processor, sample_temperature)
-    perturbed = perturbed_state_dict(policy_path)
-    t0 = time.perf_counter()
-    group.push_full(perturbed, version=1)
-    report["full_push_seconds"] = time.perf_counter() - t0
-    model = load_policy_model(write_model_copy(policy_path, perturbed, work / "perturbed"), dtype=dtype).eval()
-    measure("full_push", model)
+    if full_push:
+        del model  # the perturbed copy takes its place: never two reference copies at once
+        gc.collect()
+        perturbed = perturbed_state_dict(policy_path)
+        t0 = time.perf_counter()
+        group.push_full(perturbed, version=1)
+        report["full_push_seconds"] = time.perf_counter() - t0
+        reference_dir = write_model_copy(policy_path, perturbed, work / "perturbed")
+        del perturbed
+        gc.collect()
+        model = load_policy_model(reference_dir, dtype=dtype).eval()
+        measure("full_push", model)
     adapter = random_lora_adapter(model, work / "adapter", r=lora_rank)
     t0 = time.perf_counter()
     group.push_lora(str(work / "adapter"), version=2)
