@@ -35,12 +35,13 @@ rollout worker, one learner rank, `rollout.kv_cache_gb: 2`, and LoRA pushed as a
 (`rollout.lora_push: adapter`, the GPU default): the CPU default, merged weights, puts two more
 copies of the full weights on the learner's host at each push.
 
-Measured for each phase: wall time, the peak of the machine's used memory (total - available)
-above what was used before the phase began, and the peak proportional set size (PSS: shared pages
-split between the processes that map them, so the sum is not inflated) of each process kind:
-the CLI driver, each Ray actor class (from its process title), Ray's own daemons. Sampled every
-0.5 s, so a spike shorter than that can be missed. Results go to <workdir>/results.json and a
-markdown table on stdout (benchmarks/RESULTS.md, "Real sizes on CPU").
+Measured for each phase: wall time; the peak of the machine's used memory (total - available:
+what the phase really takes, page cache excluded) above what was used before the phase began;
+and, for each process kind (the CLI driver, each Ray actor class by its process title, Ray's own
+daemons), the peak resident memory (RSS, which counts a memory-mapped checkpoint's pages) and the
+peak resident anonymous memory (what the processes allocated themselves). Sampled every second,
+so a spike shorter than that can be missed. Results go to <workdir>/results.json and a markdown
+table on stdout (benchmarks/RESULTS.md, "Real sizes on CPU").
 """
 
 from __future__ import annotations
@@ -191,21 +192,25 @@ def _kind(proc, root_pid: int) -> str:
                                                                  "monitor.py", "runtime_env", "ray_client")) else name
 
 
-def _rss_anon(pid: int) -> float:
-    """A process's resident anonymous memory in GiB: what it allocated itself, without the shared
-    memory it maps (Ray's object store) or file pages (mapped checkpoints, libraries)."""
+def _rss_and_anon(pid: int) -> tuple[float, float]:
+    """A process's resident memory and the anonymous part of it (what it allocated itself, without
+    Ray's shared object store or file pages such as memory-mapped checkpoints), in GiB, from
+    /proc/PID/status: a constant-time read (PSS would walk the page tables of a 13 GB process,
+    0.13 s a read, and perturb what is measured)."""
+    values = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 2**20
-    return 0.0
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon"):
+                values[key] = int(rest.split()[0]) / 2**20
+    return values.get("VmRSS", 0.0), values.get("RssAnon", 0.0)
 
 
 class MemorySampler:
-    """Every `interval` s: machine memory used above the start, and PSS and resident anonymous
-    memory per process kind in the process tree of `root_pid`; keeps the peaks."""
+    """Every `interval` s: machine memory used above the start, and resident and resident
+    anonymous memory per process kind in the process tree of `root_pid`; keeps the peaks."""
 
-    def __init__(self, root_pid: int, interval: float = 0.5):
+    def __init__(self, root_pid: int, interval: float = 1.0):
         import psutil
 
         self.psutil, self.root_pid, self.interval = psutil, root_pid, interval
@@ -233,12 +238,11 @@ class MemorySampler:
         anon_by_kind: dict[str, float] = {}
         for p in procs:
             try:
-                pss = p.memory_full_info().pss / 2**30
-                anon = _rss_anon(p.pid)
+                rss, anon = _rss_and_anon(p.pid)
                 kind = _kind(p, self.root_pid)
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess, OSError):
                 continue
-            by_kind[kind] = by_kind.get(kind, 0.0) + pss
+            by_kind[kind] = by_kind.get(kind, 0.0) + rss
             anon_by_kind[kind] = anon_by_kind.get(kind, 0.0) + anon
         for kind, gib in by_kind.items():
             self.peak_by_kind[kind] = max(self.peak_by_kind.get(kind, 0.0), gib)
@@ -253,8 +257,8 @@ class MemorySampler:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        return {"peak_used_gib": round(self.peak_used, 2), "peak_tree_pss_gib": round(self.peak_tree, 2),
-                "peak_pss_gib_by_kind": {k: round(v, 2) for k, v in sorted(self.peak_by_kind.items(), key=lambda kv: -kv[1])
+        return {"peak_used_gib": round(self.peak_used, 2), "peak_tree_rss_gib": round(self.peak_tree, 2),
+                "peak_rss_gib_by_kind": {k: round(v, 2) for k, v in sorted(self.peak_by_kind.items(), key=lambda kv: -kv[1])
                                          if v >= 0.05},
                 "peak_anon_gib_by_kind": {k: round(v, 2) for k, v in sorted(self.peak_anon_by_kind.items(),
                                                                             key=lambda kv: -kv[1]) if v >= 0.05}}
@@ -275,7 +279,7 @@ def run_phase(name: str, cmd: list[str], log: Path, timeout_s: float) -> dict:
         memory = sampler.stop()
     result = {"phase": name, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1), **memory}
     print(f"    rc {rc}, {result['wall_s']:.0f} s, peak used +{memory['peak_used_gib']:.1f} GiB, "
-          f"PSS by kind {memory['peak_pss_gib_by_kind']}, anonymous {memory['peak_anon_gib_by_kind']}", flush=True)
+          f"RSS by kind {memory['peak_rss_gib_by_kind']}, anonymous {memory['peak_anon_gib_by_kind']}", flush=True)
     return result
 
 
@@ -343,10 +347,11 @@ def run_pair(name: str, pair: dict, work: Path, phases: list[str], results: list
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| pair | phase | rc | wall s | peak used above start GiB | peak PSS by process kind GiB |",
+    lines = ["| pair | phase | rc | wall s | peak used above start GiB | peak RSS (anonymous) by process kind GiB |",
              "|---|---|---|---:|---:|---|"]
     for r in results:
-        kinds = ", ".join(f"{k} {v:.1f}" for k, v in list(r["peak_pss_gib_by_kind"].items())[:4])
+        anon = r["peak_anon_gib_by_kind"]
+        kinds = ", ".join(f"{k} {v:.1f} ({anon.get(k, 0.0):.1f})" for k, v in list(r["peak_rss_gib_by_kind"].items())[:3])
         lines.append(f"| {r['pair']} | {r['phase'].split(' ', 1)[1]} | {r['rc']} | {r['wall_s']:.0f} | "
                      f"{r['peak_used_gib']:.1f} | {kinds} |")
     return "\n".join(lines)
