@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_real_size.py                        # both pairs, every phase
     .venv/bin/python benchmarks/bench_real_size.py --pair qwen2_vl --phases build,doctor
     .venv/bin/python benchmarks/bench_real_size.py --workdir /tmp/realsize --keep   # keep the builds
+    .venv/bin/python benchmarks/bench_real_size.py --pair qwen2_5_vl --phases build,train \
+        --set rollout.max_image_pixels=802816                               # try another setting
 
 Two pairs, each a preset of configs/:
 
@@ -304,7 +306,8 @@ def overrides(pair: dict, work: Path, policy: Path, retriever: Path) -> list[str
     ]
 
 
-def run_pair(name: str, pair: dict, work: Path, phases: list[str], results: list[dict], smoke: bool = False) -> None:
+def run_pair(name: str, pair: dict, work: Path, phases: list[str], results: list[dict], smoke: bool = False,
+             extra: list[str] = ()) -> None:
     from docvqa.synthetic import generate_corpus
 
     work.mkdir(parents=True, exist_ok=True)
@@ -313,7 +316,7 @@ def run_pair(name: str, pair: dict, work: Path, phases: list[str], results: list
         generate_corpus(work / "data", num_documents=3, seed=0, level="realistic", val_fraction=0.34,
                         page_size=PAGE_SIZE, questions_per_document=2)
     docrl = [str(ROOT / ".venv" / "bin" / "docrl")]
-    cli = ["--config", str(ROOT / pair["preset"]), *overrides(pair, work, policy, retriever)]
+    cli = ["--config", str(ROOT / pair["preset"]), *overrides(pair, work, policy, retriever), *extra]
     py = [sys.executable, __file__] + (["--smoke"] if smoke else [])
 
     def record(phase: str, cmd: list[str], timeout_s: float = 7200) -> dict:
@@ -363,6 +366,9 @@ def main() -> int:
     ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
     ap.add_argument("--workdir", default="/tmp/docrl-real-size")
     ap.add_argument("--keep", action="store_true", help="keep the built models (several GB each)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more config override for every docrl command, after the benchmark's own "
+                         "(repeatable), e.g. rollout.max_image_pixels=802816 to try 1,024-token pages")
     ap.add_argument("--build", help=argparse.SUPPRESS)  # internal: build one model in this process
     ap.add_argument("--family", help=argparse.SUPPRESS)
     ap.add_argument("--kind", help=argparse.SUPPRESS)
@@ -381,7 +387,7 @@ def main() -> int:
     work = Path(args.workdir)
     results: list[dict] = []
     for name in (PAIRS if args.pair == "both" else [args.pair]):
-        run_pair(name, PAIRS[name], work / name, phases, results, smoke=args.smoke)
+        run_pair(name, PAIRS[name], work / name, phases, results, smoke=args.smoke, extra=args.set)
         if not args.keep and "build" in phases:
             for d in (work / name).glob("policy"), (work / name).glob("retriever-*"):
                 for path in d:
