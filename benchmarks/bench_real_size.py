@@ -141,7 +141,7 @@ def build(out: Path, family: str, dims: dict, kind: str, seed: int) -> None:
     ForConditionalGeneration), "colqwen2_5" (colpali-engine's ColQwen2_5) or "gme" (a Qwen2-VL
     checkpoint plus GME's page token bounds)."""
     import torch
-    from transformers import Qwen2VLProcessor
+    from transformers import AutoTokenizer, Qwen2VLProcessor
     from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     from common.policy_family import policy_classes
@@ -161,16 +161,16 @@ def build(out: Path, family: str, dims: dict, kind: str, seed: int) -> None:
     else:  # gme
         from transformers import Qwen2VLForConditionalGeneration as model_cls
 
+        from retriever.gme import MAX_IMAGE_TOKENS, MIN_IMAGE_TOKENS
+
         processor_cls = Qwen2VLProcessor
-        config.min_image_tokens, config.max_image_tokens = 256, 1280
+        config.min_image_tokens, config.max_image_tokens = MIN_IMAGE_TOKENS, MAX_IMAGE_TOKENS
     model = model_cls._from_config(config, dtype=torch.bfloat16)
     _seeded_init(model, seed)
     if getattr(model, "generation_config", None) is not None:  # a generative model (not ColQwen2.5)
         model.generation_config.eos_token_id = [special_ids["<|im_end|>"], special_ids["<|endoftext|>"]]
         model.generation_config.pad_token_id = special_ids["<|endoftext|>"]
     model.save_pretrained(out)
-    from transformers import AutoTokenizer
-
     processor = processor_cls(image_processor=Qwen2VLImageProcessor(),  # the hub bounds: 3,136-12,845,056 pixels
                               tokenizer=AutoTokenizer.from_pretrained(out), video_processor=Qwen2VLVideoProcessor(),
                               chat_template=QWEN2_VL_CHAT_TEMPLATE)
@@ -288,7 +288,7 @@ def run_phase(name: str, cmd: list[str], log: Path, timeout_s: float) -> dict:
 # -- the phases --------------------------------------------------------------------------------
 
 
-def overrides(pair: dict, work: Path, policy: Path, retriever: Path) -> list[str]:
+def overrides(work: Path, policy: Path, retriever: Path) -> list[str]:
     """The preset cut to one 2-core machine (module docstring): cluster size and paths only."""
     return [
         f"run.output_dir={work / 'run'}", f"run.models_dir={work / 'tiny'}",
@@ -316,7 +316,7 @@ def run_pair(name: str, pair: dict, work: Path, phases: list[str], results: list
         generate_corpus(work / "data", num_documents=3, seed=0, level="realistic", val_fraction=0.34,
                         page_size=PAGE_SIZE, questions_per_document=2)
     docrl = [str(ROOT / ".venv" / "bin" / "docrl")]
-    cli = ["--config", str(ROOT / pair["preset"]), *overrides(pair, work, policy, retriever), *extra]
+    cli = ["--config", str(ROOT / pair["preset"]), *overrides(work, policy, retriever), *extra]
     py = [sys.executable, __file__] + (["--smoke"] if smoke else [])
 
     def record(phase: str, cmd: list[str], timeout_s: float = 7200) -> dict:

@@ -24,7 +24,7 @@ def _retie_word_embeddings(model) -> None:
     let it redo its post-load step (on CPU, repacking the new values; elsewhere nothing)."""
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
-    config = model.config if hasattr(model, "config") else None
+    config = getattr(model, "config", None)
     text_config = config.get_text_config() if config is not None else None
     if not (getattr(config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False)):
         return
