@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--num-documents", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--level", default="realistic", choices=["realistic", "easy"])
+    p.add_argument("--level", default="realistic", choices=["realistic", "easy", "sections"])
     p.set_defaults(func=cmd_make_synthetic)
 
     p = sub.add_parser("demo", help="retrieve pages and answer a few questions with vLLM on Ray")

@@ -112,6 +112,9 @@ class DocRLConfig(Section):
                 f"retriever.top_k={self.retriever.top_k} pages exceed rollout.max_images_per_prompt="
                 f"{self.rollout.max_images_per_prompt} and rollout.on_too_many_images is 'refuse'"
             )
+        if self.retriever.use_gold_page and self.retriever.warm_start.steps:
+            errors.append("retriever.warm_start.steps trains the retriever, but retriever.use_gold_page=true skips "
+                          "retrieval: set one of them off")
         for key, name, role in (("learner.policy", self.learner.policy, "policy"),
                                 ("retriever.model", self.retriever.model, "retriever")):
             if name.startswith("tiny-"):

@@ -68,8 +68,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def training_summary(rows: Sequence[Mapping]) -> dict:
     """The headline of a run from its metric rows: held-out evaluation before RL (after any warm
-    start) and at the end, the RL gain between them, and the warm start's own before/after, so a
-    reader can tell what the supervised warm start did from what RL did."""
+    start) and at the end, the RL gain between them, and the warm starts' own before/after (the
+    policy's and the retriever's), so a reader can tell what the warm starts did from what RL did."""
     evals = [r for r in rows if r.get("eval/anls") is not None]
     steps = [r for r in rows if r.get("reward/mean") is not None]
     warm = next((r for r in rows if r.get("warm_start/loss_last") is not None), {})
@@ -78,8 +78,17 @@ def training_summary(rows: Sequence[Mapping]) -> dict:
         out["warm_start"] = {k.split("/", 1)[1]: warm[k] for k in warm if k.startswith("warm_start/")}
         if warm.get("warm_start/eval_anls_after") is not None and warm.get("warm_start/eval_anls_before") is not None:
             out["anls_warm_start_gain"] = warm["warm_start/eval_anls_after"] - warm["warm_start/eval_anls_before"]
+    retriever = next((r for r in rows if r.get("retriever_warm_start/loss_last") is not None), {})
+    if retriever:
+        out["retriever_warm_start"] = {k.split("/", 1)[1]: v for k, v in retriever.items()
+                                       if k.startswith("retriever_warm_start/")}
     if evals:
         first, last = evals[0], evals[-1]
+        # the retriever is not trained by RL: its recall before and after says what RL was shown
+        for key in sorted(k for k in first if k.startswith("eval/retrieval_recall@")):
+            if last.get(key) is not None:
+                name = key.split("/", 1)[1]
+                out[f"{name}_before_rl"], out[f"{name}_after_rl"] = first[key], last[key]
         for key in ("eval/anls", "eval/exact_match"):
             if first.get(key) is not None and last.get(key) is not None:
                 name = key.split("/", 1)[1]

@@ -153,6 +153,19 @@ def heldout_metrics(scored: ScoredRollouts, prefix: str = "eval/") -> dict[str, 
     return out
 
 
+def needs_build(model_dir: Path, summary_file: Path, stamp: Path, built_from: dict, what: str) -> bool:
+    """Whether a warm start must (re)build `model_dir`: it has no summary yet, or `stamp` says it
+    was built from something else than `built_from` (then the old model is deleted)."""
+    if summary_file.exists():
+        before = json.loads(stamp.read_text()) if stamp.exists() else {}
+        changed = sorted(k for k in built_from if before.get(k) != built_from[k])
+        if not changed:
+            return False
+        log.warning("%s: rebuilding %s: what it was built from changed (%s)", what, model_dir, ", ".join(changed))
+        shutil.rmtree(model_dir)
+    return True
+
+
 class RunDirectoryInUse(ValueError):
     """`run.output_dir` holds another run's logs or checkpoints and the run is not a resume."""
 
@@ -233,6 +246,8 @@ class Trainer:
                  (self.out / "logs").resolve())
         self.metrics = MetricsLogger(self.out / "logs", tags={"run": cfg.run.name}, append=resume)
         timeout = cfg.ray.actor_start_timeout_s
+        if cfg.retriever.warm_start.steps:
+            retriever_model = self.retriever_warm_start(retriever_model)
         if cfg.trainer.warm_start.steps:
             policy = self.warm_start(policy)
         self.policy_path = policy
@@ -281,13 +296,7 @@ class Trainer:
             "learner": cfg.learner.model_dump(mode="json", include={"dtype", "lora", "freeze_vision_tower"}),
             "prompt": cfg.rollout.model_dump(mode="json", include={"system_prompt", "instruction", "max_image_pixels"}),
         }
-        if summary_file.exists():
-            before = json.loads(stamp.read_text()) if stamp.exists() else {}
-            changed = sorted(k for k in built_from if before.get(k) != built_from[k])
-            if changed:
-                log.warning("warm start: rebuilding %s: what it was built from changed (%s)", out, ", ".join(changed))
-                shutil.rmtree(out)
-        if not summary_file.exists():
+        if needs_build(out, summary_file, stamp, built_from, "warm start"):
             settings = SFTSettings(ws.steps, ws.batch_size, ws.learning_rate, seed=cfg.run.seed, dtype=cfg.learner.dtype,
                                    lora=cfg.learner.lora, freeze_vision_tower=cfg.learner.freeze_vision_tower)
             log.info("warm start: %d supervised steps on %d training questions", ws.steps, len(samples))
@@ -309,12 +318,60 @@ class Trainer:
                  summary["loss_last"], summary.get("eval_anls_before"), summary.get("eval_anls_after"))
         return str(out)
 
+    def retriever_warm_start(self, retriever_model: str) -> str:
+        """Train the retriever once (retriever/finetune.py; a Ray task with the retriever's
+        resources, before the roles reserve theirs); later runs and resumes reuse its model."""
+        import ray
+
+        from docvqa.data import files_fingerprint
+        from retriever.finetune import SUMMARY_FILE, finetune_retriever
+
+        cfg = self.cfg
+        ws = cfg.retriever.warm_start
+        out = self.out / "retriever_warm_start" / "model"
+        summary_file = out / SUMMARY_FILE
+        stamp = self.out / "retriever_warm_start" / "built_from.json"
+        samples = list(self.train_set.samples)
+        random.Random(f"{cfg.run.seed}-retriever-warm-start").shuffle(samples)
+        samples = samples[: max(1, int(len(samples) * ws.fraction))]
+        built_from = {
+            "base_retriever": files_fingerprint(retriever_model), "warm_start": ws.model_dump(mode="json"),
+            "seed": cfg.run.seed, "scope": cfg.retriever.scope,
+            "questions": hashlib.sha256("\n".join(q.question_id for q in samples).encode()).hexdigest(),
+        }
+        if needs_build(out, summary_file, stamp, built_from, "retriever warm start"):
+            log.info("retriever warm start: %d contrastive steps on %d training questions", ws.steps, len(samples))
+            task = ray.remote(num_cpus=cfg.retriever.num_cpus_per_actor,
+                              num_gpus=cfg.retriever.num_gpus_per_actor)(finetune_retriever)
+            eval_samples = self.eval_set.samples[: ws.max_eval_questions]
+            # negatives come from the training documents; recall is measured on the held-out ones
+            train_docs = {q.doc_id for q in self.train_set.samples}
+            eval_docs = {q.doc_id for q in eval_samples}
+            pages = {pid: p for pid, p in self.corpus.pages.items() if p.doc_id in train_docs}
+            eval_pages = {pid: p for pid, p in self.corpus.pages.items() if p.doc_id in eval_docs}
+            ref = task.remote(retriever_model, str(out), samples, pages, ws, cfg.retriever.scope, cfg.run.seed,
+                              eval_samples, eval_pages)
+            get_with_timeout(ref, cfg.ray.actor_start_timeout_s + 10 * ws.steps, "the retriever warm start (retriever/finetune.py)")
+            stamp.write_text(json.dumps(built_from, indent=1, sort_keys=True))
+        summary = json.loads(summary_file.read_text())
+        self.metrics.log(0, {"retriever_warm_start/loss_first": summary["loss_first"],
+                             "retriever_warm_start/loss_last": summary["loss_last"],
+                             "retriever_warm_start/seconds": summary["seconds"],
+                             "retriever_warm_start/eval_recall@1_before": summary["eval_recall@1_before"],
+                             "retriever_warm_start/eval_recall@1_after": summary["eval_recall@1_after"]})
+        log.info("retriever warm start: loss %.3f -> %.3f; held-out recall@1 (%s) %.3f -> %.3f", summary["loss_first"],
+                 summary["loss_last"], summary["scope"], summary["eval_recall@1_before"], summary["eval_recall@1_after"])
+        return str(out)
+
     # -- the pieces of a step ------------------------------------------------------------------
 
     def pages_for(self, questions: list[DocVQASample]) -> list[tuple[str, ...]]:
         if self.retriever is None:
             return [(q.gold_page,) for q in questions]
-        hits = self.retriever.search([q.question for q in questions], self.cfg.retriever.top_k)
+        among = None
+        if self.cfg.retriever.scope == "document":
+            among = [q.doc_pages for q in questions]
+        hits = self.retriever.search([q.question for q in questions], self.cfg.retriever.top_k, among)
         return [tuple(pid for pid, _ in h) for h in hits]
 
     def rollout_and_score(self, questions: list[DocVQASample], sampling, seed_key: str) -> ScoredRollouts:

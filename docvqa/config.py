@@ -14,7 +14,7 @@ class SyntheticConfig(Section):
 
     num_documents: int = Field(40, ge=2)
     seed: int = 0
-    level: Literal["easy", "realistic"] = "realistic"
+    level: Literal["easy", "realistic", "sections"] = "realistic"
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     questions_per_document: int = Field(3, ge=1)
 

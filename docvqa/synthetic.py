@@ -34,6 +34,12 @@ Levels:
                a tiny model (the plate's colour is a cue a random vision tower picks up in
                minutes), so a short run on 2 CPU cores can show its reward going up. It tests the
                plumbing (page -> answer -> reward -> update), not reading.
+  "sections"   documents of SECTION_PAGES 224x224 pages, each a section of another kind (invoice,
+               letter, receipt, form, table: the kind's name on a banner of its own colour) with
+               its own colour word on a plate. A question names a section ("What word is printed on
+               the letter page?"), so only one page of the document answers it: the level where
+               retrieval decides what the policy reads (configs/tiny-retrieval.yaml). Searched
+               within the question's document (retriever.scope: document), as in MP-DocVQA.
 
 Determinism: the same arguments give byte-identical files on any machine with the same Pillow and
 zlib. Every document draws from its own `random.Random` seeded with a string (string seeds hash
@@ -79,6 +85,8 @@ __all__ = [
     "QuestionPlan",
     "REALISTIC_KINDS",
     "RectOp",
+    "SECTION_KINDS",
+    "SECTION_PAGES",
     "TextOp",
     "generate_corpus",
     "generate_pdf",
@@ -90,9 +98,9 @@ __all__ = [
 DATASET_NAME = "docrl-synthetic"
 DATASET_VERSION = "1.0"
 SPLITS = ("train", "val")
-LEVELS = ("realistic", "easy")
+LEVELS = ("realistic", "easy", "sections")
 REALISTIC_KINDS = ("invoice", "letter", "form", "table", "receipt")
-DEFAULT_PAGE_SIZE = {"realistic": (612, 792), "easy": (224, 224)}
+DEFAULT_PAGE_SIZE = {"realistic": (612, 792), "easy": (224, 224), "sections": (224, 224)}
 
 # Small on purpose: the easy level exists so a tiny policy can learn it within a short RL run.
 EASY_VOCAB = ("red", "blue", "green", "yellow", "black", "pink", "orange", "purple")
@@ -108,6 +116,17 @@ EASY_QUESTIONS = (
 )
 # Small-print clutter on easy pages; disjoint from EASY_VOCAB so the answer stays unambiguous.
 _EASY_DISTRACTORS = ("draft", "copy", "file", "memo", "ref.", "no.", "rev.", "page", "scan", "form")
+# The sections level: a document's pages are sections of these kinds (words the tiny models'
+# tokenizer holds whole), each under a banner of its own colour, none of them a plate colour.
+SECTION_KINDS = ("invoice", "letter", "receipt", "form", "table")
+SECTION_COLORS: dict[str, Color] = {"invoice": (0, 118, 118), "letter": (125, 80, 40), "receipt": (100, 100, 100),
+                                    "form": (105, 115, 20), "table": (120, 20, 60)}
+SECTION_PAGES = 4
+SECTION_QUESTIONS = (
+    "What word is printed on the {kind} page?",
+    "Which word is shown in large letters on the {kind} page?",
+    "What does the large text on the {kind} page say?",
+)
 # PDF metadata dates are pinned so PDFs made from the same pages are byte-identical too.
 _PDF_DATE = time.struct_time((2000, 1, 1, 0, 0, 0, 5, 1, 0))
 
@@ -130,14 +149,40 @@ def _plan_realistic(rng: random.Random, index: int, kind: str, page_size: tuple[
     return DocumentPlan(doc_id, kind, "realistic", page_size, pages, select(rng, cands, k))
 
 
+def _specks(rng: random.Random, W: int, H: int) -> list[Op]:
+    """Grey dots, like a scanned page."""
+    ops: list[Op] = []
+    for _ in range(rng.randint(8, 30)):
+        x, y, s, g = rng.randrange(W), rng.randrange(H), rng.randint(1, 2), rng.randint(120, 200)
+        ops.append(RectOp(x, y, min(W - 1, x + s), min(H - 1, y + s), None, (g, g, g), 1))
+    return ops
+
+
+def _word_plate(rng: random.Random, word: str, W: int, top: int, height: int, scale: int) -> list[Op]:
+    """`word` in large letters (17-23% of `scale` pixels) on a plate of its colour, near the middle
+    of the band of the page from `top` down `height` pixels (jittered, inside the page)."""
+    size = rng.randint(int(scale * 0.17), int(scale * 0.23))
+    while size > 8 and text_width(word, size, True) > W * 0.8:
+        size -= 1
+    bb = font(size).getbbox(word)
+    w, h = bb[2] - bb[0] + 1, bb[3] - bb[1]
+    jx, jy = int(W * 0.06), int(height * 0.08)
+    x = (W - w) // 2 - bb[0] + rng.randint(-jx, jx)
+    x = max(2 - bb[0], min(x, W - 2 - w - bb[0]))
+    y = top + (height - h) // 2 - bb[1] + rng.randint(-jy, jy)
+    plate = tuple(max(0, min(255, c + rng.randint(-12, 12))) for c in EASY_COLORS[word])
+    padx, pady = max(3, size // 3), max(3, size // 2)
+    ink = (255, 255, 255) if sum(plate) < 420 else (0, 0, 0)
+    return [RectOp(max(0, x + bb[0] - padx), max(0, y + bb[1] - pady), min(W - 1, x + bb[2] + padx),
+                   min(top + height - 1, y + bb[3] + pady), None, plate, 0),
+            TextOp(x, y, word, size, rng.random() < 0.5, ink)]
+
+
 def _plan_easy(rng: random.Random, index: int, page_size: tuple[int, int]) -> DocumentPlan:
     doc_id = _doc_id(rng, index)
     W, H = page_size
     word = rng.choice(EASY_VOCAB)
-    ops: list[Op] = []
-    for _ in range(rng.randint(8, 30)):  # specks, like a scanned page
-        x, y, s, g = rng.randrange(W), rng.randrange(H), rng.randint(1, 2), rng.randint(120, 200)
-        ops.append(RectOp(x, y, min(W - 1, x + s), min(H - 1, y + s), None, (g, g, g), 1))
+    ops = _specks(rng, W, H)
     small = max(6, round(min(W, H) * 0.045))
     for corner in rng.sample(range(4), rng.randint(1, 3)):
         t = rng.choice(_EASY_DISTRACTORS) + (f" {rng.randint(1, 99)}" if rng.random() < 0.5 else "")
@@ -145,24 +190,40 @@ def _plan_easy(rng: random.Random, index: int, page_size: tuple[int, int]) -> Do
         x = 6 if corner in (0, 2) else int(W - 6 - tw)
         y = 5 if corner in (0, 1) else H - small - 8
         ops.append(TextOp(x, y, t, small, False, (130, 130, 130)))
-    size = rng.randint(int(min(W, H) * 0.17), int(min(W, H) * 0.23))
-    while size > 8 and text_width(word, size, True) > W * 0.8:
-        size -= 1
-    bb = font(size).getbbox(word)
-    w, h = bb[2] - bb[0] + 1, bb[3] - bb[1]
-    jx, jy = int(W * 0.06), int(H * 0.08)
-    x = (W - w) // 2 - bb[0] + rng.randint(-jx, jx)
-    x = max(2 - bb[0], min(x, W - 2 - w - bb[0]))
-    y = (H - h) // 2 - bb[1] + rng.randint(-jy, jy)
-    plate = tuple(max(0, min(255, c + rng.randint(-12, 12))) for c in EASY_COLORS[word])
-    padx, pady = max(3, size // 3), max(3, size // 2)
-    ops.append(RectOp(max(0, x + bb[0] - padx), max(0, y + bb[1] - pady), min(W - 1, x + bb[2] + padx),
-                      min(H - 1, y + bb[3] + pady), None, plate, 0))
-    ink = (255, 255, 255) if sum(plate) < 420 else (0, 0, 0)
-    ops.append(TextOp(x, y, word, size, rng.random() < 0.5, ink))
+    ops += _word_plate(rng, word, W, 0, H, min(W, H))
     page = PagePlan(1, ops)
     q = QuestionPlan(rng.choice(EASY_QUESTIONS), [word], ["layout"], 0)
     return DocumentPlan(doc_id, "word", "easy", page_size, [page], [q])
+
+
+def _plan_sections(rng: random.Random, index: int, page_size: tuple[int, int], k: int) -> DocumentPlan:
+    """SECTION_PAGES pages, each a section of another kind: a banner in the kind's colour with its
+    name (INVOICE, LETTER, ...) above a colour word on its plate, every word another one. Each of
+    the `k` questions names a section and asks for its word, so only the named page answers it."""
+    doc_id = _doc_id(rng, index)
+    W, H = page_size
+    kinds = rng.sample(SECTION_KINDS, SECTION_PAGES)
+    words = rng.sample(EASY_VOCAB, SECTION_PAGES)
+    banner = int(H * 0.22)
+    small = max(6, round(min(W, H) * 0.045))
+    pages = []
+    for page_no, (kind, word) in enumerate(zip(kinds, words), start=1):
+        ops = _specks(rng, W, H)
+        ops.append(RectOp(0, 0, W - 1, banner, None, SECTION_COLORS[kind], 0))
+        title = kind.upper()
+        size = int(banner * 0.55)
+        while size > 8 and text_width(title, size, True) > W * 0.85:
+            size -= 1
+        bb = font(size).getbbox(title)
+        ops.append(TextOp((W - (bb[2] - bb[0])) // 2 - bb[0], (banner - (bb[3] - bb[1])) // 2 - bb[1], title,
+                          size, True, WHITE))
+        ops += _word_plate(rng, word, W, banner + 4, H - banner - small - 14, min(W, H))
+        footer = f"page {page_no} of {SECTION_PAGES}"
+        ops.append(TextOp(int(W - 6 - text_width(footer, small)), H - small - 8, footer, small, False, (130, 130, 130)))
+        pages.append(PagePlan(page_no, ops))
+    questions = [QuestionPlan(rng.choice(SECTION_QUESTIONS).format(kind=kinds[i]), [words[i]], ["layout"], i)
+                 for i in sorted(rng.sample(range(SECTION_PAGES), min(k, SECTION_PAGES)))]
+    return DocumentPlan(doc_id, "sections", "sections", page_size, pages, questions)
 
 
 def _check_bounds(plan: DocumentPlan) -> None:
@@ -207,6 +268,8 @@ def plan_documents(num_documents: int, seed: int = 0, level: str = "realistic",
         rng = random.Random(f"docrl-synthetic:{level}:{seed}:{i}")
         if level == "easy":
             plan = _plan_easy(rng, i, size)
+        elif level == "sections":
+            plan = _plan_sections(rng, i, size, questions_per_document)
         else:
             if not deck:
                 deck = list(REALISTIC_KINDS)
@@ -271,7 +334,8 @@ def generate_corpus(out_dir: str | Path, num_documents: int = 20, seed: int = 0,
 
     Both JSON files are always written (a split can be empty). Files already in `out_dir` with other
     names are left alone; same-named files are overwritten. The easy level writes one question per
-    document whatever `questions_per_document` says: all its phrasings ask the same thing.
+    document whatever `questions_per_document` says: all its phrasings ask the same thing. The
+    sections level asks about at most SECTION_PAGES pages, each once.
     """
     if not 0.0 <= val_fraction <= 1.0:
         raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")

@@ -81,7 +81,8 @@ class RetrieverActor:
     def delete_pages(self, page_ids: list[str]) -> list[str]:
         return self.index.delete(page_ids)
 
-    def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
+    def search(self, queries: list[str], k: int,
+               candidates: list[list[str]] | None = None) -> list[list[tuple[str, float]]]:
         vectors = self.encoder.embed_queries(queries, batch_size=self.cfg.query_batch_size)
         return self.index.search(vectors, k, dtype=self.search_dtype, method=self.cfg.search_method(len(self.index)),
-                                 shortlist=self.cfg.shortlist)
+                                 shortlist=self.cfg.shortlist, candidates=candidates)

@@ -9,6 +9,25 @@ from pydantic import Field
 from common.schema import Section
 
 
+class RetrieverWarmStartConfig(Section):
+    """Contrastive warm start of a multi-vector retriever before RL (retriever/finetune.py), on the
+    (question, gold page) pairs of the first `fraction` of the shuffled training questions; the
+    evaluation questions only measure it (held-out recall@1 before and after)."""
+
+    steps: int = Field(0, ge=0)  # 0: none, the index is built with retriever.model as it is
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(5e-5, gt=0.0)  # for a pretrained retriever; the tiny preset sets its own
+    negatives: int = Field(3, ge=1)  # per question: its document's other pages first, then other documents'
+    temperature: float = Field(0.02, gt=0.0)
+    # "embeddings": only the token embeddings and the output projection learn. A random tiny
+    # retriever needs it: with every weight free, MaxSim falls into a state where each question
+    # token's best match on every page is the same prompt token, and no gradient leaves it.
+    trainable: Literal["all", "embeddings"] = "all"
+    smooth_max: bool = False  # train with a log-sum-exp over page tokens (every token gets gradient)
+    max_eval_questions: int = Field(64, ge=0)
+
+
 class RetrieverConfig(Section):
     model: str = "tiny"  # "tiny" (built locally), a local path, or a hub id such as vidore/colqwen2-v1.0
     # the family (retriever.encoder.FAMILIES): multi-vector colqwen2, colqwen2_5, colpali; single-vector
@@ -18,6 +37,11 @@ class RetrieverConfig(Section):
     index_dir: str | None = None  # default <run.output_dir>/index
     top_k: int = Field(1, ge=1)
     use_gold_page: bool = False  # ablation: hand the policy the gold page instead of retrieving
+    # corpus: search every page. document: only the pages of the question's own document (the
+    # multi-page DocVQA setting, where a question comes with its document); recall@k then says
+    # whether the right page of that document was among the k shown.
+    scope: Literal["corpus", "document"] = "corpus"
+    warm_start: RetrieverWarmStartConfig = RetrieverWarmStartConfig()
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
     num_cpus_per_actor: float = Field(1.0, gt=0.0)

@@ -310,11 +310,15 @@ class RetrieverGroup:
             write_manifest(self.index_dir, self.manifest)
         return removed
 
-    def search(self, queries: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
-        """Top-k (page id, score) per query over the whole corpus; k > corpus size gives the corpus."""
+    def search(self, queries: Sequence[str], k: int,
+               candidates: Sequence[Sequence[str]] | None = None) -> list[list[tuple[str, float]]]:
+        """Top-k (page id, score) per query over the whole corpus, or over `candidates[i]` for query
+        i (its document's pages: `retriever.scope: document`); k > the pages searched gives them all."""
         for i, q in enumerate(queries):
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"query #{i} is empty: a retrieval query needs text")
+        if candidates is not None and len(candidates) != len(queries):
+            raise ValueError(f"{len(candidates)} candidate lists for {len(queries)} queries")
         live = [a for a, n in zip(self.actors, self.shard_sizes) if n > 0]
         if not live:
             raise ValueError("the page index is empty")
@@ -322,7 +326,8 @@ class RetrieverGroup:
         bs = self.cfg.query_batch_size
         for i in range(0, len(queries), bs):
             batch = list(queries[i:i + bs])
-            per_shard = self._get([a.search.remote(batch, k) for a in live], f"searching {len(batch)} queries")
+            among = None if candidates is None else [list(c) for c in candidates[i:i + bs]]
+            per_shard = self._get([a.search.remote(batch, k, among) for a in live], f"searching {len(batch)} queries")
             results += merge_topk(per_shard, k)
         return results
 

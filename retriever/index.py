@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from retriever.maxsim import maxsim_packed, pack_pages, rerank_shortlist, topk_pages
+from retriever.maxsim import maxsim_packed, maxsim_scores, pack_pages, rerank_shortlist, topk_pages
 from retriever.pooling import Pooling, pool_tokens
 
 FORMAT = "docrl-page-index"
@@ -256,6 +256,7 @@ class PageIndex:
         self.meta: dict[str, dict] = {}
         self._blocks: list[_Block] = []
         self._rows: list[tuple[int, int]] = []  # (block, row) of each live page, in page order
+        self._position: dict[str, int] = {}  # page id -> its index in page_ids
 
     def __len__(self) -> int:
         return len(self.page_ids)
@@ -308,6 +309,7 @@ class PageIndex:
         self._blocks.append(block)
         for row, m in zip(np.flatnonzero(block.live).tolist(), live_meta):
             pid = block.page_ids[row]
+            self._position[pid] = len(self.page_ids)
             self.page_ids.append(pid)
             self._rows.append((number, row))
             self.meta[pid] = dict(m)
@@ -327,6 +329,7 @@ class PageIndex:
                     self._rows.append((number, row))
             for pid in drop:
                 del self.meta[pid]
+            self._position = {pid: i for i, pid in enumerate(self.page_ids)}
         return sorted(drop)
 
     def check_compatible(self, encoder_settings: dict, where: str = "") -> None:
@@ -347,8 +350,13 @@ class PageIndex:
                                  f"its own model ({'; '.join(diffs)})")
 
     def search(self, queries: Sequence[Tensor], k: int, dtype: torch.dtype = torch.float32,
-               method: str = "exact", shortlist: int = 1024) -> list[list[tuple[str, float]]]:
+               method: str = "exact", shortlist: int = 1024,
+               candidates: Sequence[Sequence[str]] | None = None) -> list[list[tuple[str, float]]]:
         """Top-k (page id, score) per query; scores and order are always exact fp32 MaxSim's.
+
+        `candidates[i]`: search query i among these page ids only (the pages of its document,
+        `retriever.scope: document`), scored exactly; ids this index does not hold are ignored, so
+        every shard of a sharded index can be handed the same lists. Otherwise every page is searched:
 
         "exact" scores every page in `dtype`; in bf16 each query's best max(32, k) pages are then
         re-scored in fp32. "two_stage" scores the pooled vectors in `dtype` and re-scores each
@@ -360,6 +368,8 @@ class PageIndex:
         if method not in SEARCH_METHODS:
             raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {method!r}")
         queries = list(queries)
+        if candidates is not None:
+            return self._search_among(queries, k, candidates)
         if method == "two_stage" and not self.single_vector:
             first = self._scan(queries, dtype, pooled=True)
             shortlist = max(shortlist, k)
@@ -370,6 +380,21 @@ class PageIndex:
             if dtype != torch.float32:
                 scores = rerank_shortlist(scores, queries, self.vectors, max(BF16_RESCORED_PAGES, k))
         return topk_pages(scores, self.page_ids, min(k, len(self.page_ids)))
+
+    def _search_among(self, queries: list[Tensor], k: int,
+                      candidates: Sequence[Sequence[str]]) -> list[list[tuple[str, float]]]:
+        if len(candidates) != len(queries):
+            raise ValueError(f"{len(candidates)} candidate lists for {len(queries)} queries")
+        results = []
+        for query, ids in zip(queries, candidates):
+            # in page order, so ties break as in a search of every page (and across shards)
+            rows = sorted({self._position[pid] for pid in ids if pid in self._position})
+            if not rows:
+                results.append([])
+                continue
+            scores = maxsim_scores([query], None, [self.vectors[r] for r in rows], None)
+            results += topk_pages(scores, [self.page_ids[r] for r in rows], min(k, len(rows)))
+        return results
 
     def _prefetch(self, pages: Sequence[int]) -> None:
         by_block: dict[int, list[int]] = {}

@@ -53,6 +53,33 @@ def test_k_larger_than_corpus_returns_corpus_and_bad_input_is_refused():
         index.add(["new"], [torch.ones(2, 4)])
 
 
+def _maxsim(query, page) -> float:
+    """Straightforward MaxSim: for each query token its best page token's dot product, summed."""
+    return sum(max(float(q @ t) for t in page) for q in query)
+
+
+def test_search_among_candidates_scores_only_them_exactly():
+    index = _random_index(n=12)
+    index.delete(["d1/p2"])  # positions shift after a delete
+    queries = _queries(n=3)
+    candidates = [["d2/p3", "d0/p1", "d2/p1"], ["d1/p1", "d1/p2", "d1/p3", "elsewhere/p9"], []]
+    got = index.search(queries, k=2, candidates=candidates)
+    vectors = dict(zip(index.page_ids, index.vectors))
+    for query, ids, hits in zip(queries, candidates, got):
+        held = [pid for pid in ids if pid in vectors]  # d1/p2 was deleted, elsewhere/p9 never existed
+        expected = sorted(((pid, _maxsim(query, vectors[pid])) for pid in held), key=lambda x: -x[1])[:2]
+        assert [pid for pid, _ in hits] == [pid for pid, _ in expected]
+        assert [s for _, s in hits] == pytest.approx([s for _, s in expected], abs=1e-5)
+    assert got[2] == []
+    # k above the candidates gives them all; ties break by page order, as a search of every page does
+    twin = PageIndex(SETTINGS)
+    v = torch.nn.functional.normalize(torch.ones(2, 8), dim=-1)
+    twin.add(["a/p1", "a/p2", "a/p3"], [v, v, -v])
+    assert [p for p, _ in twin.search([v], k=5, candidates=[["a/p3", "a/p2", "a/p1"]])[0]] == ["a/p1", "a/p2", "a/p3"]
+    with pytest.raises(ValueError, match="2 candidate lists for 1 queries"):
+        twin.search([v], k=1, candidates=[["a/p1"], ["a/p2"]])
+
+
 def test_shard_loading_and_compaction(tmp_path):
     index = _random_index()
     save_index(index, tmp_path / "idx")
@@ -168,6 +195,15 @@ def test_sharded_group_equals_single_actor_and_persists(ray_cluster, tiny_models
     _assert_same_ranking(sharded.search(questions, k=3), expected)
     everything = sharded.search(questions[:1], k=10_000)[0]
     assert len(everything) == len(pages)
+    # a search within each question's document: the shards each score the candidates they hold
+    among = [s.doc_pages for s in ds.samples[:6]]
+    within = sharded.search(questions, k=2, candidates=among)
+    assert all(pid in docs for hits, docs in zip(within, among) for pid, _ in hits)
+    assert [len(h) for h in within] == [min(2, len(d)) for d in among]
+    single = RetrieverGroup(str(tiny_models["retriever"]), RetrieverConfig(num_actors=1, num_cpus_per_actor=0.5))
+    single.load(tmp_path / "idx")
+    _assert_same_ranking(within, single.search(questions, k=2, candidates=among))
+    single.shutdown()
 
     # incremental add and delete persist; a reload sees the same corpus
     removed = sharded.delete([pages[0].page_id, "not/there"])

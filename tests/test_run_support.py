@@ -105,6 +105,22 @@ def test_training_summary_separates_warm_start_from_rl():
     # the first and last fifth (2 of 10 steps) of the train reward
     assert s["train_reward_first_steps"] == pytest.approx(0.15) and s["train_reward_last_steps"] == pytest.approx(0.65)
     assert "warm_start" not in training_summary(rows[1:])
+    assert "retriever_warm_start" not in s and "retrieval_recall@2_before_rl" not in s
+
+
+def test_training_summary_reports_the_retrievers_warm_start_and_recall():
+    from cluster.metrics import training_summary
+
+    rows = [{"step": 0, "retriever_warm_start/loss_first": 0.9, "retriever_warm_start/loss_last": 0.3,
+             "retriever_warm_start/eval_recall@1_before": 0.25, "retriever_warm_start/eval_recall@1_after": 0.9},
+            {"step": 0, "eval/anls": 0.1, "eval/exact_match": 0.1, "eval/retrieval_recall@2": 0.95},
+            {"step": 1, "reward/mean": 0.2},
+            {"step": 1, "eval/anls": 0.5, "eval/exact_match": 0.4, "eval/retrieval_recall@2": 0.95}]
+    s = training_summary(rows)
+    assert s["retriever_warm_start"] == {"loss_first": 0.9, "loss_last": 0.3, "eval_recall@1_before": 0.25,
+                                         "eval_recall@1_after": 0.9}
+    assert (s["retrieval_recall@2_before_rl"], s["retrieval_recall@2_after_rl"]) == (0.95, 0.95)
+    assert s["anls_rl_gain"] == pytest.approx(0.4) and s["exact_match_rl_gain"] == pytest.approx(0.3)
 
 
 def test_metrics_log_starts_afresh_unless_resuming(tmp_path):

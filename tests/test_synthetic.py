@@ -15,6 +15,8 @@ from docvqa.synthetic import (
     EASY_QUESTIONS,
     EASY_VOCAB,
     REALISTIC_KINDS,
+    SECTION_KINDS,
+    SECTION_PAGES,
     TextOp,
     generate_corpus,
     generate_pdf,
@@ -204,6 +206,32 @@ def test_easy_level(easy_corpus):
         # the big word is printed once, and no distractor uses a vocabulary word
         assert lines.count(word) == 1
         assert sum(w in line.split() for line in lines for w in EASY_VOCAB) == 1
+
+
+def test_sections_level_only_the_named_page_answers(tmp_path):
+    """Every question names one section of its document; its answer is drawn on that page and on
+    no other page of the document, and that page's banner names the section."""
+    plans = plan_documents(40, seed=2, level="sections", questions_per_document=3)
+    for plan in plans:
+        assert len(plan.pages) == SECTION_PAGES and len(plan.questions) == 3
+        banners = [next(t for t in page.lines if t.isupper()) for page in plan.pages]
+        assert len(set(banners)) == SECTION_PAGES and {b.lower() for b in banners} <= set(SECTION_KINDS)
+        words = [[w for w in page.lines if w in EASY_VOCAB] for page in plan.pages]
+        assert all(len(w) == 1 for w in words) and len({w[0] for w in words}) == SECTION_PAGES
+        assert len({q.page_index for q in plan.questions}) == 3  # each question about another page
+        for q in plan.questions:
+            named = next(k for k in SECTION_KINDS if f" {k} page" in q.question)
+            assert banners[q.page_index] == named.upper()
+            assert [w[0] for w in words].index(q.answers[0]) == q.page_index
+    # all kinds and several words are asked about; at most 4 questions per document
+    assert {b for p in plans for q in p.questions for b in SECTION_KINDS if f" {b} page" in q.question} == set(SECTION_KINDS)
+    assert all(len(p.questions) == SECTION_PAGES for p in plan_documents(3, level="sections", questions_per_document=9))
+    paths = generate_corpus(tmp_path, num_documents=10, seed=2, level="sections", questions_per_document=2)
+    records = [r for split in paths.values() for r in json.loads(split.read_text())["data"]]
+    listed = [pg for split in paths.values() for pg in json.loads(split.read_text())["pages"]]
+    assert len(records) == 20 and len(listed) == 10 * SECTION_PAGES
+    with Image.open(tmp_path / records[0]["image"]) as im:
+        assert im.size == DEFAULT_PAGE_SIZE["sections"] == (224, 224)
 
 
 def test_document_i_does_not_depend_on_corpus_size():

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ from cluster.config import load_config
 from cluster.metrics import read_jsonl
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Measured, not tuned: what may differ between two runs of the same step (wall-clock figures).
 TIMING_PREFIXES = ("time/", "throughput/", "learner/update_seconds", "learner/score_seconds", "learner/train_seconds",
@@ -202,3 +205,37 @@ def test_warm_start_is_rebuilt_when_what_it_was_built_from_changes(ray_cluster, 
         changed = warm_start(5e-3)
     assert "what it was built from changed (warm_start)" in caplog.text
     assert changed.read_bytes() != first_bytes
+
+
+def test_retrieval_in_the_loop_within_each_document_with_a_warm_started_retriever(ray_cluster, tiny_models, tmp_path):
+    """The tiny-retrieval preset's path, shortened: the retriever's warm start writes the model
+    the index is built with; each question is searched among its own document's pages and the
+    policy is shown the top 2; recall@2 and the retrieval reward are logged."""
+    from cluster.train import Trainer
+    from retriever.index import read_manifest
+
+    cfg = load_config(ROOT / "configs" / "tiny-retrieval.yaml", [
+        *_overrides(tmp_path, tiny_models, "trainer.total_steps=1", "trainer.save_every=0", "data.max_eval_samples=4",
+                    "data.synthetic.num_documents=6", "trainer.warm_start.steps=0", "retriever.warm_start.steps=2",
+                    "retriever.warm_start.max_eval_questions=4"),
+        "ray.address=null"])
+    assert (cfg.data.synthetic.level, cfg.retriever.scope, cfg.retriever.top_k) == ("sections", "document", 2)
+    trainer = Trainer(cfg)
+    try:
+        final = trainer.run()
+    finally:
+        trainer.shutdown()
+    rows = read_jsonl(tmp_path / "logs" / "metrics.jsonl")
+    warm = next(r for r in rows if "retriever_warm_start/eval_recall@1_after" in r)
+    assert 0.0 <= warm["retriever_warm_start/eval_recall@1_before"] <= 1.0 and warm["retriever_warm_start/loss_first"] > 0
+    trained = tmp_path / "retriever_warm_start" / "model"
+    assert read_manifest(tmp_path / "index").settings["model"] == str(trained)
+    # within its document a question's top 2 always holds 2 of the document's 4 pages; the top 2
+    # of a search over all pages would not
+    shown = [json.loads(line) for line in (tmp_path / "logs" / "eval-step-1.jsonl").read_text().splitlines()]
+    assert shown and all(len(r["retrieved"]) == 2 for r in shown)
+    gold_doc = {s.question_id: s.doc_id for s in trainer.eval_set.samples}
+    assert all(pid.split("/")[0] == gold_doc[r["question_id"]] for r in shown for pid in r["retrieved"])
+    assert 0.0 <= final["eval/retrieval_recall@2"] <= 1.0 and final["eval/retrieval"] == final["eval/retrieval_recall@2"]
+    step = _step_rows(tmp_path)[0]
+    assert 0.0 <= step["reward/retrieval"] <= 1.0

@@ -1,0 +1,61 @@
+"""The retriever's contrastive warm start (retriever/finetune.py): its negatives, and that it
+teaches the tiny random ColQwen2 which page of a sections-level document a question names, with
+the settings of configs/tiny-retrieval.yaml."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from cluster.config import load_config
+from docvqa.sample import DocVQASample
+from retriever.finetune import negative_pages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sample(doc: str, page: str) -> DocVQASample:
+    return DocVQASample(question_id="q", question="?", answers=("a",), doc_id=doc, gold_page=page, doc_pages=(page,))
+
+
+def test_negatives_are_the_documents_other_pages_first_then_other_documents():
+    by_doc = {"a": ["a/p1", "a/p2", "a/p3"], "b": ["b/p1"], "c": ["c/p1", "c/p2"]}
+    every = [p for pages in by_doc.values() for p in pages]
+    rng = random.Random(0)
+    for _ in range(20):
+        two = negative_pages(_sample("a", "a/p2"), by_doc, every, 2, rng)
+        assert sorted(two) == ["a/p1", "a/p3"]
+        four = negative_pages(_sample("a", "a/p2"), by_doc, every, 4, rng)
+        assert sorted(four[:2]) == ["a/p1", "a/p3"] and len(set(four)) == 4 and "a/p2" not in four
+        assert all(p.split("/")[0] != "a" for p in four[2:])
+    with pytest.raises(ValueError, match="need at least 7 pages, the corpus has 6"):
+        negative_pages(_sample("b", "b/p1"), by_doc, every, 6, rng)
+
+
+@pytest.mark.slow
+def test_warm_start_teaches_the_tiny_retriever_which_page_a_question_names(tiny_models, tmp_path):
+    from docvqa.data import load_train_eval
+    from retriever.encoder import PageEncoder
+    from retriever.finetune import SUMMARY_FILE, finetune_retriever, recall_at_1
+
+    cfg = load_config(ROOT / "configs" / "tiny-retrieval.yaml", ["data.synthetic.num_documents=60"])
+    assert cfg.retriever.scope == "document"
+    train, held_out, corpus = load_train_eval(cfg.data, tmp_path)
+    train_docs = {s.doc_id for s in train.samples}
+    pages = {pid: p for pid, p in corpus.pages.items() if p.doc_id in train_docs}
+    eval_pages = {pid: p for pid, p in corpus.pages.items() if p.doc_id not in train_docs}
+    out = tmp_path / "retriever"
+    summary = finetune_retriever(str(tiny_models["retriever"]), str(out), train.samples, pages, cfg.retriever.warm_start,
+                                 scope="document", seed=0, eval_samples=held_out.samples, eval_pages=eval_pages)
+    assert len(held_out.samples) == 24  # 12 held-out documents of 4 pages, 2 questions each
+    # chance within a 4-page document is 0.25
+    assert summary["eval_recall@1_before"] <= 0.5, summary
+    assert summary["eval_recall@1_after"] >= 0.8, summary
+    assert summary["loss_last"] < 0.6 * summary["loss_first"], summary
+    assert (out / SUMMARY_FILE).exists()
+    # the written model is a complete retriever of the same family, and searches as measured
+    encoder = PageEncoder(str(out))
+    assert encoder.family == "colqwen2"
+    assert recall_at_1(encoder, held_out.samples, eval_pages, "document") == summary["eval_recall@1_after"]
