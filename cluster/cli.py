@@ -87,11 +87,11 @@ def _index_dir(cfg, args) -> str:
 
 def _retriever_group(cfg):
     from cluster.ray_setup import init_ray
-    from docvqa.tiny_models import resolve_model
+    from retriever.finetune import run_retriever
     from retriever.group import RetrieverGroup
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
-    model = resolve_model(cfg.retriever.model, "retriever", cfg.run.models_dir)
+    model = run_retriever(cfg.retriever, cfg.run.output_dir, cfg.run.models_dir)
     return RetrieverGroup(model, cfg.retriever, timeout_s=cfg.ray.actor_start_timeout_s)
 
 
@@ -160,7 +160,8 @@ def cmd_retrieval_eval(args) -> int:
     train, evaluation, _ = load_train_eval(cfg.data, cfg.run.output_dir)
     group = _retriever_group(cfg)
     group.load(_index_dir(cfg, args))
-    report = evaluate_retrieval(group, (train if args.split == "train" else evaluation).samples, args.ks)
+    report = evaluate_retrieval(group, (train if args.split == "train" else evaluation).samples, args.ks,
+                                scope=cfg.retriever.scope)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -324,13 +324,13 @@ class Trainer:
         import ray
 
         from docvqa.data import files_fingerprint
-        from retriever.finetune import SUMMARY_FILE, finetune_retriever
+        from retriever.finetune import RUN_SUBDIR, SUMMARY_FILE, finetune_retriever
 
         cfg = self.cfg
         ws = cfg.retriever.warm_start
-        out = self.out / "retriever_warm_start" / "model"
+        out = self.out / RUN_SUBDIR
         summary_file = out / SUMMARY_FILE
-        stamp = self.out / "retriever_warm_start" / "built_from.json"
+        stamp = out.parent / "built_from.json"
         samples = list(self.train_set.samples)
         random.Random(f"{cfg.run.seed}-retriever-warm-start").shuffle(samples)
         samples = samples[: max(1, int(len(samples) * ws.fraction))]

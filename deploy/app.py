@@ -562,7 +562,7 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     e.g. another key or feedback database, over the same models; `index_dir` is then unused)."""
     from common.policy_family import policy_family
     from rollout.policy import resolve_policy
-    from docvqa.tiny_models import resolve_model
+    from retriever.finetune import run_retriever
     from retriever.index import read_manifest
 
     base = Path(base_dir or os.getcwd()).resolve()
@@ -604,7 +604,7 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
         return ingress.bind(serve.get_deployment_handle("retriever", app_name=share_models_of),
                             serve.get_deployment_handle("policy", app_name=share_models_of), settings)
 
-    retriever_model = resolve_model(cfg.retriever.model, "retriever", absolute(cfg.run.models_dir))
+    retriever_model = run_retriever(cfg.retriever, absolute(cfg.run.output_dir), absolute(cfg.run.models_dir))
     if Path(absolute(retriever_model)).exists():  # a local model; a hub id stays as it is
         retriever_model = absolute(retriever_model)
     pages_folder = absolute(sc.pages_folder) if sc.pages_folder else None

@@ -5,8 +5,8 @@ hand the policy the wrong page whatever the policy learns. Before RL, the retrie
 (question, gold page) pairs of the training split with colpali-engine's own loss,
 `ColbertNegativeCELoss`: MaxSim of the question against its gold page must beat MaxSim against
 `negatives` hard negatives (other pages of the same document first: those are what a search
-within the document must tell apart, then pages of other documents) and, half-weighted, against
-the other questions' gold pages in the batch (in-batch InfoNCE).
+within the document must tell apart, then pages of other documents) and, in corpus scope and
+half-weighted, against the other questions' gold pages in the batch (in-batch InfoNCE).
 
 Queries are encoded as the search encodes them (`PageEncoder.embed_queries`: `process_texts`), so
 what is trained is what is searched. Attention is eager while training: with SDPA on CPU a padded
@@ -34,6 +34,18 @@ from retriever.config import RetrieverWarmStartConfig
 from retriever.encoder import MODEL_CLASSES, PageEncoder, infer_model_class
 
 SUMMARY_FILE = "docrl_retriever_warm_start.json"
+RUN_SUBDIR = Path("retriever_warm_start") / "model"  # where `docrl train` writes it, under run.output_dir
+
+
+def run_retriever(retriever_cfg, output_dir: str | Path, models_dir: str | Path) -> str:
+    """The retriever a run searches with: its warm-started model when the config warm-starts one
+    and the run wrote it (an index the run built refuses any other), else `retriever.model`."""
+    from docvqa.tiny_models import resolve_model
+
+    trained = Path(output_dir) / RUN_SUBDIR
+    if retriever_cfg.warm_start.steps and (trained / SUMMARY_FILE).exists():
+        return str(trained)
+    return resolve_model(retriever_cfg.model, "retriever", models_dir)
 
 
 def negative_pages(sample: DocVQASample, pages_by_doc: dict[str, list[str]], all_pages: Sequence[str], n: int,
@@ -65,14 +77,11 @@ def recall_at_1(encoder: PageEncoder, samples: Sequence[DocVQASample], pages: di
         return float("nan")
     ids = list(pages)
     index = PageIndex(encoder.settings())
-    index.add(ids, encoder.embed_images([pages[p].load_image() for p in ids], names=ids, progress=False))
+    for i in range(0, len(ids), 16):  # a few decoded pages at a time, whatever the corpus size
+        batch = ids[i:i + 16]
+        index.add(batch, encoder.embed_images([pages[p].load_image() for p in batch], names=batch, progress=False))
     queries = encoder.embed_queries([s.question for s in samples])
-    candidates = None
-    if scope == "document":
-        by_doc: dict[str, list[str]] = {}
-        for pid in ids:
-            by_doc.setdefault(pages[pid].doc_id, []).append(pid)
-        candidates = [by_doc[s.doc_id] for s in samples]
+    candidates = [s.doc_pages for s in samples] if scope == "document" else None
     hits = index.search(queries, 1, candidates=candidates)
     return sum(bool(h) and h[0][0] == s.gold_page for h, s in zip(hits, samples)) / len(samples)
 
@@ -125,13 +134,6 @@ def finetune_retriever(model_path: str, out_dir: str, samples: Sequence[DocVQASa
     pages_by_doc: dict[str, list[str]] = {}
     for pid in all_pages:
         pages_by_doc.setdefault(pages[pid].doc_id, []).append(pid)
-    images: dict[str, object] = {}
-
-    def image(pid: str):
-        if pid not in images:
-            images[pid] = pages[pid].load_image()
-        return images[pid]
-
     order: list[DocVQASample] = []
     losses = []
     n, b = settings.negatives, min(settings.batch_size, len(samples))
@@ -145,7 +147,7 @@ def finetune_retriever(model_path: str, out_dir: str, samples: Sequence[DocVQASa
         queries = model(**processor.process_texts([s.question for s in batch]))
         # gold pages and negatives in one call: one padded length for all of them
         shown = [s.gold_page for s in batch] + [pid for negs in negatives for pid in negs]
-        page_vectors = model(**processor.process_images([image(pid) for pid in shown]))
+        page_vectors = model(**processor.process_images([pages[pid].load_image() for pid in shown]))
         gold, negs = page_vectors[:b], page_vectors[b:].reshape(b, n, *page_vectors.shape[1:])
         loss = loss_fn(queries, gold, negs)
         optimizer.zero_grad(set_to_none=True)

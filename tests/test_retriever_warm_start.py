@@ -34,6 +34,23 @@ def test_negatives_are_the_documents_other_pages_first_then_other_documents():
         negative_pages(_sample("b", "b/p1"), by_doc, every, 6, rng)
 
 
+def test_a_run_searches_with_its_warm_started_retriever_once_written(tmp_path):
+    """`docrl index/search/retrieval-eval/serve` on a run's config use the retriever the run
+    trained (its index refuses any other), and `retriever.model` before it exists or without a
+    warm start."""
+    from retriever.config import RetrieverConfig
+    from retriever.finetune import RUN_SUBDIR, SUMMARY_FILE, run_retriever
+
+    warm = RetrieverConfig(model="vidore/colqwen2-v1.0", warm_start={"steps": 5})
+    assert run_retriever(warm, tmp_path, tmp_path / "models") == "vidore/colqwen2-v1.0"  # not trained yet
+    (tmp_path / RUN_SUBDIR).mkdir(parents=True)
+    assert run_retriever(warm, tmp_path, tmp_path / "models") == "vidore/colqwen2-v1.0"  # half written
+    (tmp_path / RUN_SUBDIR / SUMMARY_FILE).write_text("{}")
+    assert run_retriever(warm, tmp_path, tmp_path / "models") == str(tmp_path / RUN_SUBDIR)
+    plain = RetrieverConfig(model="vidore/colqwen2-v1.0")
+    assert run_retriever(plain, tmp_path, tmp_path / "models") == "vidore/colqwen2-v1.0"
+
+
 @pytest.mark.slow
 def test_warm_start_teaches_the_tiny_retriever_which_page_a_question_names(tiny_models, tmp_path):
     from docvqa.data import load_train_eval
