@@ -331,6 +331,7 @@ def main() -> None:
     ingest_sizes = args.ingest_pages if args.ingest_pages is not None else ([200, 1000] if args.quick else [1000, 10000])
     search_sizes = args.search_pages if args.search_pages is not None else ([2000, 10000] if args.quick else [10000, 100000])
     work = Path(args.workdir or tempfile.mkdtemp(prefix="docrl-bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)  # a --workdir that does not exist yet
     def index_dir(n: int) -> Path:
         return work / f"search-{n}{'-random' if args.random else ''}-k{args.pooled}-s{args.similarity:g}"
 
