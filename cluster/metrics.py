@@ -72,16 +72,14 @@ def training_summary(rows: Sequence[Mapping]) -> dict:
     policy's and the retriever's), so a reader can tell what the warm starts did from what RL did."""
     evals = [r for r in rows if r.get("eval/anls") is not None]
     steps = [r for r in rows if r.get("reward/mean") is not None]
-    warm = next((r for r in rows if r.get("warm_start/loss_last") is not None), {})
     out: dict = {"train_steps": max((r["step"] for r in steps), default=0)}
-    if warm:
-        out["warm_start"] = {k.split("/", 1)[1]: warm[k] for k in warm if k.startswith("warm_start/")}
-        if warm.get("warm_start/eval_anls_after") is not None and warm.get("warm_start/eval_anls_before") is not None:
-            out["anls_warm_start_gain"] = warm["warm_start/eval_anls_after"] - warm["warm_start/eval_anls_before"]
-    retriever = next((r for r in rows if r.get("retriever_warm_start/loss_last") is not None), {})
-    if retriever:
-        out["retriever_warm_start"] = {k.split("/", 1)[1]: v for k, v in retriever.items()
-                                       if k.startswith("retriever_warm_start/")}
+    for prefix in ("warm_start", "retriever_warm_start"):  # the policy's, the retriever's
+        row = next((r for r in rows if r.get(f"{prefix}/loss_last") is not None), {})
+        if row:
+            out[prefix] = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith(f"{prefix}/")}
+    warm = out.get("warm_start", {})
+    if warm.get("eval_anls_after") is not None and warm.get("eval_anls_before") is not None:
+        out["anls_warm_start_gain"] = warm["eval_anls_after"] - warm["eval_anls_before"]
     if evals:
         first, last = evals[0], evals[-1]
         # the retriever is not trained by RL: its recall before and after says what RL was shown

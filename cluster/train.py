@@ -368,10 +368,10 @@ class Trainer:
     def pages_for(self, questions: list[DocVQASample]) -> list[tuple[str, ...]]:
         if self.retriever is None:
             return [(q.gold_page,) for q in questions]
-        among = None
-        if self.cfg.retriever.scope == "document":
-            among = [q.doc_pages for q in questions]
-        hits = self.retriever.search([q.question for q in questions], self.cfg.retriever.top_k, among)
+        from retriever.evaluate import scope_candidates
+
+        hits = self.retriever.search([q.question for q in questions], self.cfg.retriever.top_k,
+                                     scope_candidates(questions, self.cfg.retriever.scope))
         return [tuple(pid for pid, _ in h) for h in hits]
 
     def rollout_and_score(self, questions: list[DocVQASample], sampling, seed_key: str) -> ScoredRollouts:

@@ -8,12 +8,17 @@ from docvqa.sample import DocVQASample
 from retriever.metrics import retrieval_report
 
 
+def scope_candidates(samples: Sequence[DocVQASample], scope: str) -> list[tuple[str, ...]] | None:
+    """What each question is searched among (`retriever.scope`): its own document's pages, or
+    None, every page of the index."""
+    return [s.doc_pages for s in samples] if scope == "document" else None
+
+
 def evaluate_retrieval(group, samples: Sequence[DocVQASample], ks: Sequence[int] = (1, 3, 5),
                        scope: str = "corpus") -> dict[str, float]:
     """Search every question of `samples` with a RetrieverGroup (over the corpus, or within its
     document: `retriever.scope`) and score the ranking."""
-    among = [s.doc_pages for s in samples] if scope == "document" else None
-    runs = group.search([s.question for s in samples], max(ks), among)
+    runs = group.search([s.question for s in samples], max(ks), scope_candidates(samples, scope))
     report = retrieval_report([[pid for pid, _ in r] for r in runs], [s.gold_page for s in samples], ks)
     report["num_questions"] = len(samples)
     return report

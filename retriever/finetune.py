@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from docvqa.sample import DocVQASample, Page
+from docvqa.sample import DocVQASample, Page, documents_of
 from docvqa.tiny_models import TINY_MANIFEST
 from retriever.config import RetrieverWarmStartConfig
 from retriever.encoder import MODEL_CLASSES, PageEncoder, infer_model_class
+from retriever.evaluate import scope_candidates
 
 SUMMARY_FILE = "docrl_retriever_warm_start.json"
 RUN_SUBDIR = Path("retriever_warm_start") / "model"  # where `docrl train` writes it, under run.output_dir
@@ -48,7 +49,7 @@ def run_retriever(retriever_cfg, output_dir: str | Path, models_dir: str | Path)
     return resolve_model(retriever_cfg.model, "retriever", models_dir)
 
 
-def negative_pages(sample: DocVQASample, pages_by_doc: dict[str, list[str]], all_pages: Sequence[str], n: int,
+def negative_pages(sample: DocVQASample, pages_by_doc: dict[str, Sequence[str]], all_pages: Sequence[str], n: int,
                    rng: random.Random) -> list[str]:
     """`n` page ids other than the gold page: the document's other pages (shuffled) first, then
     pages drawn from the rest of the corpus."""
@@ -81,8 +82,7 @@ def recall_at_1(encoder: PageEncoder, samples: Sequence[DocVQASample], pages: di
         batch = ids[i:i + 16]
         index.add(batch, encoder.embed_images([pages[p].load_image() for p in batch], names=batch, progress=False))
     queries = encoder.embed_queries([s.question for s in samples])
-    candidates = [s.doc_pages for s in samples] if scope == "document" else None
-    hits = index.search(queries, 1, candidates=candidates)
+    hits = index.search(queries, 1, candidates=scope_candidates(samples, scope))
     return sum(bool(h) and h[0][0] == s.gold_page for h, s in zip(hits, samples)) / len(samples)
 
 
@@ -131,9 +131,7 @@ def finetune_retriever(model_path: str, out_dir: str, samples: Sequence[DocVQASa
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
                                   weight_decay=0.0)
     all_pages = sorted(pages)
-    pages_by_doc: dict[str, list[str]] = {}
-    for pid in all_pages:
-        pages_by_doc.setdefault(pages[pid].doc_id, []).append(pid)
+    pages_by_doc = documents_of(pages.values())
     order: list[DocVQASample] = []
     losses = []
     n, b = settings.negatives, min(settings.batch_size, len(samples))
