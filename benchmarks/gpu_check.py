@@ -14,6 +14,9 @@ Steps (each a real `docrl` command in its own subprocess, each with a time limit
      after every step
   4. two LoRA GRPO steps of the ~100M policy in bf16 on the GPU: rollout tokens/s and learner
      tokens/s from the run's own metrics
+  5. retrieval in the loop (configs/tiny-retrieval.yaml, shortened): the retriever's contrastive
+     warm start trained on the GPU (its summary names the device), the index built and searched
+     there, the policy reading the top 2 pages, two GRPO steps
 The budget is 8 minutes on one GPU; on CPU (--dry-run) the same commands run with the GPU
 settings replaced by CPU ones, the 100M steps shortened, and the CUDA-only checks reported as
 skipped, so the script itself is tested where no GPU is.
@@ -175,6 +178,27 @@ def main() -> int:
                f"(weight sync {last['time/weight_sync_s']:.2f}s)", True, s)
     else:
         record(f"100M LoRA GRPO ({dtype})", f"exit {code}: " + out[-400:].replace("\n", " "), False, s)
+
+    # 5. retrieval in the loop: the retriever trained, indexed and searched on the device
+    run_dir = work / "retrieval-train"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    code, out, s = run(docrl("train", "--config", "configs/tiny-retrieval.yaml", f"run.models_dir={models}",
+                             *device_overrides(gpu), f"run.output_dir={run_dir}", "trainer.total_steps=2",
+                             "trainer.eval_every=0", "trainer.save_every=0", "trainer.warm_start.steps=2",
+                             "retriever.warm_start.steps=20", "retriever.warm_start.max_eval_questions=16",
+                             "data.max_eval_samples=8", "data.synthetic.num_documents=40"), 360)
+    warm_file = run_dir / "retriever_warm_start" / "model" / "docrl_retriever_warm_start.json"
+    warm = json.loads(warm_file.read_text()) if warm_file.exists() else {}
+    rows_retrieval = train_metrics(run_dir)
+    expected_device = "cuda" if gpu else "cpu"
+    if code == 0 and len(rows_retrieval) == 2 and warm.get("device") == expected_device:
+        record("retrieval in the loop", f"retriever warm start on {warm['device']}: {warm['steps']} steps in "
+               f"{warm['seconds']:.0f}s, held-out recall@1 {warm['eval_recall@1_before']:.2f} -> "
+               f"{warm['eval_recall@1_after']:.2f}; 2 GRPO steps, median step {rows_retrieval[-1]['time/step_s']:.1f}s, "
+               f"reward/retrieval {rows_retrieval[-1].get('reward/retrieval', float('nan')):.2f}", True, s)
+    else:
+        record("retrieval in the loop", f"exit {code}, warm start device {warm.get('device')!r} (expected "
+               f"{expected_device!r}): " + out[-400:].replace("\n", " "), False, s)
 
     print(f"\n{device}{' - DRY RUN, no GPU figures' if not gpu else ''}\n")
     print("| check | result | status | s |")

@@ -324,7 +324,7 @@ class Trainer:
         import ray
 
         from docvqa.data import files_fingerprint
-        from retriever.finetune import RUN_SUBDIR, SUMMARY_FILE, finetune_retriever
+        from retriever.finetune import FORMAT, RUN_SUBDIR, SUMMARY_FILE, finetune_retriever
 
         cfg = self.cfg
         ws = cfg.retriever.warm_start
@@ -336,7 +336,7 @@ class Trainer:
         samples = samples[: max(1, int(len(samples) * ws.fraction))]
         built_from = {
             "base_retriever": files_fingerprint(retriever_model), "warm_start": ws.model_dump(mode="json"),
-            "seed": cfg.run.seed, "scope": cfg.retriever.scope,
+            "seed": cfg.run.seed, "scope": cfg.retriever.scope, "dtype": cfg.retriever.dtype, "format": FORMAT,
             "questions": hashlib.sha256("\n".join(q.question_id for q in samples).encode()).hexdigest(),
         }
         if needs_build(out, summary_file, stamp, built_from, "retriever warm start"):
@@ -350,7 +350,7 @@ class Trainer:
             pages = {pid: p for pid, p in self.corpus.pages.items() if p.doc_id in train_docs}
             eval_pages = {pid: p for pid, p in self.corpus.pages.items() if p.doc_id in eval_docs}
             ref = task.remote(retriever_model, str(out), samples, pages, ws, cfg.retriever.scope, cfg.run.seed,
-                              eval_samples, eval_pages)
+                              eval_samples, eval_pages, cfg.retriever.dtype)
             get_with_timeout(ref, cfg.ray.actor_start_timeout_s + 10 * ws.steps, "the retriever warm start (retriever/finetune.py)")
             stamp.write_text(json.dumps(built_from, indent=1, sort_keys=True))
         summary = json.loads(summary_file.read_text())

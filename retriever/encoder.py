@@ -199,10 +199,13 @@ class PageEncoder:
         return vectors
 
     def embed_queries(self, queries: Sequence[str], batch_size: int = 32) -> list[torch.Tensor]:
+        """One tensor per query, in the family's query format (`process_queries`): for colpali-engine's
+        models the processor's query prefix, the text and 10 query-augmentation tokens, as their
+        training collator builds queries; GME's retrieval instruction (retriever.gme)."""
         for i, q in enumerate(queries):
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"query #{i} is empty: a retrieval query needs text")
         vectors: list[torch.Tensor] = []
         for i in range(0, len(queries), batch_size):
-            vectors += self._embed(self.processor.process_texts(list(queries[i:i + batch_size])))
+            vectors += self._embed(self.processor.process_queries(list(queries[i:i + batch_size])))
         return vectors

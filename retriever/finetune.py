@@ -8,9 +8,16 @@ hand the policy the wrong page whatever the policy learns. Before RL, the retrie
 within the document must tell apart, then pages of other documents) and, in corpus scope and
 half-weighted, against the other questions' gold pages in the batch (in-batch InfoNCE).
 
-Queries are encoded as the search encodes them (`PageEncoder.embed_queries`: `process_texts`), so
-what is trained is what is searched. Attention is eager while training: with SDPA on CPU a padded
-(fully masked) query row comes out NaN, and NaN gradients would reach every weight.
+Queries are encoded as the search encodes them (`PageEncoder.embed_queries`: the processor's
+`process_queries`, the format colpali-engine trains with), so what is trained is what is searched.
+Attention is eager while training: with SDPA on CPU a padded (fully masked) query row comes out
+NaN, and NaN gradients would reach every weight.
+
+An adapter-only checkpoint (vidore/colqwen2-v1.0 and most hub ColQwen models ship a LoRA adapter
+over a base directory) is merged into its base before training: trained embeddings would otherwise
+be dropped when transformers saves an adapter-loaded model as the adapter alone. The run trains on
+the GPU the Ray task was given (`retriever.num_gpus_per_actor`), with bfloat16 autocast when
+`retriever.dtype` is bfloat16, and on CPU in float32 otherwise.
 
 The result is a complete model directory that replaces `retriever.model` for the index and the
 search. Before/after recall@1 on held-out questions is measured with the index's own search
@@ -35,6 +42,9 @@ from retriever.encoder import MODEL_CLASSES, PageEncoder, infer_model_class
 from retriever.evaluate import scope_candidates
 
 SUMMARY_FILE = "docrl_retriever_warm_start.json"
+# Bumped when what the warm start writes changes meaning (2: queries in the process_queries
+# format; adapters merged): a run's earlier warm start is then rebuilt, not reused.
+FORMAT = 2
 RUN_SUBDIR = Path("retriever_warm_start") / "model"  # where `docrl train` writes it, under run.output_dir
 
 
@@ -86,21 +96,44 @@ def recall_at_1(encoder: PageEncoder, samples: Sequence[DocVQASample], pages: di
     return sum(bool(h) and h[0][0] == s.gold_page for h, s in zip(hits, samples)) / len(samples)
 
 
-def _load_trainable(model_path: str, family: str):
+def merge_adapter(model) -> int:
+    """Fold a LoRA adapter that transformers loaded into `model` (an adapter-only checkpoint) into
+    the base weights, leaving a plain model that trains and saves whole. Returns the number of
+    layers merged (0: no adapter)."""
+    if not getattr(model, "_hf_peft_config_loaded", False):
+        return 0
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+            merged += 1
+    model._hf_peft_config_loaded = False
+    del model.peft_config
+    return merged
+
+
+def _load_trainable(model_path: str, family: str, device: torch.device):
     import colpali_engine.models as cem
 
     model_cls, proc_cls = (getattr(cem, name) for name in MODEL_CLASSES[family])
     processor = proc_cls.from_pretrained(model_path)
     model = model_cls.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager")
-    return model, processor
+    merge_adapter(model)
+    return model.to(device), processor
 
 
 def finetune_retriever(model_path: str, out_dir: str, samples: Sequence[DocVQASample], pages: dict[str, Page],
                        settings: RetrieverWarmStartConfig, scope: str = "corpus", seed: int = 0,
-                       eval_samples: Sequence[DocVQASample] = (), eval_pages: dict[str, Page] | None = None) -> dict:
+                       eval_samples: Sequence[DocVQASample] = (), eval_pages: dict[str, Page] | None = None,
+                       dtype: str = "float32") -> dict:
     """Train on `samples` (their gold pages, and negatives drawn from `pages`) for `settings.steps`
     steps; write the model to `out_dir` with a summary (loss, held-out recall@1 before and after,
-    searched as `scope` says: "document" or "corpus"); returns the summary."""
+    searched as `scope` says: "document" or "corpus", with vectors in `dtype` as the index
+    computes them); returns the summary."""
     from colpali_engine.loss.late_interaction_losses import ColbertNegativeCELoss
 
     family = infer_model_class(model_path)
@@ -111,12 +144,15 @@ def finetune_retriever(model_path: str, out_dir: str, samples: Sequence[DocVQASa
     if not samples:
         raise ValueError("retriever warm start: no training question has its gold page among the pages given")
     t0 = time.perf_counter()
+    # Ray hides every GPU from a task that asked for none, so CUDA here means one was given
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    bf16_autocast = device.type == "cuda" and dtype == "bfloat16"
     eval_pages = eval_pages if eval_pages is not None else pages
-    recall_before = recall_at_1(PageEncoder(model_path), eval_samples, eval_pages, scope)
+    recall_before = recall_at_1(PageEncoder(model_path, dtype=dtype, device=str(device)), eval_samples, eval_pages, scope)
 
     torch.manual_seed(seed)
     rng = random.Random(f"retriever-warm-start-{seed}")
-    model, processor = _load_trainable(model_path, family)
+    model, processor = _load_trainable(model_path, family, device)
     if settings.trainable == "embeddings":
         for name, param in model.named_parameters():
             param.requires_grad = "embed_tokens" in name or "custom_text_proj" in name
@@ -142,10 +178,11 @@ def finetune_retriever(model_path: str, out_dir: str, samples: Sequence[DocVQASa
             order += more
         batch, order = order[:b], order[b:]
         negatives = [negative_pages(s, pages_by_doc, all_pages, n, rng) for s in batch]
-        queries = model(**processor.process_texts([s.question for s in batch]))
         # gold pages and negatives in one call: one padded length for all of them
         shown = [s.gold_page for s in batch] + [pid for negs in negatives for pid in negs]
-        page_vectors = model(**processor.process_images([pages[pid].load_image() for pid in shown]))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+            queries = model(**processor.process_queries([s.question for s in batch]).to(device)).float()
+            page_vectors = model(**processor.process_images([pages[pid].load_image() for pid in shown]).to(device)).float()
         gold, negs = page_vectors[:b], page_vectors[b:].reshape(b, n, *page_vectors.shape[1:])
         loss = loss_fn(queries, gold, negs)
         optimizer.zero_grad(set_to_none=True)
@@ -163,11 +200,13 @@ def finetune_retriever(model_path: str, out_dir: str, samples: Sequence[DocVQASa
     if (Path(model_path) / TINY_MANIFEST).exists():  # a tiny build's manifest names its family
         shutil.copy(Path(model_path) / TINY_MANIFEST, out / TINY_MANIFEST)
     del model
-    recall_after = recall_at_1(PageEncoder(str(out)), eval_samples, eval_pages, scope)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    recall_after = recall_at_1(PageEncoder(str(out), dtype=dtype, device=str(device)), eval_samples, eval_pages, scope)
     k = max(1, len(losses) // 10)
     summary = {"steps": settings.steps, "questions": len(samples), "loss_first": sum(losses[:k]) / k if losses else None,
                "loss_last": sum(losses[-k:]) / k if losses else None, "eval_questions": len(eval_samples),
                "eval_recall@1_before": recall_before, "eval_recall@1_after": recall_after, "scope": scope,
-               "seconds": time.perf_counter() - t0}
+               "device": device.type, "seconds": time.perf_counter() - t0}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return summary

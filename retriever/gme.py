@@ -52,7 +52,7 @@ class GmeProcessor:
         texts = [gme_prompt(DOCUMENT_INSTRUCTION, IMAGE_PLACEHOLDER)] * len(images)
         return self.processor(text=texts, images=list(images), padding=True, return_tensors="pt")
 
-    def process_texts(self, texts: Sequence[str]):
+    def process_queries(self, texts: Sequence[str]):
         prompts = [gme_prompt(self.query_instruction, t) for t in texts]
         return self.processor(text=prompts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
 

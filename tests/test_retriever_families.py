@@ -104,6 +104,28 @@ def test_infer_model_class_rules(models, tmp_path):
     assert infer_model_class(str(lookalike)) == "colqwen2"
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gme"])
+def test_queries_are_embedded_in_the_format_the_models_were_trained_on(encoders, family):
+    """colpali-engine's training collator builds a query as query_prefix + text + 10 augmentation
+    tokens (<|endoftext|> for the Qwen families); the hub retrievers learned on that, so the search
+    must embed queries the same way: every one of those tokens gives a vector (multi-vector), or
+    the pooled vector is computed over them (single-vector)."""
+    encoder = encoders[family]
+    processor = encoder.processor
+    query = QUESTIONS[0]
+    text = processor.query_prefix + query + processor.query_augmentation_token * 10
+    batch = processor.process_texts([text])
+    assert processor.tokenizer.decode(batch["input_ids"][0]).endswith(query + "<|endoftext|>" * 10)
+    with torch.inference_mode():
+        expected = encoder.model(**batch)[0]
+    (got,) = encoder.embed_queries([query])
+    if family in SINGLE_VECTOR:
+        torch.testing.assert_close(got, expected[None].float(), atol=1e-5, rtol=0)
+    else:
+        assert got.shape[0] == batch["input_ids"].shape[1] == len(processor.tokenizer(query)["input_ids"]) + 10
+        torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=0)
+
+
 def _maxsim(query: torch.Tensor, page: torch.Tensor) -> float:
     return float(sum(max(float(q @ p) for p in page) for q in query))
 
@@ -187,7 +209,7 @@ def test_adapter_only_colqwen2_5_embeds_as_its_base_with_the_lora_merged(encoder
     with torch.inference_mode():
         batch = encoder.processor.process_images(page)
         expected_page = merged(**batch)[0][batch["attention_mask"][0].bool()]
-        batch = encoder.processor.process_texts(QUESTIONS[:1])
+        batch = encoder.processor.process_queries(QUESTIONS[:1])
         expected_query = merged(**batch)[0][batch["attention_mask"][0].bool()]
     (got_page,), (got_query,) = encoder.embed_images(page), encoder.embed_queries(QUESTIONS[:1])
     torch.testing.assert_close(got_page, expected_page, atol=1e-4, rtol=0)
@@ -229,7 +251,7 @@ def test_gme_formats_inputs_with_its_instructions_and_pools_the_last_token(encod
     query = "Who signed the letter?"
     expected_text = ("<|im_start|>system\nFind a screenshot that relevant to the user's question.<|im_end|>\n"
                      f"<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
-    batch = encoder.processor.process_texts([query])
+    batch = encoder.processor.process_queries([query])
     assert tokenizer.decode(batch["input_ids"][0]) == expected_text
     page_text = tokenizer.decode(encoder.processor.process_images(_pages()[:1])["input_ids"][0])
     assert page_text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"

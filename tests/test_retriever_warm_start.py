@@ -4,6 +4,7 @@ the settings of configs/tiny-retrieval.yaml."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -76,3 +77,53 @@ def test_warm_start_teaches_the_tiny_retriever_which_page_a_question_names(tiny_
     encoder = PageEncoder(str(out))
     assert encoder.family == "colqwen2"
     assert recall_at_1(encoder, held_out.samples, eval_pages, "document") == summary["eval_recall@1_after"]
+
+
+def test_an_adapter_only_retriever_is_merged_trained_and_written_whole(tmp_path):
+    """Hub ColQwen retrievers ship as a LoRA adapter over a base directory. transformers saves an
+    adapter-loaded model as the adapter alone, which would drop the trained token embeddings: the
+    warm start folds the adapter into the base first (the same vectors), and writes a complete
+    model whose embeddings are the trained ones."""
+    import torch
+    from safetensors import safe_open
+
+    from docvqa.data import load_train_eval
+    from docvqa.tiny_models import build_retriever
+    from retriever.config import RetrieverWarmStartConfig
+    from retriever.encoder import PageEncoder
+    from retriever.finetune import _load_trainable, finetune_retriever, merge_adapter
+
+    adapter = build_retriever(tmp_path / "adapter", family="colqwen2_5_adapter")
+    cfg = load_config(ROOT / "configs" / "tiny-retrieval.yaml", ["data.synthetic.num_documents=6"])
+    train, held_out, corpus = load_train_eval(cfg.data, tmp_path / "data")
+    images = [p.load_image() for p in list(corpus.pages.values())[:2]]
+    questions = [s.question for s in train.samples[:2]]
+
+    reference = PageEncoder(str(adapter))
+    model, processor = _load_trainable(str(adapter), "colqwen2_5", torch.device("cpu"))
+    assert merge_adapter(model) == 0  # already merged: no LoRA layer is left
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    with torch.inference_mode():
+        model.eval()
+        for batch, expected in ((processor.process_images(images), reference.embed_images(images)),
+                                (processor.process_queries(questions), reference.embed_queries(questions))):
+            out = model(**batch)
+            for row, mask, want in zip(out, batch["attention_mask"].bool(), expected):
+                torch.testing.assert_close(row[mask], want, atol=1e-4, rtol=0)
+
+    settings = RetrieverWarmStartConfig(steps=2, batch_size=2, negatives=3, learning_rate=1e-2, trainable="embeddings")
+    out = tmp_path / "trained"
+    finetune_retriever(str(adapter), str(out), train.samples, corpus.pages, settings, scope="document")
+    names = {f.name for f in out.iterdir()}
+    assert {"config.json", "model.safetensors"} <= names and "adapter_config.json" not in names, names
+    base = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+
+    def embeddings(directory: Path) -> torch.Tensor:
+        with safe_open(directory / "model.safetensors", "pt") as f:
+            (key,) = [k for k in f.keys() if k.endswith("embed_tokens.weight")]
+            return f.get_tensor(key)
+
+    assert (embeddings(out) - embeddings(base)).abs().max() > 1e-3  # the trained embeddings were written
+    trained = PageEncoder(str(out))
+    assert trained.family == "colqwen2_5"
+    assert (trained.embed_queries(questions[:1])[0] - reference.embed_queries(questions[:1])[0]).abs().max() > 1e-3
