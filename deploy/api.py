@@ -46,6 +46,11 @@ class RequestRefused(ValueError):
     fit the context, images the engine cannot take); the ingress answers 400 with the message."""
 
 
+class UnknownDocument(LookupError):
+    """Raised by the retriever deployment for a `doc_id` its index holds no page of; the ingress
+    answers 404 naming it."""
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -113,6 +118,9 @@ class ChatCompletionRequest(_Request):
 class DocQARequest(_Request):
     question: str = Field(min_length=1)
     k: int | None = Field(None, ge=1)  # pages to retrieve and cite (default: retriever.top_k)
+    # search only this document's pages (the multi-page DocVQA setting, `retriever.scope: document`
+    # in training); default: every page of the index
+    doc_id: str | None = Field(None, min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # default: rollout.eval_sampling.max_tokens
     model: str | None = None
 

@@ -32,7 +32,7 @@ from ray import serve
 
 from deploy.api import (
     SSE_DONE, APIError, ChatCompletionRequest, Choice, Citation, Completion, DocQARequest, DocQAResponse,
-    GenerationParams, RequestRefused, Retrieval, StreamEvent, chat_chunk, chat_completion_body, chat_input,
+    GenerationParams, RequestRefused, Retrieval, StreamEvent, UnknownDocument, chat_chunk, chat_completion_body, chat_input,
     chat_params, check_bearer, docqa_k, key_digest, new_id, page_image_body, parse_json, query_int, query_time,
     read_body, usage, validate,
 )
@@ -90,23 +90,41 @@ class Retriever:
         self.index.check_compatible(settings, where=index_dir)
         self.pages = PageStore.from_index(index_dir, base_dir, pages_folder)
         self.search_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        self.documents: dict[str, list[str]] = {}  # doc_id -> its page ids in the index
+        for pid, meta in self.index.meta.items():
+            if meta.get("doc_id"):
+                self.documents.setdefault(meta["doc_id"], []).append(pid)
 
-    def _search_now(self, queries: list[tuple[str, int]]) -> list[list[tuple[str, float]]]:
-        vectors = self.encoder.embed_queries([q for q, _ in queries], batch_size=self.cfg.query_batch_size)
-        hits = self.index.search(vectors, max(k for _, k in queries), dtype=self.search_dtype,
-                                 method=self.search_method, shortlist=self.cfg.shortlist)
-        return [h[:k] for h, (_, k) in zip(hits, queries)]
+    def _search_now(self, queries: list[tuple[str, int, str | None]]) -> list[list[tuple[str, float]]]:
+        """(question, k, doc_id or None) -> top-k hits: over the whole index, or exactly among the
+        pages of the question's document."""
+        vectors = self.encoder.embed_queries([q for q, _, _ in queries], batch_size=self.cfg.query_batch_size)
+        hits: list[list[tuple[str, float]]] = [[] for _ in queries]
+        whole = [i for i, (_, _, doc) in enumerate(queries) if doc is None]
+        scoped = [i for i, (_, _, doc) in enumerate(queries) if doc is not None]
+        for group, candidates in ((whole, None), (scoped, [self.documents[queries[i][2]] for i in scoped])):
+            if not group:
+                continue
+            found = self.index.search([vectors[i] for i in group], max(queries[i][1] for i in group),
+                                      dtype=self.search_dtype, method=self.search_method, shortlist=self.cfg.shortlist,
+                                      candidates=candidates)
+            for i, h in zip(group, found):
+                hits[i] = h[:queries[i][1]]
+        return hits
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _search(self, queries: list[tuple[str, int]]) -> list[list[tuple[str, float]]]:
+    async def _search(self, queries: list[tuple[str, int, str | None]]) -> list[list[tuple[str, float]]]:
         """Concurrent questions are embedded and scored as one batch, in a worker thread: the
         CPU-bound embedding and MaxSim would otherwise block this replica's event loop (its health
         checks and the batching of the next questions). One batch runs at a time."""
         return await asyncio.to_thread(self._search_now, queries)
 
-    async def search(self, question: str, k: int, read: int) -> Retrieval:
-        """The top-k pages by score, and the best `read` of them with their images."""
-        hits = await self._search((question, k))
+    async def search(self, question: str, k: int, read: int, doc_id: str | None = None) -> Retrieval:
+        """The top-k pages by score (of document `doc_id` only, when given), and the best `read` of
+        them with their images."""
+        if doc_id is not None and doc_id not in self.documents:
+            raise UnknownDocument(f"doc_id {doc_id!r}: the index this server answers from holds no page of that document")
+        hits = await self._search((question, k, doc_id))
         citations = [Citation(rank=rank, page_id=pid, doc_id=self.index.meta[pid].get("doc_id"),
                               page_no=self.index.meta[pid].get("page_no"), score=score, read=rank <= read)
                      for rank, (pid, score) in enumerate(hits, start=1)]
@@ -328,6 +346,8 @@ class Ingress:
         cause = _cause(e)
         if isinstance(cause, RequestRefused):
             return APIError(400, str(cause.args[0] if cause.args else cause))
+        if isinstance(cause, UnknownDocument):
+            return APIError(404, str(cause), type="not_found_error", param="doc_id", code="document_not_found")
         if isinstance(cause, (PageUnavailable, EngineDead)):  # the server's state, not the request's fault
             return APIError(503, f"{what}: {cause}", type="server_error")
         log.error("%s failed: %r", what, e)
@@ -445,8 +465,8 @@ class Ingress:
             self._check_model(req.model)
         k = docqa_k(req, self.s.limits, self.s.docqa_k)
         rid = new_id("docqa")
-        retrieval = await self._await(self.retriever.search.remote(req.question, k, min(k, self.s.docqa_read_pages)),
-                                      "the retriever", deadline)
+        retrieval = await self._await(self.retriever.search.remote(req.question, k, min(k, self.s.docqa_read_pages),
+                                                                    req.doc_id), "the retriever", deadline)
         s = self.s.docqa_sampling
         params = GenerationParams(max_tokens=req.max_tokens or s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                   n=1, stop=tuple(s.stop), seed=s.seed)

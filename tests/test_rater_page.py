@@ -454,6 +454,29 @@ def _main_view_screenshot(driver) -> None:
 
 
 @served
+def test_ask_within_one_document(browser, rater_app):
+    """A document id next to the question searches only that document's pages; an unknown one is
+    refused with the server's message, naming it."""
+    _open(browser, rater_app)
+    docs = {}
+    for pid in rater_app["pages"]:
+        docs.setdefault(pid.rsplit("/", 1)[0], []).append(pid)
+    doc, own = max(docs.items(), key=lambda d: len(d[1]))
+    browser.find_element("id", "ask-doc").send_keys(doc)
+    _ask(browser, "What is the invoice total?")
+    thumbs = browser.find_elements("css selector", "#thumbnails li")
+    assert sorted(li.get_attribute("data-page-id") for li in thumbs) == sorted(own)
+    field = browser.find_element("id", "ask-doc")
+    field.clear()
+    field.send_keys("no-such-doc")
+    question = browser.find_element("id", "question")
+    question.clear()
+    question.send_keys("What is the date?\n")
+    _wait(browser, lambda d: _visible(d, "alert") and "'no-such-doc'" in _text(d, "alert"), "the refusal of the document")
+    assert "holds no page of that document" in _text(browser, "alert")
+    field.clear()
+
+
 def test_the_queue_shows_unrated_answers_and_n_moves_on(browser, rater_app):
     _open(browser, rater_app)
     queue = _get(rater_app, "/v1/feedback/queue?limit=50").json()["data"]

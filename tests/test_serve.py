@@ -96,7 +96,7 @@ def served(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
     try:
         wait_until_running(["docrl", "docrl-one"], timeout_s=300)
         yield {"url": f"http://127.0.0.1:{port}", "index_pages": [p.page_id for p in pages[:6]],
-               "one_page": pages[0].page_id}
+               "index_docs": {p.page_id: p.doc_id for p in pages[:6]}, "one_page": pages[0].page_id}
     finally:
         serve.shutdown()
 
@@ -190,6 +190,38 @@ def test_docqa_answers_with_pages_of_the_index_ranked_by_score(served):
     assert body["usage"]["prompt_tokens"] > 20 and body["weights_version"] == 3
 
 
+def test_docqa_within_one_document_cites_only_its_pages_with_their_exact_scores(served):
+    """`doc_id` searches only that document's pages (as retriever.scope: document does in training),
+    scored as in a search of the whole index; concurrent scoped and unscoped questions (one batch
+    in the retriever) each get their own; an unknown document is a 404 naming it."""
+    docs = {}
+    for pid, doc in served["index_docs"].items():
+        docs.setdefault(doc, []).append(pid)
+    doc, own = max(docs.items(), key=lambda d: len(d[1]))
+    assert 1 < len(own) < 6
+    question = "What is the invoice total?"
+    with ThreadPoolExecutor(4) as pool:
+        everything, scoped, scoped_k1, plain = pool.map(lambda body: _post(served, "/v1/docqa", body), [
+            {"question": question, "k": 6}, {"question": question, "k": 6, "doc_id": doc},
+            {"question": question, "k": 1, "doc_id": doc}, {"question": "Who signed the letter?", "k": 2}])
+    for r in (everything, scoped, scoped_k1, plain):
+        assert r.status_code == 200, r.text
+    every_score = {c["page_id"]: c["score"] for c in everything.json()["citations"]}
+    cites = scoped.json()["citations"]
+    assert sorted(c["page_id"] for c in cites) == sorted(own) and all(c["doc_id"] == doc for c in cites)
+    assert [c["rank"] for c in cites] == list(range(1, len(own) + 1)) and cites[0]["read"]
+    for c in cites:
+        assert c["score"] == pytest.approx(every_score[c["page_id"]], abs=1e-4)
+    best_of_doc = max(own, key=lambda pid: every_score[pid])
+    assert [c["page_id"] for c in scoped_k1.json()["citations"]] == [best_of_doc]
+    assert len(plain.json()["citations"]) == 2
+
+    r = _post(served, "/v1/docqa", {"question": question, "doc_id": "no-such-doc"})
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert "'no-such-doc'" in error["message"] and error["param"] == "doc_id" and error["code"] == "document_not_found"
+
+
 def test_docqa_default_k_comes_from_the_config(served):
     r = _post(served, "/v1/docqa", {"question": "Who signed the letter?"})
     assert r.status_code == 200 and len(r.json()["citations"]) == 3  # retriever.top_k=3
@@ -261,6 +293,7 @@ def test_malformed_and_over_limit_chat_requests_get_a_clear_4xx(served, body, st
     ({"question": "q", "k": 0}, "k: Input should be greater than or equal to 1"),
     ({"question": "q", "k": 21}, "serve.limits.max_k"),
     ({"k": 2}, "question: Field required"),
+    ({"question": "q", "doc_id": ""}, "doc_id: String should have at least 1 character"),
 ])
 def test_malformed_docqa_requests_get_400(served, body, words):
     r = _post(served, "/v1/docqa", body)

@@ -156,10 +156,12 @@ async function ask(ev) {
   ev.preventDefault();
   const question = $("question").value.trim();
   if (!question) return;
+  const docId = $("ask-doc").value.trim();  // empty: the whole index
+  const body = docId ? { question, doc_id: docId } : { question };
   $("ask-button").disabled = true;
-  setBusy("Asking the documents…");
+  setBusy(docId ? "Asking the document…" : "Asking the documents…");
   try {
-    const r = await api("v1/docqa", { method: "POST", body: { question }, timeoutMs: ASK_TIMEOUT_MS });
+    const r = await api("v1/docqa", { method: "POST", body, timeoutMs: ASK_TIMEOUT_MS });
     showAnswer({
       id: r.id, kind: "docqa", question: r.question, answer: r.answer, citations: r.citations, model: r.model,
       version: r.weights_version, createdAt: new Date(r.created * 1000),
