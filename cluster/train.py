@@ -305,7 +305,8 @@ class Trainer:
             eval_samples = self.eval_set.samples[: ws.max_eval_questions]
             # only the pages these questions are asked about, not the whole corpus
             pages = {q.gold_page: self.corpus.pages[q.gold_page] for q in (*samples, *eval_samples)}
-            ref = task.remote(policy, str(out), samples, pages, self.cfg.rollout, settings, eval_samples)
+            ref = task.remote(policy, str(out), samples, pages, self.cfg.rollout, settings, eval_samples,
+                              self.cfg.learner.num_gpus_per_rank)
             get_with_timeout(ref, self.cfg.ray.actor_start_timeout_s + 60 * ws.steps, "the warm start (learner/sft.py)")
             stamp.write_text(json.dumps(built_from, indent=1, sort_keys=True))
         summary = json.loads(summary_file.read_text())
@@ -350,7 +351,7 @@ class Trainer:
             pages = {pid: p for pid, p in self.corpus.pages.items() if p.doc_id in train_docs}
             eval_pages = {pid: p for pid, p in self.corpus.pages.items() if p.doc_id in eval_docs}
             ref = task.remote(retriever_model, str(out), samples, pages, ws, cfg.retriever.scope, cfg.run.seed,
-                              eval_samples, eval_pages, cfg.retriever.dtype)
+                              eval_samples, eval_pages, cfg.retriever.dtype, cfg.retriever.num_gpus_per_actor)
             get_with_timeout(ref, cfg.ray.actor_start_timeout_s + 10 * ws.steps, "the retriever warm start (retriever/finetune.py)")
             stamp.write_text(json.dumps(built_from, indent=1, sort_keys=True))
         summary = json.loads(summary_file.read_text())

@@ -1,4 +1,4 @@
-"""Waiting on actors and finding a port: small helpers every role shares."""
+"""Waiting on actors, finding a port, choosing a task's device: small helpers every role shares."""
 
 from __future__ import annotations
 
@@ -22,3 +22,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def task_device(num_gpus: float) -> str:
+    """The torch device for a Ray task or actor that asked for `num_gpus` GPUs: "cuda" when it asked
+    for some (Ray then narrows CUDA_VISIBLE_DEVICES to them) and CUDA is there, else "cpu". What was
+    asked decides, not what is visible: Ray leaves every GPU of the node visible to a task or actor
+    that asked for none, and computing there would use a GPU reserved by another role."""
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"

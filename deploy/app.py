@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from common.ray_helpers import task_device
 from deploy.api import (
     SSE_DONE, APIError, ChatCompletionRequest, Choice, Citation, Completion, DocQARequest, DocQAResponse,
     GenerationParams, RequestRefused, Retrieval, StreamEvent, UnknownDocument, chat_chunk, chat_completion_body, chat_input,
@@ -69,7 +70,7 @@ class Retriever:
     """The saved index and its encoder (the plain objects a RetrieverActor holds), and the page
     images of that index: the only pages this server reads."""
 
-    def __init__(self, index_dir: str, model_path: str, cfg: RetrieverConfig, num_threads: int, use_gpu: bool,
+    def __init__(self, index_dir: str, model_path: str, cfg: RetrieverConfig, num_threads: int, num_gpus: float,
                  base_dir: str, pages_folder: str | None):
         import torch
 
@@ -78,7 +79,7 @@ class Retriever:
         from retriever.index import load_index
 
         torch.set_num_threads(max(1, num_threads))
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        device = task_device(num_gpus)
         self.cfg = cfg
         self.encoder = PageEncoder(model_path, cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens)
         self.index = load_index(index_dir, pooling=cfg.pooling())  # memory-mapped
@@ -629,7 +630,7 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
         retriever_model = absolute(retriever_model)
     pages_folder = absolute(sc.pages_folder) if sc.pages_folder else None
     retriever = Retriever.options(**sc.retriever.serve_options()).bind(
-        index_dir, retriever_model, cfg.retriever, int(max(1, sc.retriever.num_cpus)), sc.retriever.num_gpus > 0,
+        index_dir, retriever_model, cfg.retriever, int(max(1, sc.retriever.num_cpus)), sc.retriever.num_gpus,
         str(base), pages_folder)
     policy_app = Policy.options(**sc.policy.serve_options()).bind(
         policy, rollout_cfg, int(max(1, sc.policy.num_cpus)), cfg.run.seed)

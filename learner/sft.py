@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from common.ray_helpers import task_device
 from docvqa.sample import DocVQASample, Page
 from learner.config import LoraConfig
 from learner.model import InputBuilder, apply_lora, forward_outputs, freeze_vision_tower, load_policy
@@ -144,15 +145,16 @@ def _trainable_model(policy_path: str, settings: SFTSettings, device: torch.devi
 
 def supervised_finetune(policy_path: str, out_dir: str | Path, samples: Sequence[DocVQASample],
                         pages_by_id: dict[str, Page], rollout_cfg, settings: SFTSettings,
-                        eval_samples: Sequence[DocVQASample] = ()) -> dict:
+                        eval_samples: Sequence[DocVQASample] = (), num_gpus: float = 0.0) -> dict:
     """Train `settings.steps` AdamW steps of mean token cross-entropy on random minibatches of
     `samples`; save the model (LoRA merged, with its processor) to `out_dir`. Returns the loss
-    curve and, with `eval_samples` (held out), the greedy ANLS on them before and after."""
+    curve and, with `eval_samples` (held out), the greedy ANLS on them before and after.
+    `num_gpus`: what the Ray task running it asked for (on a GPU when > 0)."""
     if not any(s.answers for s in samples):
         raise ValueError("warm start: no training questions (with a gold answer) to fine-tune on")
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(task_device(num_gpus))
     builder = InputBuilder.for_model(policy_path)
     model = _trainable_model(policy_path, settings, device)
     anls_before = greedy_anls(model, builder, eval_samples, pages_by_id, rollout_cfg) if eval_samples else None

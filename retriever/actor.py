@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ray
 
+from common.ray_helpers import task_device
 from docvqa.sample import Page
 from retriever.config import RetrieverConfig
 
@@ -17,7 +18,7 @@ class RetrieverActor:
         from retriever.index import PageIndex
 
         torch.set_num_threads(max(1, int(cfg.num_cpus_per_actor)))
-        device = "cuda" if cfg.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        device = task_device(cfg.num_gpus_per_actor)
         self.cfg = cfg
         self.encoder = PageEncoder(model_path, cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens)
         self.index = PageIndex(self.encoder.settings(), cfg.pooling())

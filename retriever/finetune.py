@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from common.ray_helpers import task_device
 from docvqa.sample import DocVQASample, Page, documents_of
 from docvqa.tiny_models import TINY_MANIFEST
 from retriever.config import RetrieverWarmStartConfig
@@ -129,11 +130,12 @@ def _load_trainable(model_path: str, family: str, device: torch.device):
 def finetune_retriever(model_path: str, out_dir: str, samples: Sequence[DocVQASample], pages: dict[str, Page],
                        settings: RetrieverWarmStartConfig, scope: str = "corpus", seed: int = 0,
                        eval_samples: Sequence[DocVQASample] = (), eval_pages: dict[str, Page] | None = None,
-                       dtype: str = "float32") -> dict:
+                       dtype: str = "float32", num_gpus: float = 0.0) -> dict:
     """Train on `samples` (their gold pages, and negatives drawn from `pages`) for `settings.steps`
     steps; write the model to `out_dir` with a summary (loss, held-out recall@1 before and after,
     searched as `scope` says: "document" or "corpus", with vectors in `dtype` as the index
-    computes them); returns the summary."""
+    computes them); returns the summary. `num_gpus`: what the Ray task running it asked for (on a
+    GPU when > 0)."""
     from colpali_engine.loss.late_interaction_losses import ColbertNegativeCELoss
 
     family = infer_model_class(model_path)
@@ -144,8 +146,7 @@ def finetune_retriever(model_path: str, out_dir: str, samples: Sequence[DocVQASa
     if not samples:
         raise ValueError("retriever warm start: no training question has its gold page among the pages given")
     t0 = time.perf_counter()
-    # Ray hides every GPU from a task that asked for none, so CUDA here means one was given
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(task_device(num_gpus))
     bf16_autocast = device.type == "cuda" and dtype == "bfloat16"
     eval_pages = eval_pages if eval_pages is not None else pages
     recall_before = recall_at_1(PageEncoder(model_path, dtype=dtype, device=str(device)), eval_samples, eval_pages, scope)

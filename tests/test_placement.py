@@ -97,6 +97,28 @@ def test_learner_ranks_use_the_gpu_ray_gave_them(ray_cluster):
     assert cuda_local_rank(0, ["3"], False) == 3  # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES: all visible
 
 
+def test_a_task_that_asked_for_no_gpu_computes_on_cpu(ray_cluster):
+    """Ray narrows CUDA_VISIBLE_DEVICES only for a task that asked for GPUs; one that asked for
+    none is left seeing every GPU of its node. So "is CUDA available" cannot tell a task whether a
+    GPU is its own: the warm starts and the retriever choose their device by what they asked for
+    (`task_device`), or a CPU-configured one would compute on a GPU another role reserved."""
+    import os
+
+    import ray
+
+    from common.ray_helpers import task_device
+
+    @ray.remote(num_cpus=0.1)
+    def visible(num_gpus):
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), task_device(num_gpus)
+
+    (without_gpu, device_without), (with_gpu, _) = ray.get(
+        [visible.options(num_gpus=0).remote(0), visible.options(num_gpus=1).remote(1)], timeout=120)
+    assert with_gpu in ("0", "1")  # narrowed to the (fake) GPU it was given
+    assert without_gpu != "" and without_gpu != with_gpu  # not hidden: the node's GPUs stay visible
+    assert device_without == "cpu" and task_device(0.0) == "cpu"
+
+
 def test_async_threads_fit_the_local_cores():
     """Async mode runs both roles at once: on a local machine their threads are scaled to its
     cores; sync mode (they take turns) and remote clusters keep each role's CPUs."""
