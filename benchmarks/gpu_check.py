@@ -17,9 +17,9 @@ Steps (each a real `docrl` command in its own subprocess, each with a time limit
   5. retrieval in the loop (configs/tiny-retrieval.yaml, shortened): the retriever's contrastive
      warm start trained on the GPU (its summary names the device), the index built and searched
      there, the policy reading the top 2 pages, two GRPO steps
-The budget is 8-10 minutes on one GPU (gpu_check.sh stops it at 15); on CPU (--dry-run) the same commands run with the GPU
-settings replaced by CPU ones, the 100M steps shortened, and the CUDA-only checks reported as
-skipped, so the script itself is tested where no GPU is.
+The budget is 8-10 minutes on one GPU (gpu_check.sh stops it at 15); on CPU (--dry-run) the same
+commands run with the GPU settings replaced by CPU ones, the 100M steps shortened, and the
+CUDA-only checks reported as skipped, so the script itself is tested where no GPU is.
 """
 
 from __future__ import annotations
