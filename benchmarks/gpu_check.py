@@ -187,7 +187,9 @@ def main() -> int:
                              "trainer.eval_every=0", "trainer.save_every=0", "trainer.warm_start.steps=2",
                              "retriever.warm_start.steps=20", "retriever.warm_start.max_eval_questions=16",
                              "data.max_eval_samples=8", "data.synthetic.num_documents=40"), 360)
-    warm_file = run_dir / "retriever_warm_start" / "model" / "docrl_retriever_warm_start.json"
+    from retriever.finetune import RUN_SUBDIR, SUMMARY_FILE
+
+    warm_file = run_dir / RUN_SUBDIR / SUMMARY_FILE
     warm = json.loads(warm_file.read_text()) if warm_file.exists() else {}
     rows_retrieval = train_metrics(run_dir)
     expected_device = "cuda" if gpu else "cpu"
