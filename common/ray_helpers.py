@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
-
-import ray
 
 
 def get_with_timeout(refs, timeout_s: float, what: str):
     """`ray.get` that fails with a message naming what was awaited instead of hanging."""
+    import ray  # here, not at the top: role logic that imports this module runs without Ray too
+
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:

@@ -25,6 +25,10 @@ class LearnerConfig(Section):
     num_gpus_per_rank: float = Field(0.0, ge=0.0)
     num_cpus_per_rank: float = Field(1.0, gt=0.0)
     zero_stage: Literal[2, 3] = 2
+    # ZeRO-3: partition every parameter however small, without prefetch (tests: the tiny models'
+    # parameters are all below DeepSpeed's persistence threshold and would stay whole); real runs
+    # keep DeepSpeed's defaults
+    zero3_partition_all: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
     lora: LoraConfig = LoraConfig()
     freeze_vision_tower: bool = True

@@ -54,15 +54,18 @@ def torch_dtype(name: str) -> torch.dtype:
 def deepspeed_config(cfg: LearnerConfig, algo: AlgorithmConfig, world_size: int) -> dict:
     """The DeepSpeed config for the learner section. Gradient accumulation is driven by the worker
     (it marks the last micro-batch of each minibatch as the boundary), so the accumulation steps
-    here are nominal: DeepSpeed needs a consistent train_batch_size, nothing more."""
+    here are nominal: DeepSpeed needs a consistent train_batch_size, nothing more.
+
+    ZeRO keeps DeepSpeed's own defaults (overlap_comm on for ZeRO-3, off for ZeRO-2; small
+    ZeRO-3 parameters kept whole, 50M-element prefetch buckets): they are what DeepSpeed tunes
+    and tests on GPUs. `learner.zero3_partition_all` partitions every parameter, however small,
+    with no prefetch, so that the tiny test models really exercise ZeRO-3's gathers."""
     per_rank = max(1, algo.minibatch_size // world_size)
     gas = max(1, -(-per_rank // cfg.micro_batch_size))
-    zero: dict = {"stage": cfg.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
-    if cfg.zero_stage == 3:
-        # Partition every parameter, however small (the default keeps small ones replicated, which
-        # would hide ZeRO-3 gathering bugs on the tiny test models).
+    zero: dict = {"stage": cfg.zero_stage, "contiguous_gradients": True}
+    if cfg.zero_stage == 3 and cfg.zero3_partition_all:
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0})
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "train_batch_size": cfg.micro_batch_size * gas * world_size,
@@ -74,6 +77,11 @@ def deepspeed_config(cfg: LearnerConfig, algo: AlgorithmConfig, world_size: int)
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.dtype == "bfloat16":
+        # Without it DeepSpeed sums the micro-batches' gradients in bf16 (8 bits of mantissa): a
+        # minibatch of 32 micro-batches loses the small ones. ZeRO-2 and ZeRO-3 both take fp32.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 def init_distributed(rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,

@@ -50,7 +50,8 @@ def experiences(policy, pages, builder):
 
 
 def _config(**overrides) -> LearnerConfig:
-    base = dict(micro_batch_size=2, learning_rate=1e-3, value_learning_rate=1e-3)
+    # zero3_partition_all: the tiny model's parameters are all small enough to stay whole otherwise
+    base = dict(micro_batch_size=2, learning_rate=1e-3, value_learning_rate=1e-3, zero3_partition_all=True)
     return LearnerConfig(**{**base, **overrides})
 
 

@@ -33,7 +33,8 @@ def experiences(policy, pages):
 
 def _cfgs(zero_stage: int, gpus: float = 0.0):
     cfg = LearnerConfig(num_ranks=2, num_cpus_per_rank=1, num_gpus_per_rank=gpus, zero_stage=zero_stage,
-                        micro_batch_size=2, learning_rate=1e-3, value_learning_rate=1e-3, collective_timeout_s=300)
+                        micro_batch_size=2, learning_rate=1e-3, value_learning_rate=1e-3, collective_timeout_s=300,
+                        zero3_partition_all=True)
     algo = AlgorithmConfig(advantage="gae", minibatch_size=4, ppo_epochs=2, kl_coef=0.05)
     return cfg, algo
 
