@@ -26,10 +26,25 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def task_device(num_gpus: float) -> str:
-    """The torch device for a Ray task or actor that asked for `num_gpus` GPUs: "cuda" when it asked
-    for some (Ray then narrows CUDA_VISIBLE_DEVICES to them) and CUDA is there, else "cpu". What was
-    asked decides, not what is visible: Ray leaves every GPU of the node visible to a task or actor
-    that asked for none, and computing there would use a GPU reserved by another role."""
+    """The torch device for a Ray task or actor that asked for `num_gpus` GPUs (call it inside
+    the task or actor): see `gpu_device`."""
+    import ray
     import torch
 
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return gpu_device(num_gpus, ray.get_gpu_ids() if num_gpus > 0 else [],
+                      visible_devices_set_by_ray=not os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"),
+                      cuda_available=torch.cuda.is_available())
+
+
+def gpu_device(num_gpus: float, gpu_ids: list, visible_devices_set_by_ray: bool, cuda_available: bool) -> str:
+    """"cuda:<index>" for a task or actor that asked for GPUs when CUDA is there, else "cpu". What
+    was asked decides, not what is visible: Ray leaves every GPU of the node visible to a task or
+    actor that asked for none, and computing there would use a GPU reserved by another role. Ray
+    narrows CUDA_VISIBLE_DEVICES to the GPUs it gave, so the first of them is index 0; with
+    RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES every GPU stays visible and the index is the id
+    Ray gave (`learner.rank.cuda_local_rank` gives DeepSpeed the same index)."""
+    if num_gpus <= 0 or not cuda_available:
+        return "cpu"
+    if visible_devices_set_by_ray or not gpu_ids:
+        return "cuda:0"
+    return f"cuda:{int(gpu_ids[0])}"

@@ -163,9 +163,11 @@ class Policy:
     this replica, driven by an `EngineLoop`."""
 
     def __init__(self, policy: dict, rollout_cfg: RolloutConfig, num_threads: int, seed: int):
+        import ray
+
         from rollout.engine import vllm_env
 
-        os.environ.update(vllm_env(rollout_cfg, num_threads))
+        os.environ.update(vllm_env(rollout_cfg, num_threads, gpu_ids=ray.get_gpu_ids()))
         from deploy.engine_loop import EngineLoop  # noqa: I001 - vllm is imported after the environment is set
         from rollout.engine import RolloutEngine
 

@@ -8,7 +8,7 @@ import ray
 import torch
 
 from common.quiet import quiet_known_library_messages
-from common.ray_helpers import free_port
+from common.ray_helpers import free_port, task_device
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.worker import LearnerWorker
 
@@ -47,7 +47,8 @@ class LearnerRank:
                                      not os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"))
         self.worker = LearnerWorker(policy_path, cfg, algo, rank=rank, world_size=world_size, local_rank=local_rank,
                                     master_addr=master_addr, master_port=master_port, seed=seed,
-                                    sampling_temperature=sampling_temperature)
+                                    sampling_temperature=sampling_temperature,
+                                    device=task_device(cfg.num_gpus_per_rank))
         return True
 
     def describe(self) -> dict:

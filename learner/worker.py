@@ -85,8 +85,8 @@ def deepspeed_config(cfg: LearnerConfig, algo: AlgorithmConfig, world_size: int)
 
 
 def init_distributed(rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,
-                     timeout_s: float) -> None:
-    """torch.distributed through DeepSpeed: gloo on CPU, NCCL on GPU, from the env variables."""
+                     timeout_s: float, backend: str = "gloo") -> None:
+    """torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU), from the env variables."""
     import deepspeed
     import torch.distributed as dist
 
@@ -97,7 +97,6 @@ def init_distributed(rank: int, world_size: int, local_rank: int, master_addr: s
             raise RuntimeError(f"torch.distributed is already initialized with world size {dist.get_world_size()}, "
                                f"this learner needs {world_size}")
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
                                rank=rank, world_size=world_size)
 
@@ -107,7 +106,12 @@ class LearnerWorker:
 
     def __init__(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, *, rank: int = 0,
                  world_size: int = 1, local_rank: int = 0, master_addr: str = "127.0.0.1",
-                 master_port: int | None = None, seed: int = 0, sampling_temperature: float = 1.0):
+                 master_port: int | None = None, seed: int = 0, sampling_temperature: float = 1.0,
+                 device: str | None = None):
+        """`device`: where this rank computes, "cuda:<i>" or "cpu" (the Ray shell passes the GPU
+        Ray gave it, `common.ray_helpers.task_device`); None: the current CUDA device if there
+        is one, else the CPU. DeepSpeed takes LOCAL_RANK as the CUDA index, so a CUDA device's
+        index must equal `local_rank`."""
         import deepspeed
 
         U.check_sampling_temperature(sampling_temperature)
@@ -117,12 +121,16 @@ class LearnerWorker:
         self.name = f"learner rank {rank}"
         if master_port is None:
             master_port = free_port()
-        init_distributed(rank, world_size, local_rank, master_addr, master_port, cfg.collective_timeout_s)
-        if torch.cuda.is_available():  # Ray gives each rank its own GPU(s) through CUDA_VISIBLE_DEVICES
-            torch.cuda.set_device(0)
-            self.device = torch.device("cuda", 0)
-        else:
-            self.device = torch.device("cpu")
+        if device is None:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if self.device.index != local_rank:
+                raise ValueError(f"{self.name}: device {device} differs from LOCAL_RANK {local_rank}, which DeepSpeed "
+                                 "uses as this process's CUDA device index")
+            torch.cuda.set_device(self.device)
+        init_distributed(rank, world_size, local_rank, master_addr, master_port, cfg.collective_timeout_s,
+                         backend="nccl" if self.device.type == "cuda" else "gloo")
         self.dtype = torch_dtype(cfg.dtype)
         # The reference serves a KL penalty, or the KL-to-ref metric when asked for (learner.log_kl_to_ref):
         # with LoRA it costs a forward with the adapters disabled, with full fine-tuning a frozen copy too.

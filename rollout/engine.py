@@ -26,9 +26,10 @@ from rollout.types import GenerateOutput, RolloutRequest, RolloutResult, Sampled
 from rollout.weights import check_full_weights, check_lora_adapter, checkpoint_shapes, local_model_dir
 
 
-def vllm_env(cfg: RolloutConfig, num_threads: int) -> dict[str, str]:
-    """Environment for a vLLM worker process: in-process engine, bounded KV cache, own threads."""
-    return {
+def vllm_env(cfg: RolloutConfig, num_threads: int, gpu_ids: Sequence = ()) -> dict[str, str]:
+    """Environment for a vLLM worker process: in-process engine, bounded KV cache, own threads.
+    `gpu_ids`: the GPUs Ray gave the process (`ray.get_gpu_ids()`, inside the actor)."""
+    env = {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(math.ceil(cfg.kv_cache_gb)))),
         # Auto binding pins every engine on a node to the same cores; let the OS spread them.
@@ -36,6 +37,11 @@ def vllm_env(cfg: RolloutConfig, num_threads: int) -> dict[str, str]:
         "OMP_NUM_THREADS": str(max(1, num_threads)),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
+    if gpu_ids and os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"):
+        # Ray left every GPU of the node visible and vLLM takes the first visible ones: make those
+        # the GPUs this process was given
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+    return env
 
 
 def to_sampling_params(s: SamplingConfig, **overrides):

@@ -15,7 +15,7 @@ from rollout.types import GenerateOutput, RolloutRequest
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0, max_lora_rank: int | None = None,
                  index: int = 0):
-        os.environ.update(vllm_env(cfg, num_threads=max(1, int(cfg.num_cpus_per_worker))))
+        os.environ.update(vllm_env(cfg, num_threads=max(1, int(cfg.num_cpus_per_worker)), gpu_ids=ray.get_gpu_ids()))
         from rollout.engine import RolloutEngine  # imports vllm: after the environment is set
 
         self.name = f"rollout worker {index}"

@@ -75,3 +75,47 @@ def test_accumulated_bf16_gradients_equal_their_fp32_sum(zero_stage):
         accumulated = safe_get_full_grad(p)
         assert accumulated.dtype == torch.float32
         torch.testing.assert_close(accumulated, fp32_sum[name], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each rank and worker computes on the GPU Ray gave it
+
+
+def test_the_device_is_the_gpu_ray_gave_under_either_visibility_rule():
+    """Ray narrows CUDA_VISIBLE_DEVICES to an actor's GPUs (index 0 is its own), unless
+    RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES is set: then every GPU is visible and the index is
+    the id Ray gave. LOCAL_RANK, which DeepSpeed uses as the CUDA index, is the same number."""
+    from common.ray_helpers import gpu_device
+    from learner.rank import cuda_local_rank
+
+    assert gpu_device(1, ["3"], visible_devices_set_by_ray=True, cuda_available=True) == "cuda:0"
+    assert gpu_device(1, ["3"], visible_devices_set_by_ray=False, cuda_available=True) == "cuda:3"
+    assert gpu_device(0.5, ["2"], visible_devices_set_by_ray=False, cuda_available=True) == "cuda:2"
+    assert gpu_device(0, [], visible_devices_set_by_ray=False, cuda_available=True) == "cpu"  # asked for none
+    assert gpu_device(1, ["3"], visible_devices_set_by_ray=True, cuda_available=False) == "cpu"
+    for narrowed in (True, False):
+        device = gpu_device(1, ["3"], narrowed, cuda_available=True)
+        assert int(device.split(":")[1]) == cuda_local_rank(0, ["3"], narrowed)
+
+
+def test_a_cuda_device_other_than_local_rank_is_refused_before_deepspeed_starts():
+    """DeepSpeed selects LOCAL_RANK as the CUDA device (deepspeed/comm/torch.py init_process_group
+    device_id, engine `set_device`); a worker computing elsewhere would split one rank over two
+    GPUs. The check runs before any CUDA call, so it is exercised here without a GPU."""
+    from learner.worker import LearnerWorker
+
+    with pytest.raises(ValueError, match="device cuda:1 differs from LOCAL_RANK 0"):
+        LearnerWorker("unused", LearnerConfig(), AlgorithmConfig(), local_rank=0, device="cuda:1")
+
+
+def test_vllm_sees_only_its_own_gpus_when_ray_leaves_all_visible(monkeypatch):
+    """vLLM uses the first visible GPUs of its process: with Ray's NOSET variable the rollout
+    worker and the Serve replica narrow CUDA_VISIBLE_DEVICES to their own GPUs themselves."""
+    from rollout.config import RolloutConfig
+    from rollout.engine import vllm_env
+
+    monkeypatch.delenv("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", raising=False)
+    assert "CUDA_VISIBLE_DEVICES" not in vllm_env(RolloutConfig(), 2, gpu_ids=["1"])
+    monkeypatch.setenv("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
+    assert vllm_env(RolloutConfig(), 2, gpu_ids=["2", "3"])["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert "CUDA_VISIBLE_DEVICES" not in vllm_env(RolloutConfig(), 2, gpu_ids=[])
