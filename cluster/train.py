@@ -207,9 +207,19 @@ def with_derived_lr_decay(cfg: DocRLConfig) -> DocRLConfig:
     return cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"lr_decay_steps": steps})})
 
 
+def with_derived_max_num_seqs(cfg: DocRLConfig) -> DocRLConfig:
+    """Unless `rollout.max_num_seqs` is set, an engine runs at most a step's share of sequences at
+    once, ceil(prompts_per_step / num_workers) x n: what vLLM reserves memory for, instead of its
+    default of 1,024 (evaluation's greedy answers beyond that wait their turn)."""
+    if cfg.rollout.max_num_seqs is not None:
+        return cfg
+    share = math.ceil(cfg.trainer.prompts_per_step / cfg.rollout.num_workers) * cfg.rollout.sampling.n
+    return cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"max_num_seqs": share})})
+
+
 class Trainer:
     def __init__(self, cfg: DocRLConfig):
-        cfg = with_derived_lr_decay(cfg)
+        cfg = with_derived_max_num_seqs(with_derived_lr_decay(cfg))
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.step = 0

@@ -40,6 +40,9 @@ class RolloutConfig(Section):
     enforce_eager: bool | None = None  # null: CUDA graphs on GPUs, eager on CPU
     max_images_per_prompt: int = Field(1, ge=1)
     max_image_pixels: int | None = Field(None, ge=28 * 28)  # larger pages are resized down
+    # sequences one engine runs at once (vLLM's max_num_seqs, which it also profiles memory for);
+    # null: `docrl train` sets it to a step's share per worker, ceil(prompts_per_step / num_workers) x n
+    max_num_seqs: int | None = Field(None, ge=1)
     on_too_many_images: Literal["truncate", "refuse"] = "truncate"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     instruction: str = DEFAULT_INSTRUCTION

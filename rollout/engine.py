@@ -21,7 +21,7 @@ import torch
 
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.prompts import (build_chat_text, build_conversation_text, count_image_parts, fit_image, pixel_bounds,
-                             vision_token_ids)
+                             processor_pixel_cap, vision_token_ids)
 from rollout.types import GenerateOutput, RolloutRequest, RolloutResult, SampledAnswer
 from rollout.weights import check_full_weights, check_lora_adapter, checkpoint_shapes, local_model_dir
 
@@ -54,9 +54,11 @@ def to_sampling_params(s: SamplingConfig, **overrides):
     return SamplingParams(**{**fields, **overrides})
 
 
-def engine_args(model_path: str, cfg: RolloutConfig, seed: int, max_lora_rank: int | None, cuda: bool) -> dict:
+def engine_args(model_path: str, cfg: RolloutConfig, seed: int, max_lora_rank: int | None, cuda: bool,
+                image_max_pixels: int | None = None) -> dict:
     """The arguments of vLLM's `LLM(...)` for a rollout worker (or a Serve replica) on a CUDA or CPU
-    machine."""
+    machine. `image_max_pixels`: the image processor's bound for the pages this engine gets
+    (`rollout.prompts.processor_pixel_cap`)."""
     args = dict(
         model=model_path,
         dtype=cfg.dtype,
@@ -74,6 +76,13 @@ def engine_args(model_path: str, cfg: RolloutConfig, seed: int, max_lora_rank: i
         logprobs_mode="processed_logprobs",
         worker_extension_cls="rollout.vllm_extension.DocRLWorkerExtension",
     )
+    # What vLLM profiles for (and so keeps from the KV cache): the largest image the processor
+    # makes of a docrl page, and as many sequences as the engine is ever given at once; by
+    # default it would be the processor's 16,384-token image and 1,024 sequences.
+    if image_max_pixels is not None:
+        args["mm_processor_kwargs"] = {"max_pixels": image_max_pixels}
+    if cfg.max_num_seqs is not None:
+        args["max_num_seqs"] = cfg.max_num_seqs
     if cfg.tensor_parallel_size > 1:
         # The worker actor holds all its GPUs (num_gpus_per_worker). Inside a placement group vLLM
         # would pick its Ray executor and try to place its shards on bundles the actor already
@@ -106,7 +115,9 @@ class RolloutEngine:
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.tokenizer = self.processor.tokenizer
         self.max_lora_rank = max_lora_rank
-        self.llm = LLM(**engine_args(model_path, cfg, seed, max_lora_rank, cuda=torch.cuda.is_available()))
+        image_max_pixels = processor_pixel_cap(cfg.max_image_pixels, pixel_bounds(self.processor.image_processor)[1])
+        self.llm = LLM(**engine_args(model_path, cfg, seed, max_lora_rank, cuda=torch.cuda.is_available(),
+                                     image_max_pixels=image_max_pixels))
         # never sampled: see rollout.prompts.vision_token_ids (the learner masks the same ids)
         self.banned_token_bias = {i: float("-inf") for i in vision_token_ids(AutoConfig.from_pretrained(model_path))}
         self.expected_shapes = checkpoint_shapes(local_model_dir(model_path))

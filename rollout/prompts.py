@@ -8,6 +8,8 @@ processor, which expands each pad to the image's token count.
 
 from __future__ import annotations
 
+import math
+
 from PIL import Image
 
 from rollout.config import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
@@ -44,11 +46,38 @@ def count_image_parts(messages: list[dict]) -> int:
 
 def fit_image(image: Image.Image, max_pixels: int | None) -> Image.Image:
     """Downscale (keeping aspect) so that width*height <= max_pixels; never upscale."""
-    if max_pixels is None or image.width * image.height <= max_pixels:
-        return image
-    scale = (max_pixels / (image.width * image.height)) ** 0.5
-    size = (max(28, int(image.width * scale)), max(28, int(image.height * scale)))
-    return image.resize(size, Image.Resampling.BICUBIC)
+    size = fitted_size(image.width, image.height, max_pixels)
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def fitted_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """(width, height) of a page fitted to `max_pixels` by `fit_image`."""
+    if max_pixels is None or width * height <= max_pixels:
+        return width, height
+    scale = (max_pixels / (width * height)) ** 0.5
+    return max(28, int(width * scale)), max(28, int(height * scale))
+
+
+# The Qwen2-VL-family processors refuse pages whose sides differ by more than this factor.
+MAX_ASPECT_RATIO = 200
+
+
+def processor_pixel_cap(max_image_pixels: int | None, processor_max_pixels: int | None) -> int | None:
+    """The smallest `max_pixels` for the model's image processor that leaves every page fitted to
+    `max_image_pixels` (`fit_image`) exactly as the processor's own bound does, or None where
+    there is nothing to lower. The processor rounds each side to the nearest multiple of 28 (at
+    most 14 pixels up) and shrinks again only above max_pixels, so a page of area A <= cap
+    comes out at most (h + 14)(w + 14) <= cap + 14(h + w) + 196; h + w is largest at the widest
+    aspect ratio the processor accepts. vLLM sizes its profiling image from this bound: the
+    processor's default (12,845,056 pixels, 16,384 visual tokens) would reserve encoder and
+    activation memory for pages docrl never sends."""
+    if max_image_pixels is None:
+        return None
+    widest = math.sqrt(MAX_ASPECT_RATIO) + 1 / math.sqrt(MAX_ASPECT_RATIO)
+    bound = max_image_pixels + 14 * math.ceil(math.sqrt(max_image_pixels) * widest) + 14 * 14
+    if processor_max_pixels is not None and bound >= processor_max_pixels:
+        return None
+    return bound
 
 
 def pixel_bounds(image_processor) -> tuple[int | None, int | None]:

@@ -5,11 +5,15 @@ makes and its docstring names the library source that makes the call right."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.worker import deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
 # DeepSpeed: bf16 gradients accumulate in fp32; ZeRO keeps its own defaults in real runs
@@ -119,3 +123,54 @@ def test_vllm_sees_only_its_own_gpus_when_ray_leaves_all_visible(monkeypatch):
     monkeypatch.setenv("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
     assert vllm_env(RolloutConfig(), 2, gpu_ids=["2", "3"])["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert "CUDA_VISIBLE_DEVICES" not in vllm_env(RolloutConfig(), 2, gpu_ids=[])
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM profiles for the pages and the sequences docrl gives it
+
+
+def test_the_processor_cap_leaves_every_fitted_page_as_the_default_bound_does():
+    """The image processor's resize (transformers' `smart_resize`, what vLLM's Qwen2-VL processing
+    calls) with the lowered cap gives every page fitted to rollout.max_image_pixels the same size
+    as with the processor's default bound, so prompt ids do not change; and the cap is far below
+    the default (what vLLM profiles its image encoder for)."""
+    import random
+
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    from rollout.prompts import fitted_size, processor_pixel_cap
+
+    default_max, default_min = 12845056, 3136
+    rng = random.Random(0)
+    for cap in (1003520, 802816, 200704, 50000):
+        lowered = processor_pixel_cap(cap, default_max)
+        assert cap < lowered < 1.25 * cap + 50000
+        sizes = [(1000, 1300), (1300, 1000), (28, 5000), (5000, 28), (4000, 21), (2480, 3508)]
+        sizes += [(rng.randint(28, 6000), rng.randint(28, 6000)) for _ in range(3000)]
+        for w, h in sizes:
+            if max(w, h) / min(w, h) > 190:  # the processor refuses these whatever the bound
+                continue
+            width, height = fitted_size(w, h, cap)
+            args = dict(height=height, width=width, factor=28, min_pixels=default_min)
+            assert smart_resize(**args, max_pixels=lowered) == smart_resize(**args, max_pixels=default_max), (cap, w, h)
+    assert processor_pixel_cap(None, default_max) is None  # no page cap: the processor's own bound
+    assert processor_pixel_cap(12845056, default_max) is None  # never above the processor's bound
+
+
+def test_vllm_is_told_the_page_cap_and_the_sequences_per_step():
+    from cluster.config import load_config
+    from cluster.train import with_derived_max_num_seqs
+    from rollout.config import RolloutConfig
+    from rollout.engine import engine_args
+
+    args = engine_args("m", RolloutConfig(max_num_seqs=64), 0, None, cuda=True, image_max_pixels=1200000)
+    assert args["mm_processor_kwargs"] == {"max_pixels": 1200000} and args["max_num_seqs"] == 64
+    plain = engine_args("m", RolloutConfig(), 0, None, cuda=True)
+    assert "mm_processor_kwargs" not in plain and "max_num_seqs" not in plain
+
+    cfg = with_derived_max_num_seqs(load_config(ROOT / "configs/qwen2vl-2b-1gpu.yaml"))
+    assert cfg.rollout.max_num_seqs == 16 * 8  # 16 prompts x 8 answers on its one worker
+    cfg = with_derived_max_num_seqs(load_config(ROOT / "configs/qwen2vl-2b-8gpu.yaml"))
+    assert cfg.rollout.max_num_seqs == -(-cfg.trainer.prompts_per_step // cfg.rollout.num_workers) * cfg.rollout.sampling.n
+    kept = with_derived_max_num_seqs(load_config(ROOT / "configs/tiny.yaml", ["rollout.max_num_seqs=5"]))
+    assert kept.rollout.max_num_seqs == 5
