@@ -174,3 +174,55 @@ def test_vllm_is_told_the_page_cap_and_the_sequences_per_step():
     assert cfg.rollout.max_num_seqs == -(-cfg.trainer.prompts_per_step // cfg.rollout.num_workers) * cfg.rollout.sampling.n
     kept = with_derived_max_num_seqs(load_config(ROOT / "configs/tiny.yaml", ["rollout.max_num_seqs=5"]))
     assert kept.rollout.max_num_seqs == 5
+
+
+VLLM_PROFILE_PROBE = r'''
+import json, os, sys
+os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+                   "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "VLLM_LOGGING_LEVEL": "ERROR"})
+from PIL import Image
+from transformers import AutoProcessor
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from docvqa.sample import Page
+from rollout.config import RolloutConfig, SamplingConfig
+from rollout.engine import RolloutEngine
+from rollout.prompts import fit_image
+from rollout.types import RolloutRequest
+
+policy, page_file, cap = sys.argv[1], sys.argv[2], int(sys.argv[3])
+engine = RolloutEngine(policy, RolloutConfig(max_image_pixels=cap, max_num_seqs=8, max_model_len=1024))
+config = engine.llm.llm_engine.vllm_config
+profiled = MULTIMODAL_REGISTRY.get_processing_info(config.model_config).get_image_size_with_most_features()
+request = RolloutRequest("r", "What is the total?", (Page("d/p1", "d", 1, image_path=page_file),))
+(result,) = engine.generate([request], SamplingConfig(n=1, temperature=0.0, max_tokens=4)).results
+processor = AutoProcessor.from_pretrained(policy)
+learner_ids = processor(text=[result.prompt_text], images=[fit_image(Image.open(page_file).convert("RGB"), cap)],
+                        return_tensors="pt")["input_ids"][0].tolist()
+print(json.dumps({"profiled_pixels": profiled.width * profiled.height, "max_num_seqs": config.scheduler_config.max_num_seqs,
+                  "same_prompt_ids": learner_ids == list(result.prompt_ids)}))
+'''
+
+
+@pytest.mark.vllm
+def test_vllm_profiles_the_capped_page_and_keeps_the_learners_prompt_ids(tiny_models, tmp_path):
+    """Real vLLM: its profiling image follows the lowered processor bound (it was the processor's
+    own bound before), max_num_seqs reaches the scheduler, and the prompt ids of an odd-sized
+    page equal those of the learner's processor."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from rollout.prompts import processor_pixel_cap
+
+    page_file = tmp_path / "page.png"
+    Image.fromarray((np.random.default_rng(0).random((1301, 997, 3)) * 255).astype("uint8")).save(page_file)
+    cap = 50000  # below the tiny policy's own bound (448 x 448)
+    out = subprocess.run([sys.executable, "-c", VLLM_PROFILE_PROBE, str(tiny_models["policy"]), str(page_file), str(cap)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["same_prompt_ids"] and report["max_num_seqs"] == 8
+    assert report["profiled_pixels"] <= processor_pixel_cap(cap, 448 * 448) < 448 * 448
