@@ -233,7 +233,7 @@ class Trainer:
     def setup(self, resume: bool = False) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from cluster.placement import local_cores, place_roles, role_threads
+        from cluster.placement import local_cores, place_roles, role_threads, rollout_shares_gpus
         from learner.group import LearnerGroup
         from retriever.group import RetrieverGroup
         from reward.group import RewardPool
@@ -262,17 +262,21 @@ class Trainer:
             policy = self.warm_start(policy)
         self.policy_path = policy
         self.placement = place_roles(cfg, timeout)
-        self.retriever = None
-        if not cfg.retriever.use_gold_page:
-            self.retriever = RetrieverGroup(retriever_model, cfg.retriever, timeout, self.placement["retriever"].strategies())
-            self.retriever.open(list(self.corpus.pages.values()), cfg.retriever.index_dir or self.out / "index",
-                                owned=cfg.retriever.index_dir is None)
         # the workers serve adapters only when adapters are what they are pushed (rollout.lora_push)
         self.push_kind = "lora" if cfg.learner.lora.enabled and cfg.rollout.lora_push_mode() == "adapter" else "full"
         lora_rank = cfg.learner.lora.r if self.push_kind == "lora" else None
         rollout_threads, learner_threads = role_threads(cfg, local_cores(cfg))
         self.rollout = RolloutGroup(policy, cfg.rollout, seed=cfg.run.seed, max_lora_rank=lora_rank,
                                     scheduling=self.placement["rollout"].strategies(), num_threads=rollout_threads)
+        if rollout_shares_gpus(cfg):
+            # vLLM takes its KV cache from what is free on the GPU while it profiles: what another
+            # role allocates there meanwhile would be charged to it, differently on every run
+            self.rollout.ready()
+        self.retriever = None
+        if not cfg.retriever.use_gold_page:
+            self.retriever = RetrieverGroup(retriever_model, cfg.retriever, timeout, self.placement["retriever"].strategies())
+            self.retriever.open(list(self.corpus.pages.values()), cfg.retriever.index_dir or self.out / "index",
+                                owned=cfg.retriever.index_dir is None)
         # any bundle of the reward role's group (index -1): the pool creates its actors itself
         self.rewards = RewardPool(cfg.reward, actor_options={"scheduling_strategy": PlacementGroupSchedulingStrategy(
             self.placement["reward"].group, placement_group_bundle_index=-1)})

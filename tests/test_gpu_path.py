@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from learner.config import AlgorithmConfig, LearnerConfig
+from cluster.config import load_config
 from learner.worker import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,3 +227,62 @@ def test_vllm_profiles_the_capped_page_and_keeps_the_learners_prompt_ids(tiny_mo
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["same_prompt_ids"] and report["max_num_seqs"] == 8
     assert report["profiled_pixels"] <= processor_pixel_cap(cap, 448 * 448) < 448 * 448
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM profiles the GPU before any role that shares it allocates there
+
+
+def test_which_presets_share_the_rollouts_gpus():
+    from cluster.config import load_config
+    from cluster.placement import rollout_shares_gpus
+
+    assert rollout_shares_gpus(load_config(ROOT / "configs/qwen2vl-2b-1gpu.yaml"))  # every role on one GPU
+    assert not rollout_shares_gpus(load_config(ROOT / "configs/qwen2vl-2b-8gpu.yaml"))  # whole GPUs per role
+    assert not rollout_shares_gpus(load_config(ROOT / "configs/tiny.yaml"))  # CPU only
+    cpu_learner = load_config(ROOT / "configs/qwen2vl-2b-1gpu.yaml", ["learner.num_gpus_per_rank=0",
+                                                                      "retriever.num_gpus_per_actor=0"])
+    assert not rollout_shares_gpus(cpu_learner)
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_roles_sharing_the_rollout_gpu_start_once_the_rollout_workers_are_ready(ray_cluster, tiny_models, tmp_path,
+                                                                               monkeypatch):
+    """The 1-GPU preset's split on Ray's fake GPUs: the retriever and the learner ranks are
+    created only after every rollout worker has finished starting (its profile run included)."""
+    from cluster.train import Trainer
+    from learner.group import LearnerGroup
+    from retriever.group import RetrieverGroup
+    from rollout.group import RolloutGroup
+
+    events: list[str] = []
+
+    def recorded(cls, method, label):
+        original = getattr(cls, method)
+
+        def wrapper(self, *args, **kwargs):
+            events.append(f"{label} begins")
+            result = original(self, *args, **kwargs)
+            events.append(f"{label} ends")
+            return result
+
+        monkeypatch.setattr(cls, method, wrapper)
+
+    recorded(RolloutGroup, "__init__", "rollout start")
+    recorded(RolloutGroup, "ready", "rollout ready")
+    recorded(RetrieverGroup, "__init__", "retriever start")
+    recorded(LearnerGroup, "__init__", "learner start")
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", f"run.models_dir={tiny_models['policy'].parent}",
+                             "data.synthetic.num_documents=4", "data.max_eval_samples=2", "trainer.warm_start.steps=0",
+                             "rollout.num_gpus_per_worker=0.4", "learner.num_gpus_per_rank=0.5",
+                             "retriever.num_gpus_per_actor=0.1", "rollout.num_cpus_per_worker=0.5",
+                             "learner.num_cpus_per_rank=0.5", "retriever.num_cpus_per_actor=0.5",
+                             "reward.num_cpus_per_actor=0.5", "rollout.max_model_len=1024"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+    finally:
+        trainer.shutdown()
+    first_ready = events.index("rollout ready ends")
+    assert events.index("retriever start begins") > first_ready and events.index("learner start begins") > first_ready
