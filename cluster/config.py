@@ -44,6 +44,9 @@ class RayConfig(Section):
     include_dashboard: bool = False
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     actor_start_timeout_s: float = Field(600.0, gt=0.0)
+    # memory of one GPU, for the memory plan checked at load where roles share a GPU (80: an H100
+    # or A100 80GB)
+    gpu_memory_gb: float = Field(80.0, gt=0.0)
 
 
 class WarmStartConfig(Section):
@@ -138,9 +141,52 @@ class DocRLConfig(Section):
                 # every role's bundles are reserved before any model loads: they must fit together
                 errors.append(f"the roles need {total:g} GPUs together ({', '.join(f'{r} {g:g}' for r, g in wanted.items())}) "
                               f"but the local cluster has ray.num_gpus={self.ray.num_gpus}")
+        errors.extend(full_finetune_memory_errors(self))
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+
+def rollout_shares_gpus(cfg: DocRLConfig) -> bool:
+    """Whether another role may compute on a GPU that a rollout worker holds. Ray gives each whole
+    GPU to one actor, and fractions of one GPU to several (the 1-GPU preset puts every role on its
+    one GPU). vLLM sizes its KV cache from the device's free memory during its profile run, so a
+    role that shares its GPU must not start before the rollout workers are ready."""
+    others = [cfg.learner.num_gpus_per_rank] + ([] if cfg.retriever.use_gold_page else [cfg.retriever.num_gpus_per_actor])
+    others = [g for g in others if g > 0]
+    rollout = cfg.rollout.num_gpus_per_worker
+    return rollout > 0 and bool(others) and any(g % 1 for g in (rollout, *others))
+
+
+def full_finetune_memory_errors(cfg: DocRLConfig) -> list[str]:
+    """Full fine-tuning on a GPU that vLLM shares (learner.memory): refused when the learner's
+    model state, the retriever's weights and a tenth for activations exceed what vLLM leaves."""
+    from learner.memory import ACTIVATION_RESERVE, full_finetune_bytes, parameter_count
+
+    learner = cfg.learner
+    if learner.lora.enabled or learner.num_gpus_per_rank <= 0 or not rollout_shares_gpus(cfg):
+        return []
+    parameters = parameter_count(learner.policy)
+    if parameters is None:
+        return []
+    with_reference = cfg.algorithm.kl_coef > 0 or learner.log_kl_to_ref
+    need = full_finetune_bytes(parameters, learner.dtype, learner.zero_stage, learner.num_ranks, with_reference) / 1e9
+    parts = [f"{need:.1f} GB of model state (weights, gradients, fp32 master weights and Adam moments"
+             f"{', a frozen reference' if with_reference else ''})"]
+    retriever = parameter_count(cfg.retriever.model) if not cfg.retriever.use_gold_page and cfg.retriever.num_gpus_per_actor > 0 else None
+    if retriever:
+        retriever_gb = retriever * (2 if cfg.retriever.dtype == "bfloat16" else 4) / 1e9
+        need += retriever_gb
+        parts.append(f"{retriever_gb:.1f} GB of retriever weights")
+    left = cfg.ray.gpu_memory_gb * (1 - cfg.rollout.gpu_memory_utilization) * (1 - ACTIVATION_RESERVE)
+    if need <= left:
+        return []
+    return [f"learner.lora.enabled=false: full fine-tuning of {learner.policy} ({parameters / 1e9:.2f}B parameters) on "
+            f"a GPU shared with vLLM needs about {need:.1f} GB ({' + '.join(parts)}), but "
+            f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization:g} of ray.gpu_memory_gb="
+            f"{cfg.ray.gpu_memory_gb:g} leaves {left:.1f} GB after a tenth for activations. Train LoRA "
+            "(learner.lora.enabled=true), or give the learner GPUs of its own (learner.num_gpus_per_rank=1 on a "
+            "cluster with more GPUs; learner.num_ranks > 1 with learner.zero_stage=3 shards the state)"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,13 +100,3 @@ def role_threads(cfg, cores: int | None) -> tuple[int, int]:
         return rollout, learner
     return max(1, rollout * cores // demand), max(1, learner * cores // demand)
 
-
-def rollout_shares_gpus(cfg) -> bool:
-    """Whether another role may compute on a GPU that a rollout worker holds. Ray gives each whole
-    GPU to one actor, and fractions of one GPU to several (the 1-GPU preset puts every role on its
-    one GPU). vLLM sizes its KV cache from the device's free memory during its profile run, so a
-    role that shares its GPU must not start before the rollout workers are ready."""
-    others = [cfg.learner.num_gpus_per_rank] + ([] if cfg.retriever.use_gold_page else [cfg.retriever.num_gpus_per_actor])
-    others = [g for g in others if g > 0]
-    rollout = cfg.rollout.num_gpus_per_worker
-    return rollout > 0 and bool(others) and any(g % 1 for g in (rollout, *others))

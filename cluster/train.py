@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.checkpoint import CheckpointManager
-from cluster.config import DocRLConfig
+from cluster.config import DocRLConfig, rollout_shares_gpus
 from cluster.metrics import MetricsLogger, plot_report, read_jsonl, training_summary
 from cluster.ray_setup import init_ray, monitoring_addresses
 from common.ray_helpers import get_with_timeout
@@ -233,7 +233,7 @@ class Trainer:
     def setup(self, resume: bool = False) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from cluster.placement import local_cores, place_roles, role_threads, rollout_shares_gpus
+        from cluster.placement import local_cores, place_roles, role_threads
         from learner.group import LearnerGroup
         from retriever.group import RetrieverGroup
         from reward.group import RewardPool

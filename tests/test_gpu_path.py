@@ -235,7 +235,7 @@ def test_vllm_profiles_the_capped_page_and_keeps_the_learners_prompt_ids(tiny_mo
 
 def test_which_presets_share_the_rollouts_gpus():
     from cluster.config import load_config
-    from cluster.placement import rollout_shares_gpus
+    from cluster.config import rollout_shares_gpus
 
     assert rollout_shares_gpus(load_config(ROOT / "configs/qwen2vl-2b-1gpu.yaml"))  # every role on one GPU
     assert not rollout_shares_gpus(load_config(ROOT / "configs/qwen2vl-2b-8gpu.yaml"))  # whole GPUs per role
@@ -286,3 +286,48 @@ def test_roles_sharing_the_rollout_gpu_start_once_the_rollout_workers_are_ready(
         trainer.shutdown()
     first_ready = events.index("rollout ready ends")
     assert events.index("retriever start begins") > first_ready and events.index("learner start begins") > first_ready
+
+
+# ---------------------------------------------------------------------------------------------
+# Full fine-tuning next to vLLM on one GPU: refused at load, with the estimate
+
+
+def test_model_state_bytes_by_hand():
+    from learner.memory import full_finetune_bytes
+
+    # bf16: 2 (weights) + 2 (grads) + 4 (fp32 accumulation) + 4 (master) + 8 (Adam) = 20; +2 reference
+    assert full_finetune_bytes(10**9, "bfloat16", 2, 1, with_reference=True) == 22e9
+    assert full_finetune_bytes(10**9, "bfloat16", 2, 1, with_reference=False) == 20e9
+    assert full_finetune_bytes(10**9, "float32", 2, 1, with_reference=False) == 16e9
+    # ZeRO-2 over 4 ranks: weights whole, the rest sharded; ZeRO-3: everything sharded
+    assert full_finetune_bytes(10**9, "bfloat16", 2, 4, with_reference=False) == 2e9 + 18e9 / 4
+    assert full_finetune_bytes(10**9, "bfloat16", 3, 2, with_reference=True) == 11e9
+
+
+def test_a_local_checkpoint_is_counted_from_its_headers(tiny_models):
+    from transformers import AutoModelForImageTextToText
+
+    from learner.memory import parameter_count
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["policy"])
+    assert parameter_count(str(tiny_models["policy"])) == model.num_parameters()
+    assert parameter_count("Qwen/Qwen2-VL-2B-Instruct") == 2_210_000_000
+    assert parameter_count("some-org/unknown-model") is None
+
+
+def test_full_finetuning_next_to_vllm_is_refused_at_load_naming_the_estimate():
+    from cluster.config import ConfigError
+
+    preset = ROOT / "configs/qwen2vl-2b-1gpu.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(preset, ["learner.lora.enabled=false"])
+    message = str(err.value)
+    # 2.21e9 x (20 + 2 reference) bytes = 48.6 GB, + 4.4 GB retriever; 80 x 0.67 x 0.9 = 48.2 GB left
+    assert "full fine-tuning of Qwen/Qwen2-VL-2B-Instruct (2.21B parameters)" in message
+    assert "about 53.0 GB" in message and "leaves 48.2 GB" in message
+    assert "learner.lora.enabled=true" in message and "learner.zero_stage=3" in message
+    with pytest.raises(ConfigError, match="Qwen2.5-VL-3B-Instruct"):
+        load_config(preset, ["learner.lora.enabled=false", "learner.policy=Qwen/Qwen2.5-VL-3B-Instruct"])
+    load_config(preset)  # LoRA fits
+    load_config(preset, ["learner.lora.enabled=false", "ray.gpu_memory_gb=141"])  # an H200 holds it
+    load_config(ROOT / "configs/qwen2vl-2b-8gpu.yaml", ["learner.lora.enabled=false"])  # GPUs of its own
