@@ -80,7 +80,8 @@ class LearnerRank:
         data; the rollout workers fetch it directly. Other ranks only join the ZeRO-3 gathers."""
         from rollout.weight_sync import to_numpy
 
-        named = self.worker.full_state_dict(keep=self.worker.rank == 0)
+        # the CPU weights are shared, not copied: ray.put below serializes them before anything changes them
+        named = self.worker.full_state_dict(keep=self.worker.rank == 0, share_cpu_weights=True)
         return [ray.put(to_numpy(named))] if self.worker.rank == 0 else None
 
     def save_adapter(self, final_dir, keep=3):

@@ -358,11 +358,18 @@ class LearnerWorker:
         return out
 
     @torch.no_grad()
-    def full_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, keep: bool = True, share_cpu_weights: bool = False) -> dict[str, torch.Tensor]:
         """The policy's weights under its checkpoint names, LoRA merged (base + delta), gathered
         under ZeRO-3 one module at a time (collective: every rank must call it). With
         `keep=False` a rank only takes part in the gathers and copies nothing (an export needs
-        one copy, rank 0's, not one per rank); without ZeRO-3 there is nothing to take part in."""
+        one copy, rank 0's, not one per rank); without ZeRO-3 there is nothing to take part in.
+
+        Each weight reaches the host with at most one copy: a GPU weight's transfer is the copy,
+        and with `share_cpu_weights` a CPU weight that is neither merged nor gathered is returned
+        as is (for a caller that serializes the result before the next update, as the Ray
+        shell's export does: a 7B bf16 policy would otherwise cost 15 GB more host memory per
+        push). Every weight is checked finite where it lives, before its copy: a non-finite
+        weight raises naming it, and never reaches a rollout worker."""
         from peft.tuners.lora import LoraLayer
         from transformers.core_model_loading import revert_weight_conversion
 
@@ -371,6 +378,19 @@ class LearnerWorker:
             return {}
         base = unwrap(self.module.policy)
         named: dict[str, torch.Tensor] = {}
+        nonfinite: list[str] = []
+
+        def take(name: str, tensor: torch.Tensor, fresh: bool = False) -> None:
+            """`fresh`: a tensor made here (a merged weight), no parameter's storage."""
+            tensor = tensor.detach()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                nonfinite.append(name)
+            if tensor.device.type != "cpu":
+                tensor = tensor.cpu()
+            elif not fresh and (partitioned or not share_cpu_weights):
+                tensor = tensor.clone()  # ZeRO-3 frees gathered storage when its context exits
+            named[name] = tensor
+
         lora_prefixes: list[str] = []
         for mod_name, mod in base.named_modules():
             if any(mod_name.startswith(p + ".") for p in lora_prefixes):
@@ -384,9 +404,9 @@ class LearnerWorker:
                     weight = mod.base_layer.weight.detach().clone()
                     for adapter in mod.active_adapters:
                         weight += mod.get_delta_weight(adapter).to(weight.dtype)
-                    named[f"{mod_name}.weight"] = weight.cpu()
+                    take(f"{mod_name}.weight", weight, fresh=True)
                     if getattr(mod.base_layer, "bias", None) is not None:
-                        named[f"{mod_name}.bias"] = mod.base_layer.bias.detach().cpu().clone()
+                        take(f"{mod_name}.bias", mod.base_layer.bias)
                 continue
             direct = list(mod.named_parameters(recurse=False))
             if not direct:
@@ -395,9 +415,12 @@ class LearnerWorker:
                 if not keep:
                     continue
                 for pname, p in direct:
-                    named[f"{mod_name}.{pname}" if mod_name else pname] = p.detach().cpu().clone()
+                    take(f"{mod_name}.{pname}" if mod_name else pname, p)
         if not keep:
             return {}
+        if nonfinite:
+            raise ValueError(f"{self.name}: weight export refused: {len(nonfinite)} non-finite weight(s): "
+                             f"{', '.join(nonfinite[:10])}{', ...' if len(nonfinite) > 10 else ''}")
         named = dict(revert_weight_conversion(base, named))
         return self._match_checkpoint_names(named)
 

@@ -331,3 +331,37 @@ def test_full_finetuning_next_to_vllm_is_refused_at_load_naming_the_estimate():
     load_config(preset)  # LoRA fits
     load_config(preset, ["learner.lora.enabled=false", "ray.gpu_memory_gb=141"])  # an H200 holds it
     load_config(ROOT / "configs/qwen2vl-2b-8gpu.yaml", ["learner.lora.enabled=false"])  # GPUs of its own
+
+
+# ---------------------------------------------------------------------------------------------
+# A full push copies the weights once on the host; finiteness is checked once, on the learner
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_export_shares_cpu_weights_and_refuses_non_finite_ones_by_name(tiny_models, lora):
+    """What the Ray shell exports (`share_cpu_weights`, serialized at once by ray.put) is the
+    parameters' own storage where nothing was merged; a merged LoRA weight is a new tensor; the
+    plain call (what a local caller may keep across updates) copies. A NaN weight is refused
+    by the learner, naming it."""
+    from learner.group import LearnerGroup
+
+    cfg = LearnerConfig(lora={"enabled": lora}, value_model="none", micro_batch_size=2)
+    group = LearnerGroup(str(tiny_models["policy"]), cfg, AlgorithmConfig(minibatch_size=4, kl_coef=0.0), local=True)
+    worker = group.worker
+    storage = {p.data_ptr() for p in worker.module.parameters()}
+    shared = worker.full_state_dict(share_cpu_weights=True)
+    copied = worker.full_state_dict()
+    assert shared.keys() == copied.keys()
+    for name, tensor in shared.items():
+        torch.testing.assert_close(tensor, copied[name], rtol=0, atol=0)
+        assert copied[name].data_ptr() not in storage
+    merged = {n for n in shared if n.endswith(".weight") and any(f"{n.removesuffix('.weight')}.lora_A" in k
+                                       for k, _ in worker.module.named_parameters())}
+    assert bool(merged) == lora
+    for name, tensor in shared.items():
+        assert (tensor.data_ptr() in storage) == (name not in merged), name
+    victim_name, victim = next((n, p) for n, p in worker.module.policy.named_parameters() if "embed_tokens" in n)
+    with torch.no_grad():
+        victim.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"weight export refused: 1 non-finite weight\(s\): .*embed_tokens"):
+        worker.full_state_dict(share_cpu_weights=True)
