@@ -17,9 +17,13 @@ Steps (each a real `docrl` command in its own subprocess, each with a time limit
   5. retrieval in the loop (configs/tiny-retrieval.yaml, shortened): the retriever's contrastive
      warm start trained on the GPU (its summary names the device), the index built and searched
      there, the policy reading the top 2 pages, two GRPO steps
-The budget is 8-10 minutes on one GPU (gpu_check.sh stops it at 15); on CPU (--dry-run) the same
-commands run with the GPU settings replaced by CPU ones, the 100M steps shortened, and the
-CUDA-only checks reported as skipped, so the script itself is tested where no GPU is.
+Each step has a time limit (LIMITS below) and the limits add up to the whole check's budget (14
+minutes; gpu_check.sh stops the script at 15). A step over its limit, or any stop of the script
+itself (Ctrl-C, SIGTERM, the wrapper's timeout), stops the running command and every process it
+started (all their process groups: docrl's Ray daemons run in sessions of their own), marks the
+step, and still prints the table of what ran. On CPU (--dry-run) the same commands run with the
+GPU settings replaced by CPU ones, the 100M steps shortened, and the CUDA-only checks reported as
+skipped, so the script itself is tested where no GPU is.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,26 +46,105 @@ sys.path.insert(0, str(ROOT))
 FP32_TOLERANCE = 1e-3
 BF16_TOLERANCE = 5e-2
 
+# Seconds each step may take; they add up to BUDGET_S, which leaves gpu_check.sh's 900 s a minute
+# for stopping a step (STOP_GRACE_S) and printing the table.
+LIMITS = {"build tiny": 60, "build 100m": 90, "doctor float32": 110, "doctor bfloat16": 110, "tiny train": 150,
+          "100m train": 160, "retrieval": 160}
+BUDGET_S = sum(LIMITS.values())
+STOP_GRACE_S = 20
 
-def run(cmd: list[str], timeout_s: float, env: dict | None = None) -> tuple[int, str, float]:
-    """Run a docrl command; returns (exit code, its output, seconds). A command over its limit is
-    stopped (its whole process group) and reported as exit 124, never left hanging."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+class Stopped(Exception):
+    """The check was stopped (a signal, or its budget spent)."""
+
+
+def descendants(pid: int) -> list:
+    import psutil
+
     try:
-        out, _ = proc.communicate(timeout=timeout_s)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 2)  # SIGINT: docrl checkpoints and stops its own Ray cluster
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    """Stop a docrl command and everything it started: SIGINT twice (docrl's second signal stops
+    at once and shuts its Ray cluster down), then SIGKILL to every process group still alive -
+    the command's own and those its descendants (Ray's daemons) opened."""
+    import psutil
+
+    tree = [proc.pid] + [p.pid for p in descendants(proc.pid)]
+    for _ in range(2):
         try:
-            out, _ = proc.communicate(timeout=60)
+            os.killpg(proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            break
+        time.sleep(1)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    groups = set()
+    for pid in tree:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            continue
+    for group in groups - {os.getpgid(0)}:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in tree:  # any left in this script's own group
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+class Runner:
+    """Runs the steps' commands within the budget; `stop()` (from a signal handler) ends the one
+    running and makes every later step raise `Stopped`."""
+
+    def __init__(self, budget_s: float):
+        self.deadline = time.monotonic() + budget_s
+        self.current: subprocess.Popen | None = None
+        self.stopped_by: str | None = None
+
+    def stop(self, why: str) -> None:
+        if self.stopped_by:  # a second signal while the first stop is cleaning up
+            return
+        self.stopped_by = why
+        raise Stopped(why)
+
+    def run(self, cmd: list[str], step: str, env: dict | None = None) -> tuple[int, str, float]:
+        """Run a docrl command for at most LIMITS[step] seconds (less when the budget runs out);
+        returns (exit code, its output, seconds). Over its limit it is stopped with everything it
+        started and reported as exit 124."""
+        if self.stopped_by:
+            raise Stopped(self.stopped_by)
+        limit = min(LIMITS[step], self.deadline - time.monotonic() - STOP_GRACE_S)
+        if limit <= 0:
+            self.stopped_by = "the budget is spent"
+            raise Stopped(self.stopped_by)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        self.current = proc
+        try:
+            out, _ = proc.communicate(timeout=limit)
+            code = proc.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            out, _ = proc.communicate()
-        out += f"\n[gpu_check: stopped after {timeout_s:g}s]"
-        code = 124
-    return code, out, time.perf_counter() - t0
+            stop_tree(proc)
+            out = (proc.stdout.read() if proc.stdout else "") + f"\n[gpu_check: stopped after {limit:.0f}s]"
+            code = 124
+        except BaseException:
+            stop_tree(proc)
+            raise
+        finally:
+            self.current = None
+        return code, out, time.perf_counter() - t0
 
 
 def docrl(*args: str) -> list[str]:
@@ -99,6 +183,7 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="run on CPU: everything short of CUDA")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the table's rows as JSON here")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S, help=f"the whole check's time (default {BUDGET_S})")
     args = ap.parse_args()
 
     import torch
@@ -108,7 +193,6 @@ def main() -> int:
         print("gpu_check: torch sees no CUDA device; run with --dry-run on a machine without a GPU", file=sys.stderr)
         return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="docrl-gpu-check-"))
-    models = work / "models"
     rows: list[tuple[str, str, str, str]] = []  # (check, result, pass/fail/skip, seconds)
     failed = False
 
@@ -119,11 +203,39 @@ def main() -> int:
         print(f"[gpu_check] {check}: {result} ({rows[-1][2]}, {seconds:.0f}s)", flush=True)
 
     device = torch.cuda.get_device_name(0) if gpu else "CPU (dry run)"
-    print(f"[gpu_check] device: {device}; torch {torch.__version__}; work dir {work}", flush=True)
+    print(f"[gpu_check] device: {device}; torch {torch.__version__}; work dir {work}; budget {args.budget_s:.0f}s",
+          flush=True)
+    runner = Runner(args.budget_s)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: runner.stop(f"{signal.Signals(signum).name} received"))
+    try:
+        run_steps(runner, record, gpu, work)
+    except Stopped as e:
+        record("(stopped)", f"{e}: the steps after this row did not run", False, 0)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the table is printed whatever arrives now
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"\n{device}{' - DRY RUN, no GPU figures' if not gpu else ''}"
+              f"{' - STOPPED: ' + runner.stopped_by if runner.stopped_by else ''}\n")
+        print("| check | result | status | s |")
+        print("|---|---|---|---:|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": device, "dry_run": not gpu, "stopped": runner.stopped_by,
+                                                   "rows": rows}, indent=2))
+    if runner.stopped_by:
+        return 124
+    return 1 if failed else 0
 
+
+def run_steps(runner: Runner, record, gpu: bool, work: Path) -> None:
+    """The five steps, in order; `record(check, result, ok, seconds)` adds a row."""
+    run = runner.run
+    models = work / "models"
     # 1. models
     for size in ("tiny", "100m"):
-        code, out, s = run(docrl("make-tiny-models", str(models), "--size", size), 300)
+        code, out, s = run(docrl("make-tiny-models", str(models), "--size", size), f"build {size}")
         record(f"build {size} policy", "built" if code == 0 else out[-300:], code == 0, s)
     policy_100m = models / "policy-100m"
 
@@ -133,7 +245,7 @@ def main() -> int:
         if dtype == "bfloat16" and not gpu:
             record("doctor bf16", "CUDA only (bf16 parity on CPU is covered by the test suite's fp32 bar)", None, 0)
             continue
-        code, out, s = run(docrl("doctor", *common, f"rollout.dtype={dtype}", "--tolerance", str(tolerance)), 240)
+        code, out, s = run(docrl("doctor", *common, f"rollout.dtype={dtype}", "--tolerance", str(tolerance)), f"doctor {dtype}")
         d = parse_doctor(out)
         if d["base"] is None:
             record(f"doctor {dtype}", "no report: " + out[-300:].replace("\n", " "), False, s)
@@ -150,7 +262,7 @@ def main() -> int:
     steps = 3
     code, out, s = run(docrl("train", *common, f"run.output_dir={run_dir}", f"trainer.total_steps={steps}",
                              "trainer.eval_every=0", "trainer.save_every=0", "trainer.warm_start.steps=2",
-                             "data.max_eval_samples=4", "data.synthetic.num_documents=40"), 300)
+                             "data.max_eval_samples=4", "data.synthetic.num_documents=40"), "tiny train")
     rows_tiny = train_metrics(run_dir)
     if code == 0 and len(rows_tiny) == steps:
         step_s = sorted(r["time/step_s"] for r in rows_tiny)[steps // 2]
@@ -169,7 +281,7 @@ def main() -> int:
                              f"rollout.dtype={dtype}", f"learner.dtype={dtype}", "learner.lora.enabled=true",
                              "learner.freeze_vision_tower=true", "learner.micro_batch_size=8",
                              "rollout.sampling.max_tokens=16", "trainer.prompts_per_step=8", "algorithm.minibatch_size=32",
-                             "rollout.sampling.n=4", "rollout.max_model_len=2048"), 360)
+                             "rollout.sampling.n=4", "rollout.max_model_len=2048"), "100m train")
     rows_100m = train_metrics(run_dir)
     if code == 0 and rows_100m:
         last = rows_100m[-1]
@@ -186,7 +298,7 @@ def main() -> int:
                              *device_overrides(gpu), f"run.output_dir={run_dir}", "trainer.total_steps=2",
                              "trainer.eval_every=0", "trainer.save_every=0", "trainer.warm_start.steps=2",
                              "retriever.warm_start.steps=20", "retriever.warm_start.max_eval_questions=16",
-                             "data.max_eval_samples=8", "data.synthetic.num_documents=40"), 360)
+                             "data.max_eval_samples=8", "data.synthetic.num_documents=40"), "retrieval")
     from retriever.finetune import RUN_SUBDIR, SUMMARY_FILE
 
     warm_file = run_dir / RUN_SUBDIR / SUMMARY_FILE
@@ -201,15 +313,6 @@ def main() -> int:
     else:
         record("retrieval in the loop", f"exit {code}, warm start device {warm.get('device')!r} (expected "
                f"{expected_device!r}): " + out[-400:].replace("\n", " "), False, s)
-
-    print(f"\n{device}{' - DRY RUN, no GPU figures' if not gpu else ''}\n")
-    print("| check | result | status | s |")
-    print("|---|---|---|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "dry_run": not gpu, "rows": rows}, indent=2))
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":
