@@ -66,8 +66,14 @@ learner = LearnerGroup(policy, LearnerConfig(lora={"enabled": False}, value_mode
                        AlgorithmConfig(minibatch_size=4, kl_coef=0.0), num_threads=1)
 rollout = RolloutGroup(policy, RolloutConfig(num_workers=1, num_cpus_per_worker=1, max_model_len=1024, kv_cache_gb=1))
 rollout.ready()
-from ray.util.state import list_actors
-pids = {a.class_name: a.pid for a in list_actors(filters=[("state", "=", "ALIVE")])}
+import psutil
+# Ray titles each actor's process "ray::<Class>..."; the local cluster's workers descend from this driver
+pids = {}
+for p in psutil.Process().children(recursive=True):
+    title = " ".join(p.cmdline())
+    for cls in ("LearnerRank", "RolloutWorker"):
+        if title.startswith(f"ray::{cls}"):
+            pids[cls] = p.pid
 learner_pid, rollout_pid = pids["LearnerRank"], pids["RolloutWorker"]
 rows = []
 for version in range(1, pushes + 1):
@@ -159,7 +165,7 @@ def main() -> int:
     for key, label in (("machine", "machine used memory peak"), ("learner", "learner rank anon peak"),
                        ("rollout", "rollout worker anon peak")):
         b, c = best["baseline"][key] / 2**20, best["current"][key] / 2**20
-        ratio = f"{c / b:.2f}x" if b > 0 else "n/a"
+        ratio = f"{c / b:.2f}x" if b >= 1 else "n/a (baseline under 1 MiB)"
         print(f"| {label} (MiB above before) | {b:.0f} | {c:.0f} | {ratio} |")
     print(f"| (in model sizes: machine peak) | {best['baseline']['machine'] / size:.2f} | "
           f"{best['current']['machine'] / size:.2f} | |")
