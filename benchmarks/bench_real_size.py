@@ -136,10 +136,11 @@ def full_vocabulary_tokenizer():
     return tok
 
 
-def build(out: Path, family: str, dims: dict, kind: str, seed: int) -> None:
+def build(out: Path, family: str, dims: dict, kind: str, seed: int, device: str = "cpu") -> Path:
     """Random bf16 weights of the real dimensions at `out`: kind "policy" (the family's
     ForConditionalGeneration), "colqwen2_5" (colpali-engine's ColQwen2_5) or "gme" (a Qwen2-VL
-    checkpoint plus GME's page token bounds)."""
+    checkpoint plus GME's page token bounds). `device`: where the weights are made and drawn (a
+    GPU makes a 3B model in seconds)."""
     import torch
     from transformers import AutoTokenizer, Qwen2VLProcessor
     from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
@@ -165,8 +166,9 @@ def build(out: Path, family: str, dims: dict, kind: str, seed: int) -> None:
 
         processor_cls = Qwen2VLProcessor
         config.min_image_tokens, config.max_image_tokens = MIN_IMAGE_TOKENS, MAX_IMAGE_TOKENS
-    model = model_cls._from_config(config, dtype=torch.bfloat16)
-    _seeded_init(model, seed)
+    with torch.device(device):
+        model = model_cls._from_config(config, dtype=torch.bfloat16)
+    _seeded_init(model, seed, device=device)
     if getattr(model, "generation_config", None) is not None:  # a generative model (not ColQwen2.5)
         model.generation_config.eos_token_id = [special_ids["<|im_end|>"], special_ids["<|endoftext|>"]]
         model.generation_config.pad_token_id = special_ids["<|endoftext|>"]
@@ -177,6 +179,7 @@ def build(out: Path, family: str, dims: dict, kind: str, seed: int) -> None:
     processor.save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
     (out / "real_size.json").write_text(json.dumps({"family": family, "kind": kind, "parameters": params}) + "\n")
+    return out
 
 
 # -- measuring memory --------------------------------------------------------------------------

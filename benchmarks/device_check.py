@@ -177,56 +177,11 @@ def start_watchdog(clock: Clock, report, grace_s: float = 30.0) -> threading.Eve
 
 
 def build_checkpoint(out: Path, family: str, dims: dict, kind: str, seed: int, device: str) -> Path:
-    """Random bf16 weights of `dims` at `out`, as bench_real_size.build writes them (its config and
-    full-vocabulary tokenizer), but created and initialised on `device`: build() does both on the
-    CPU, from one serial generator (~250M numbers/s here: 15 s for a 3B model's draws alone).
-    kind: "policy", "colqwen2_5" or "gme"."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2VLProcessor
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    """Random bf16 weights of `dims` at `out` (bench_real_size.build: its config and full-vocabulary
+    tokenizer), made and drawn on `device`. kind: "policy", "colqwen2_5" or "gme"."""
+    from benchmarks.bench_real_size import build
 
-    from benchmarks.bench_real_size import _config, full_vocabulary_tokenizer
-    from common.policy_family import policy_classes
-    from docvqa.tiny_models import QWEN2_VL_CHAT_TEMPLATE, _save_tokenizer
-
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    special_ids = _save_tokenizer(full_vocabulary_tokenizer(), out)
-    config = _config(family, dims, special_ids)
-    if kind == "policy":
-        model_cls, processor_cls = policy_classes(family)
-    elif kind == "colqwen2_5":
-        from colpali_engine.models import ColQwen2_5, ColQwen2_5_Processor
-
-        model_cls, processor_cls = ColQwen2_5, ColQwen2_5_Processor
-    else:  # gme: a Qwen2-VL checkpoint with GME's page token bounds
-        from transformers import Qwen2VLForConditionalGeneration
-
-        from retriever.gme import MAX_IMAGE_TOKENS, MIN_IMAGE_TOKENS
-
-        model_cls, processor_cls = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-        config.min_image_tokens, config.max_image_tokens = MIN_IMAGE_TOKENS, MAX_IMAGE_TOKENS
-    with torch.device(device):
-        model = model_cls._from_config(config, dtype=torch.bfloat16)
-    # docvqa.tiny_models._seeded_init's rule (norm scales 1, biases 0, the rest N(0, 0.02)), seeded per device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.dim() == 1 and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.eos_token_id = [special_ids["<|im_end|>"], special_ids["<|endoftext|>"]]
-        model.generation_config.pad_token_id = special_ids["<|endoftext|>"]
-    model.save_pretrained(out)
-    processor = processor_cls(image_processor=Qwen2VLImageProcessor(), tokenizer=AutoTokenizer.from_pretrained(out),
-                              video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    processor.save_pretrained(out)
-    del model
-    return out
+    return build(out, family, dims, kind, seed, device=device)
 
 
 class Pages:

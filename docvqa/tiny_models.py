@@ -280,9 +280,11 @@ def _save_processor(out: Path, processor_cls, patch_size: int = 14, video_proces
     processor.save_pretrained(out)
 
 
-def _seeded_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
-    """Initialize every parameter from one seeded generator, in name order: bit-reproducible."""
-    gen = torch.Generator().manual_seed(seed)
+def _seeded_init(model: torch.nn.Module, seed: int, std: float = 0.02, device: str = "cpu") -> None:
+    """Initialize every parameter from one seeded generator, in name order: bit-reproducible. On a
+    GPU (`device`, where the model lives) from that device's generator: the CPU's serial one draws
+    about 250M numbers a second, 15 s for a 3B model."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if p.dim() == 1 and name.endswith("weight"):  # norm scales start at identity
@@ -290,7 +292,7 @@ def _seeded_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
             elif name.endswith("bias"):
                 p.zero_()
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device=device) * std)
 
 
 # policy family (common.policy_family) -> its tiny config
