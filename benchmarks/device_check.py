@@ -176,14 +176,6 @@ def start_watchdog(clock: Clock, report, grace_s: float = 30.0) -> threading.Eve
 # models, pages, batches
 
 
-def build_checkpoint(out: Path, family: str, dims: dict, kind: str, seed: int, device: str) -> Path:
-    """Random bf16 weights of `dims` at `out` (bench_real_size.build: its config and full-vocabulary
-    tokenizer), made and drawn on `device`. kind: "policy", "colqwen2_5" or "gme"."""
-    from benchmarks.bench_real_size import build
-
-    return build(out, family, dims, kind, seed, device=device)
-
-
 class Pages:
     """Synthetic realistic scans (docvqa.synthetic), rendered once, with a question each."""
 
@@ -368,7 +360,9 @@ def row_learner(ctx: Context, family: str):
 
     if family == "qwen2_5_vl":
         ctx.release_learner()  # the 2B's engine would otherwise inflate the 3B's peak
-    path = build_checkpoint(ctx.work / f"policy-{family}", family, ctx.dims(family), "policy", 0, ctx.device)
+    from benchmarks.bench_real_size import build  # random weights of the real dimensions, made on the device
+
+    path = build(ctx.work / f"policy-{family}", family, ctx.dims(family), "policy", 0, device=ctx.device)
     cfg, algo, answers, max_pixels, prompts = learner_settings(family, path, ctx.dry)
     processor = InputBuilder.for_model(str(path)).processor
     experiences = make_experiences(ctx.pages, processor, prompts, answers, max_pixels, ctx.sizes["answer_len"],
@@ -574,11 +568,12 @@ def row_logprobs(ctx: Context):
 
 
 def row_retriever(ctx: Context, kind: str):
+    from benchmarks.bench_real_size import build
     from retriever.encoder import PageEncoder
 
     torch = ctx.torch
     family = "qwen2_vl" if kind == "gme" else "qwen2_5_vl"
-    path = build_checkpoint(ctx.work / f"retriever-{kind}", family, ctx.dims(family), kind, 1, ctx.device)
+    path = build(ctx.work / f"retriever-{kind}", family, ctx.dims(family), kind, 1, device=ctx.device)
     images = ctx.pages.image_list(ctx.sizes["retriever_pages"])
     batch = ctx.sizes["embed_batch"]
     budget = ctx.sizes["colqwen_tokens" if kind == "colqwen2_5" else "gme_tokens"]

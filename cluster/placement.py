@@ -99,4 +99,3 @@ def role_threads(cfg, cores: int | None) -> tuple[int, int]:
     if demand <= cores:
         return rollout, learner
     return max(1, rollout * cores // demand), max(1, learner * cores // demand)
-

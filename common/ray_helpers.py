@@ -32,8 +32,19 @@ def task_device(num_gpus: float) -> str:
     import torch
 
     return gpu_device(num_gpus, ray.get_gpu_ids() if num_gpus > 0 else [],
-                      visible_devices_set_by_ray=not os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"),
-                      cuda_available=torch.cuda.is_available())
+                      visible_devices_set_by_ray=ray_narrows_visible_gpus(), cuda_available=torch.cuda.is_available())
+
+
+def ray_narrows_visible_gpus() -> bool:
+    """Whether Ray narrows CUDA_VISIBLE_DEVICES to the GPUs it gave a task or actor (its default);
+    RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES leaves every GPU of the node visible."""
+    return not os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES")
+
+
+def visible_gpu_index(gpu_ids: list, visible_devices_set_by_ray: bool) -> int:
+    """The CUDA index, in what the process sees, of the first GPU Ray gave it: 0 when Ray narrowed
+    CUDA_VISIBLE_DEVICES to its GPUs, else the id Ray gave."""
+    return 0 if visible_devices_set_by_ray or not gpu_ids else int(gpu_ids[0])
 
 
 def gpu_device(num_gpus: float, gpu_ids: list, visible_devices_set_by_ray: bool, cuda_available: bool) -> str:
@@ -45,6 +56,4 @@ def gpu_device(num_gpus: float, gpu_ids: list, visible_devices_set_by_ray: bool,
     Ray gave (`learner.rank.cuda_local_rank` gives DeepSpeed the same index)."""
     if num_gpus <= 0 or not cuda_available:
         return "cpu"
-    if visible_devices_set_by_ray or not gpu_ids:
-        return "cuda:0"
-    return f"cuda:{int(gpu_ids[0])}"
+    return f"cuda:{visible_gpu_index(gpu_ids, visible_devices_set_by_ray)}"

@@ -13,6 +13,7 @@ come on top: the plan keeps a tenth of the learner's share free for them.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 # Hub ids docrl's presets name, with the parameter count their model cards give (no download at
@@ -32,16 +33,10 @@ def parameter_count(model: str) -> int | None:
     """Parameters of a local checkpoint (its safetensors headers) or of a known hub id; None when
     neither (a tiny model not built yet, another hub id)."""
     path = Path(model)
-    if path.is_dir() and (any(path.glob("*.safetensors"))):
+    if path.is_dir() and any(path.glob("*.safetensors")):
         from rollout.weights import checkpoint_shapes
 
-        total = 0
-        for shape in checkpoint_shapes(path).values():
-            count = 1
-            for dim in shape:
-                count *= dim
-            total += count
-        return total
+        return sum(math.prod(shape) for shape in checkpoint_shapes(path).values())
     return KNOWN_PARAMETERS.get(model)
 
 

@@ -8,7 +8,7 @@ import ray
 import torch
 
 from common.quiet import quiet_known_library_messages
-from common.ray_helpers import free_port, task_device
+from common.ray_helpers import free_port, ray_narrows_visible_gpus, task_device, visible_gpu_index
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.worker import LearnerWorker
 
@@ -21,7 +21,7 @@ def cuda_local_rank(node_local_rank: int, gpu_ids: list, visible_devices_set_by_
     Without GPUs (gloo on CPU) the rank on the node is kept."""
     if not gpu_ids:
         return node_local_rank
-    return 0 if visible_devices_set_by_ray else int(gpu_ids[0])
+    return visible_gpu_index(gpu_ids, visible_devices_set_by_ray)
 
 
 @ray.remote
@@ -43,8 +43,7 @@ class LearnerRank:
         # every docrl process drops the same known-harmless library messages (common/quiet.py)
         quiet_known_library_messages()
         torch.set_num_threads(max(1, num_threads))
-        local_rank = cuda_local_rank(local_rank, ray.get_gpu_ids(),
-                                     not os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"))
+        local_rank = cuda_local_rank(local_rank, ray.get_gpu_ids(), ray_narrows_visible_gpus())
         self.worker = LearnerWorker(policy_path, cfg, algo, rank=rank, world_size=world_size, local_rank=local_rank,
                                     master_addr=master_addr, master_port=master_port, seed=seed,
                                     sampling_temperature=sampling_temperature,

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from common.ray_helpers import ray_narrows_visible_gpus
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.prompts import (build_chat_text, build_conversation_text, count_image_parts, fit_image, pixel_bounds,
                              processor_pixel_cap, vision_token_ids)
@@ -37,7 +38,7 @@ def vllm_env(cfg: RolloutConfig, num_threads: int, gpu_ids: Sequence = ()) -> di
         "OMP_NUM_THREADS": str(max(1, num_threads)),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
-    if gpu_ids and os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"):
+    if gpu_ids and not ray_narrows_visible_gpus():
         # Ray left every GPU of the node visible and vLLM takes the first visible ones: make those
         # the GPUs this process was given
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
