@@ -53,7 +53,10 @@ def test_ray_job_submit_trains_the_tiny_preset(tiny_models, tmp_path):
     token.write_text(uuid.uuid4().hex)
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           # metrics reach the Prometheus port every 2 s instead of Ray's 10: a 3-step job can end
+           # before a 10 s report (seen once: the job succeeded and no docrl metric was scraped)
+           "RAY_metrics_report_interval_ms": "2000"}
     env.pop("RAY_ADDRESS")
     # Every fixed default port moved to a free one: the session's shared cluster holds the defaults
     # (the dashboard agent's 52365 among them), and a second agent that cannot bind never serves jobs.
