@@ -85,6 +85,22 @@ def _index_dir(cfg, args) -> str:
     return args.index or cfg.retriever.index_dir or str(Path(cfg.run.output_dir) / "index")
 
 
+def _require_path(path: str | None, flag: str) -> None:
+    """A path given on the command line must exist: checked before Ray starts, so that a typo costs
+    a second, not a cluster start and then a message about something else."""
+    if path is not None and not Path(path).exists():
+        raise CLIError(f"{flag}: {path} does not exist")
+
+
+def _require_index(cfg, args) -> str:
+    """The index directory a command reads, checked before Ray starts."""
+    _require_path(args.index, "--index")
+    index_dir = _index_dir(cfg, args)
+    if not (Path(index_dir) / "manifest.json").exists():
+        raise CLIError(f"no page index at {index_dir} (build one with `docrl index`, or pass --index)")
+    return index_dir
+
+
 def _retriever_group(cfg):
     from cluster.ray_setup import init_ray
     from retriever.finetune import run_retriever
@@ -143,8 +159,9 @@ def cmd_index(args) -> int:
 
 def cmd_search(args) -> int:
     cfg = _load(args)
+    index_dir = _require_index(cfg, args)
     group = _retriever_group(cfg)
-    group.load(_index_dir(cfg, args))
+    group.load(index_dir)
     for question, hits in zip(args.question, group.search(args.question, args.k)):
         print(f"{question}")
         for rank, (pid, score) in enumerate(hits, start=1):
@@ -157,9 +174,10 @@ def cmd_retrieval_eval(args) -> int:
     from retriever.evaluate import evaluate_retrieval
 
     cfg = _load(args)
+    index_dir = _require_index(cfg, args)
     train, evaluation, _ = load_train_eval(cfg.data, cfg.run.output_dir)
     group = _retriever_group(cfg)
-    group.load(_index_dir(cfg, args))
+    group.load(index_dir)
     report = evaluate_retrieval(group, (train if args.split == "train" else evaluation).samples, args.ks,
                                 scope=cfg.retriever.scope)
     print(json.dumps(report, indent=2))
@@ -242,37 +260,46 @@ def cmd_doctor(args) -> int:
 
 
 def _check_port_free(host: str, port: int) -> None:
+    """Bind serve.host:serve.port as Serve's proxy will (SO_REUSEADDR, as uvicorn does: a port
+    still in TIME_WAIT is free), before Ray starts."""
+    import errno
     import socket
 
-    with socket.socket() as s:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise CLIError(f"serve.host={host}: not a host name or address ({e.strerror}); set serve.host=...") from None
+    with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
+            s.bind(address)
         except OSError as e:
-            raise CLIError(f"cannot listen on {host}:{port} ({e.strerror}): another program uses the port; "
-                           f"choose another with serve.port=PORT (or serve.host=...)") from None
+            why = ("another program uses the port; choose another with serve.port=PORT" if e.errno == errno.EADDRINUSE
+                   else "choose another address with serve.host=... or another port with serve.port=PORT")
+            raise CLIError(f"cannot listen on {host}:{port} ({e.strerror}): {why}") from None
 
 
 def cmd_serve(args) -> int:
     """Serve retrieval + the trained policy over HTTP (OpenAI-compatible) until Ctrl-C."""
     import signal
     import time
-    from pathlib import Path
-
-    from ray import serve
 
     from cluster.checkpoint import CheckpointManager
-    from cluster.ray_setup import init_ray
-    from deploy.app import serve_app
 
     cfg = _load(args)
+    _require_path(args.checkpoint, "--checkpoint")
     checkpoint = args.checkpoint or CheckpointManager(Path(cfg.run.output_dir) / "checkpoints").latest()
     if checkpoint is None:
         raise CLIError(f"no --checkpoint given and no checkpoint in {cfg.run.output_dir}/checkpoints")
-    index_dir = _index_dir(cfg, args)
-    if not (Path(index_dir) / "manifest.json").exists():
-        raise CLIError(f"no page index at {index_dir} (build one with `docrl index`, or pass --index)")
+    index_dir = _require_index(cfg, args)
     _check_port_free(cfg.serve.host, cfg.serve.port)
+    # Ray, Serve and the application (torch among them) take ~10 s to import: only once the checks
+    # above have passed, so that a wrong argument or a busy port is reported at once.
+    from ray import serve
+
+    from cluster.ray_setup import init_ray
+    from deploy.app import serve_app
+
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
     try:
         url = serve_app(cfg, str(checkpoint), index_dir)
@@ -394,19 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The expected error types outside this module, as (module, class name). They are looked up only in
+# modules already imported: an exception of a module nobody imported cannot have been raised, and
+# importing cluster.train (torch) and Ray just to answer "no" took ~10 s before each message.
+_EXPECTED_ELSEWHERE = (("cluster.config", "ConfigError"), ("docvqa.loaders", "DataError"),
+                       ("retriever.index", "IndexLoadError"), ("common.ray_helpers", "PlacementError"),
+                       ("cluster.train", "RunDirectoryInUse"))
+
+
 def expected_error(e: BaseException) -> BaseException | None:
     """The user-facing cause of an expected failure (bad config, data, index, run directory, CLI
     input), also when it was raised inside a Ray actor; None for anything else (a bug)."""
-    from ray.exceptions import RayTaskError
-
-    from cluster.config import ConfigError
-    from cluster.train import RunDirectoryInUse
-    from docvqa.loaders import DataError
-    from retriever.index import IndexLoadError
-
-    expected = (CLIError, ConfigError, DataError, IndexLoadError, RunDirectoryInUse)
-    while isinstance(e, RayTaskError) and e.cause is not None:
-        e = e.cause
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    if ray_exceptions is not None:
+        while isinstance(e, ray_exceptions.RayTaskError) and e.cause is not None:
+            e = e.cause
+    expected = (CLIError, *(getattr(sys.modules[module], name) for module, name in _EXPECTED_ELSEWHERE
+                            if module in sys.modules))
     return e if isinstance(e, expected) else None
 
 

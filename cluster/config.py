@@ -44,6 +44,9 @@ class RayConfig(Section):
     include_dashboard: bool = False
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     actor_start_timeout_s: float = Field(600.0, gt=0.0)
+    # a role's placement group still pending after this fails the run naming the role (the
+    # resources exist, checked at start, but other work holds them)
+    placement_timeout_s: float = Field(60.0, gt=0.0)
     # memory of one GPU, for the memory plan checked at load where roles share a GPU (80: an H100
     # or A100 80GB)
     gpu_memory_gb: float = Field(80.0, gt=0.0)

@@ -1,9 +1,11 @@
 """Placement of the actor roles on the cluster, from the config: one placement group per role,
 one bundle per actor ({"CPU": c, "GPU": g}), all reserved before any model is loaded.
 
-Reserving first means a cluster that cannot hold the run fails in seconds with a message naming
-the role and what it asked for, instead of hanging with half the actors started. The learner
-group reserves its own bundles (`learner/group.py`).
+Two checks keep a run that cannot be placed from hanging. Before any role starts, `check_fits`
+compares every role's ask with the cluster's nodes and refuses a run that could never be placed,
+naming the role. Then each placement group must be ready within `ray.placement_timeout_s` (other
+work may hold the resources), else the run fails naming the role, what it asks, what the cluster
+has and what is free. The learner group reserves its own bundles (`learner/group.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from common.ray_helpers import PlacementError
 
 
 @dataclass
@@ -34,14 +38,81 @@ def _bundle(cpus: float, gpus: float) -> dict:
 
 
 def role_bundles(cfg) -> dict[str, list[dict]]:
-    """Bundles per role for a DocRLConfig (the learner is placed by LearnerGroup itself)."""
+    """Bundles per role the driver reserves for a DocRLConfig (the learner is placed by
+    LearnerGroup itself; no retriever actors when the gold page is handed over)."""
     r, ro, rw = cfg.retriever, cfg.rollout, cfg.reward
     return {
-        "retriever": [_bundle(r.num_cpus_per_actor, r.num_gpus_per_actor)] * r.num_actors,
+        **({} if r.use_gold_page else {"retriever": [_bundle(r.num_cpus_per_actor, r.num_gpus_per_actor)] * r.num_actors}),
         # num_gpus_per_worker is the worker's total, its tensor-parallel shards included
         "rollout": [_bundle(ro.num_cpus_per_worker, ro.num_gpus_per_worker)] * ro.num_workers,
         "reward": [_bundle(rw.num_cpus_per_actor, 0)] * rw.num_actors,
     }
+
+
+def run_asks(cfg) -> dict[str, list[dict]]:
+    """Every role's bundles, the learner's included: what the whole run holds at once."""
+    ln = cfg.learner
+    return {**role_bundles(cfg), "learner": [_bundle(ln.num_cpus_per_rank, ln.num_gpus_per_rank)] * ln.num_ranks}
+
+
+# the config keys that size each role's ask, for the refusal's advice
+ASK_KEYS = {
+    "retriever": ("retriever.num_actors", "retriever.num_cpus_per_actor", "retriever.num_gpus_per_actor"),
+    "rollout": ("rollout.num_workers", "rollout.num_cpus_per_worker", "rollout.num_gpus_per_worker"),
+    "reward": ("reward.num_actors", "reward.num_cpus_per_actor", None),
+    "learner": ("learner.num_ranks", "learner.num_cpus_per_rank", "learner.num_gpus_per_rank"),
+}
+
+
+def _fmt(res: dict) -> str:
+    return ", ".join(f"{res.get(k, 0):g} {k}s" for k in ("CPU", "GPU"))
+
+
+def check_fits(asks: dict[str, list[dict]], nodes: list[dict], strategy: str = "PACK") -> None:
+    """Refuse a run that no placement on `nodes` (each node's total resources) can hold.
+
+    Only conditions every placement must meet are checked, so a run that Ray could place is never
+    refused: each bundle fits on some node; all roles together fit the cluster's totals; a
+    STRICT_PACK role fits on one node; a STRICT_SPREAD role finds a node per bundle. Roles are
+    checked in order, and the first that fails is named with what it asks, what the roles before
+    it take and what the cluster has.
+    """
+    total = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+    has = f"the cluster has {_fmt(total)} on {len(nodes)} node(s) ({'; '.join(_fmt(n) for n in nodes) or 'none'})"
+    taken = {"CPU": 0.0, "GPU": 0.0}
+    before: list[str] = []
+    for role, bundles in asks.items():
+        if not bundles:
+            continue
+        need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
+        count_key, cpu_key, gpu_key = ASK_KEYS.get(role, (None, None, None))
+        lower = " or ".join(f"`{k}`" for k in (count_key, cpu_key, gpu_key) if k)
+        ask = f"role '{role}' asks {len(bundles)} x {bundles[0]} ({_fmt(need)} in all)"
+
+        def refuse(why: str) -> None:
+            raise PlacementError(f"the cluster cannot hold this run: {ask}; {why}; {has}. Lower {lower}, "
+                                 "or give the cluster more (`ray start --num-cpus/--num-gpus` sets a node's "
+                                 "logical CPUs and GPUs)")
+
+        fitting = [n for n in nodes if all(n.get(k, 0) >= v for k, v in bundles[0].items())]
+        if not fitting:
+            refuse(f"no node has {_fmt(bundles[0])} for one of its actors")
+        if strategy == "STRICT_PACK" and not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
+            refuse(f"placement STRICT_PACK puts all {len(bundles)} on one node, and no node has {_fmt(need)}")
+        if strategy == "STRICT_SPREAD" and len(fitting) < len(bundles):
+            refuse(f"placement STRICT_SPREAD puts each on its own node, and {len(fitting)} node(s) can hold one")
+        for k in ("CPU", "GPU"):
+            if taken[k] + need[k] > total[k] + 1e-9:
+                prior = f" with the roles before it ({', '.join(before)}: {_fmt(taken)})" if before else ""
+                refuse(f"that is {taken[k] + need[k]:g} {k}s{prior}")
+        for k in taken:
+            taken[k] += need[k]
+        before.append(role)
+
+
+def cluster_nodes() -> list[dict]:
+    """Total resources of every live node of the connected Ray cluster."""
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
 def reserve(role: str, bundles: list[dict], strategy: str, timeout_s: float) -> RolePlacement:
@@ -51,17 +122,18 @@ def reserve(role: str, bundles: list[dict], strategy: str, timeout_s: float) -> 
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
         need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
-        raise TimeoutError(
+        raise PlacementError(
             f"placement of role '{role}' ({len(bundles)} x {bundles[0]}, {strategy}; {need['CPU']:g} CPUs and "
-            f"{need['GPU']:g} GPUs in all) not ready within {timeout_s:g}s; cluster has {ray.cluster_resources()}, "
-            f"available {ray.available_resources()}"
+            f"{need['GPU']:g} GPUs in all) not ready within {timeout_s:g}s (ray.placement_timeout_s): the cluster "
+            f"has {_fmt(ray.cluster_resources())}, {_fmt(ray.available_resources())} free now; other work may "
+            "hold the rest (`ray status` lists it)"
         ) from None
     return RolePlacement(role, bundles, group)
 
 
 def place_roles(cfg, timeout_s: float | None = None) -> dict[str, RolePlacement]:
     """Reserve every role's bundles (all or nothing)."""
-    timeout_s = timeout_s or cfg.ray.actor_start_timeout_s
+    timeout_s = timeout_s or cfg.ray.placement_timeout_s
     placed: dict[str, RolePlacement] = {}
     try:
         for role, bundles in role_bundles(cfg).items():

@@ -25,12 +25,14 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,14 @@ from rollout.policy import materialize_policy, write_policy
 from rollout.types import RolloutResult
 
 log = logging.getLogger(__name__)
+
+# how often the driver's waits look at a stop request (SIGINT/SIGTERM)
+STOP_POLL_S = 0.2
+
+
+class StopRequested(Exception):
+    """A stop (SIGINT/SIGTERM) arrived while the driver waited for work it may drop: the step being
+    collected or an evaluation. The learner still holds the last finished step."""
 
 
 @dataclass
@@ -225,15 +235,20 @@ class Trainer:
         self.step = 0
         self._ahead: Future | None = None  # async mode: the next step's batch, being collected
         self._rollout_thread = ThreadPoolExecutor(1, thread_name_prefix="docrl-rollout")
-        self._sampler_state: dict | None = None
+        # sync collection and evaluation run here while the main thread waits, so that a stop
+        # request is seen at once instead of when the step ends
+        self._foreground = ThreadPoolExecutor(1, thread_name_prefix="docrl-step")
+        self._sampler_before: dict[int, dict] = {}  # step -> sampler state before that step's questions
         self._stop_requested: str | None = None  # the signal's name, once SIGINT/SIGTERM arrived
+        self._phase = "setup"  # setup | collect | update | save: what a stop request may interrupt
+        self._saved_step: int | None = None  # the step of the newest checkpoint written or resumed
 
     # -- set-up --------------------------------------------------------------------------------
 
     def setup(self, resume: bool = False) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from cluster.placement import local_cores, place_roles, role_threads
+        from cluster.placement import check_fits, cluster_nodes, local_cores, place_roles, role_threads, run_asks
         from learner.group import LearnerGroup
         from retriever.group import RetrieverGroup
         from reward.group import RewardPool
@@ -250,6 +265,8 @@ class Trainer:
         self.train_set, self.eval_set, self.corpus = load_train_eval(cfg.data, cfg.run.output_dir)
         self.sampler = QuestionSampler(self.train_set.samples, cfg.run.seed)
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
+        self._catch_stop_signals()  # ray.init installs its own SIGTERM handler (an immediate exit)
+        check_fits(run_asks(cfg), cluster_nodes(), cfg.ray.placement_strategy)
         where = monitoring_addresses()
         log.info("Ray dashboard: %s; metrics (Prometheus, ray_docrl_*): %s; logs: %s",
                  where["dashboard"] or "none (ray.include_dashboard=true starts one)", where["metrics"],
@@ -261,7 +278,7 @@ class Trainer:
         if cfg.trainer.warm_start.steps:
             policy = self.warm_start(policy)
         self.policy_path = policy
-        self.placement = place_roles(cfg, timeout)
+        self.placement = place_roles(cfg, cfg.ray.placement_timeout_s)
         # the workers serve adapters only when adapters are what they are pushed (rollout.lora_push)
         self.push_kind = "lora" if cfg.learner.lora.enabled and cfg.rollout.lora_push_mode() == "adapter" else "full"
         lora_rank = cfg.learner.lora.r if self.push_kind == "lora" else None
@@ -283,7 +300,8 @@ class Trainer:
         self.learner = LearnerGroup(policy, cfg.learner, cfg.algorithm, seed=cfg.run.seed,
                                     sampling_temperature=cfg.rollout.sampling.temperature,
                                     export_dir=str(self.out / "exports"), placement_strategy=cfg.ray.placement_strategy,
-                                    start_timeout_s=timeout, num_threads=learner_threads)
+                                    start_timeout_s=timeout, num_threads=learner_threads,
+                                    placement_timeout_s=cfg.ray.placement_timeout_s)
         self.rollout.ready()
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.trainer.keep_last)
 
@@ -442,11 +460,25 @@ class Trainer:
         return CollectedBatch(step, batch, [r for rs in scored.scores.values() for r in rs], scored.counts(),
                               time.perf_counter() - t0, tokens)
 
-    def next_questions(self) -> list[DocVQASample]:
-        """The next step's questions. The sampler state a checkpoint records is the one before the
-        questions of the first step not yet trained on (in async mode one batch is drawn ahead)."""
-        self._sampler_state = self.sampler.state()
+    def next_questions(self, step: int) -> list[DocVQASample]:
+        """Step `step`'s questions. The sampler state before them is kept: a checkpoint of step
+        `step - 1` records it, whether or not the questions were drawn (in async mode one batch is
+        drawn ahead; a stopped step has drawn its questions and is redone on resume)."""
+        self._sampler_before = {s: v for s, v in self._sampler_before.items() if s >= self.step}
+        self._sampler_before[step] = self.sampler.state()
         return self.sampler.next(self.cfg.trainer.prompts_per_step)
+
+    def _wait(self, future: Future, timeout_s: float | None, what: str):
+        """The future's result; StopRequested as soon as a stop is requested meanwhile."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                return future.result(timeout=STOP_POLL_S)
+            except FutureTimeout:
+                if self._stop_requested:
+                    raise StopRequested(what) from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{what} did not finish within {timeout_s:g}s") from None
 
     def train_step(self, step: int) -> dict[str, float]:
         """One step. Sync: collect with the current weights, update, push (exactly on-policy).
@@ -458,17 +490,21 @@ class Trainer:
 
         cfg = self.cfg
         t0 = time.perf_counter()
+        self._phase = "collect"
         if cfg.trainer.mode == "sync":
-            collected = self.collect(step, self.next_questions())
+            collected = self._wait(self._foreground.submit(self.collect, step, self.next_questions(step)), None,
+                                   f"collecting step {step}")
             wait_s = collected.seconds
         else:
             if self._ahead is None:  # the first step (or the first after a resume) has nothing ahead
-                self._ahead = self._rollout_thread.submit(self.collect, step, self.next_questions())
-            collected = self._ahead.result(timeout=cfg.rollout.generate_timeout_s + cfg.reward.collect_timeout_s)
+                self._ahead = self._rollout_thread.submit(self.collect, step, self.next_questions(step))
+            collected = self._wait(self._ahead, cfg.rollout.generate_timeout_s + cfg.reward.collect_timeout_s,
+                                   f"collecting step {step}")
             wait_s = time.perf_counter() - t0
             self._ahead = None
             if step < cfg.trainer.total_steps:
-                self._ahead = self._rollout_thread.submit(self.collect, step + 1, self.next_questions())
+                self._ahead = self._rollout_thread.submit(self.collect, step + 1, self.next_questions(step + 1))
+        self._phase = "update"  # from here the step is finished even when a stop arrives
         staleness = self.learner.version - collected.batch.weights_version  # updates between sampling and training
         t_learn = time.perf_counter()
         learner_metrics = self.learner.update(collected.batch)
@@ -522,10 +558,13 @@ class Trainer:
         def write(d: Path) -> None:
             self.learner.save_checkpoint(str(d / "learner"))
             write_policy(d / "policy", self.policy_path, self.learner.export_weights(), self.step)
-            sampler = self._sampler_state if self._ahead is not None else self.sampler.state()
+            sampler = self._sampler_before.get(self.step + 1, self.sampler.state())
             (d / "driver.json").write_text(json.dumps({"step": self.step, "sampler": sampler}))
 
-        return self.checkpoints.save(self.step, write, meta={"weights_version": self.learner.version})
+        phase, self._phase = self._phase, "save"
+        path = self.checkpoints.save(self.step, write, meta={"weights_version": self.learner.version})
+        self._phase, self._saved_step = phase, self.step
+        return path
 
     def resume(self) -> bool:
         latest = self.checkpoints.latest()
@@ -535,6 +574,7 @@ class Trainer:
         state = json.loads((latest / "driver.json").read_text())
         self.step = state["step"]
         self.sampler.load(state["sampler"])
+        self._saved_step = self.step
         self.push_weights()
         log.info("resumed from %s at step %d (weights v%d)", latest, self.step, self.learner.version)
         return True
@@ -542,27 +582,54 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------
 
     def _request_stop(self, signum, frame) -> None:
-        """SIGINT/SIGTERM (Ctrl-C, `ray job stop`): finish the step, checkpoint, stop. A signal
-        that lands mid-step must not checkpoint there: the update may be applied while the step
-        counter is not advanced, and the step would be trained twice after a resume. A second
-        signal stops at once, without a checkpoint (the last one written stays valid)."""
-        if self._stop_requested:
-            raise KeyboardInterrupt(f"signal {signum} received twice: stopping without a checkpoint")
-        self._stop_requested = signal.Signals(signum).name
-        log.warning("%s received: finishing step %d, then writing a checkpoint and stopping "
-                    "(send it again to stop at once without a checkpoint)", self._stop_requested, self.step + 1)
+        """SIGINT/SIGTERM (Ctrl-C, `ray job stop`): checkpoint the last finished step, then stop.
+        The step being collected is dropped (its questions are drawn again on resume); a step whose
+        update has begun is finished first, since the update cannot be undone. A signal during
+        set-up stops at once (nothing to keep); a second signal stops at once without a checkpoint
+        (the last one written stays valid)."""
+        name = signal.Signals(signum).name
+        if self._stop_requested or self._phase == "setup":
+            raise KeyboardInterrupt(f"{name} received {'twice' if self._stop_requested else 'during set-up'}: "
+                                    "stopping without a checkpoint")
+        self._stop_requested = name
+        grace = os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3") if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else None
+        log.warning("%s received: %s, then checkpointing step %d and stopping%s (send it again to stop at once "
+                    "without a checkpoint)", name,
+                    "finishing the update of this step" if self._phase == "update" else "dropping the step in flight",
+                    self.step + (self._phase == "update"),
+                    f"; Ray kills this job {grace} s after `ray job stop` (RAY_JOB_STOP_WAIT_TIME_S)" if grace else "")
+
+    def _catch_stop_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._request_stop)
 
     def run(self, resume: bool = False) -> dict[str, float]:
         """Train to `trainer.total_steps`. Raises KeyboardInterrupt after checkpointing when a
         stop was requested by a signal."""
         handlers = {}
         if threading.current_thread() is threading.main_thread():
-            handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+            self._catch_stop_signals()
         try:
             return self._run(resume)
+        except StopRequested:
+            self._phase = "stopping"
+            if self.step == 0:
+                raise KeyboardInterrupt(f"{self._stop_requested}: stopped before the first step; nothing to "
+                                        "checkpoint") from None
+            path = self.checkpoints.root / self.checkpoints.name(self.step)
+            if self._saved_step != self.step:
+                path = self.save()
+            raise KeyboardInterrupt(f"{self._stop_requested}: stopped after step {self.step}; checkpoint {path} "
+                                    "(continue with --resume)") from None
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+
+    def _evaluate(self, tag: str) -> dict[str, float]:
+        self._phase = "collect"  # an evaluation holds no training state: a stop drops it
+        return self._wait(self._foreground.submit(self.evaluate, tag), None, f"evaluation {tag}")
 
     def _run(self, resume: bool) -> dict[str, float]:
         from tqdm.auto import tqdm
@@ -570,7 +637,7 @@ class Trainer:
         cfg = self.cfg.trainer
         self.setup(resume)
         if not (resume and self.resume()):
-            self.metrics.log(0, self.evaluate("step-0"))
+            self.metrics.log(0, self._evaluate("step-0"))
         with tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="step") as bar:
             while self.step < cfg.total_steps:
                 metrics = self.train_step(self.step + 1)
@@ -579,14 +646,12 @@ class Trainer:
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
                 bar.update(1)
                 if self._stop_requested:
-                    path = self.save()
-                    raise KeyboardInterrupt(f"{self._stop_requested}: stopped after step {self.step}; checkpoint "
-                                            f"{path} (continue with --resume)")
+                    raise StopRequested(f"after step {self.step}")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.total_steps:
-                    self.metrics.log(self.step, self.evaluate(f"step-{self.step}"))
+                    self.metrics.log(self.step, self._evaluate(f"step-{self.step}"))
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
-        final = self.evaluate(f"step-{self.step}")
+        final = self._evaluate(f"step-{self.step}")
         self.metrics.log(self.step, final)
         self.save()
         self.metrics.close()
@@ -605,6 +670,7 @@ class Trainer:
         if self._ahead is not None:
             self._ahead.cancel()
         self._rollout_thread.shutdown(wait=False, cancel_futures=True)
+        self._foreground.shutdown(wait=False, cancel_futures=True)
         for part in ("rollout", "retriever", "learner", "rewards"):
             obj = getattr(self, part, None)
             if obj is not None:

@@ -6,6 +6,11 @@ import os
 import socket
 
 
+class PlacementError(RuntimeError):
+    """The cluster cannot hold a role of the run, or its placement group stayed pending: the
+    message names the role, what it asks and what the cluster has."""
+
+
 def get_with_timeout(refs, timeout_s: float, what: str):
     """`ray.get` that fails with a message naming what was awaited instead of hanging."""
     import ray  # here, not at the top: role logic that imports this module runs without Ray too

@@ -24,6 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
+from common.ray_helpers import PlacementError
 from learner import update as U
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.types import Experience, ExportedWeights, TrainBatch
@@ -34,13 +35,15 @@ log = logging.getLogger(__name__)
 class LearnerGroup:
     def __init__(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, *, seed: int = 0,
                  sampling_temperature: float = 1.0, export_dir: str | None = None, local: bool = False,
-                 placement_strategy: str = "PACK", start_timeout_s: float = 600.0, num_threads: int | None = None):
+                 placement_strategy: str = "PACK", start_timeout_s: float = 600.0, num_threads: int | None = None,
+                 placement_timeout_s: float | None = None):
         """`sampling_temperature` is the rollout's (rollout.sampling.temperature): the learner scores
         and trains softmax(logits / T), the distribution the answers were sampled from, so the PPO
         ratio, the TIS weights and the logged rollout-vs-learner mismatch compare like with like.
         `export_dir` holds exported LoRA adapters (shared storage on a cluster: rollout workers
         read them); a temporary directory by default. `num_threads` per rank defaults to its CPUs
-        (`learner.num_cpus_per_rank`)."""
+        (`learner.num_cpus_per_rank`). The ranks' placement group must be ready within
+        `placement_timeout_s` (default `start_timeout_s`)."""
         U.check_sampling_temperature(sampling_temperature)
         if algo.minibatch_size % cfg.num_ranks:
             raise ValueError(f"algorithm.minibatch_size={algo.minibatch_size} must be divisible by "
@@ -63,11 +66,12 @@ class LearnerGroup:
             self.worker = LearnerWorker(self.policy_path, cfg, algo, seed=seed,
                                         sampling_temperature=sampling_temperature)
         else:
-            self._start_ranks(placement_strategy, start_timeout_s, num_threads)
+            self._start_ranks(placement_strategy, start_timeout_s, num_threads, placement_timeout_s or start_timeout_s)
 
     # -- starting the ranks ----------------------------------------------------------------------
 
-    def _start_ranks(self, strategy: str, start_timeout_s: float, num_threads: int | None) -> None:
+    def _start_ranks(self, strategy: str, start_timeout_s: float, num_threads: int | None,
+                     placement_timeout_s: float) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -80,11 +84,12 @@ class LearnerGroup:
             bundle["GPU"] = cfg.num_gpus_per_rank
         self.pg = placement_group([dict(bundle) for _ in range(cfg.num_ranks)], strategy=strategy)
         try:
-            ray.get(self.pg.ready(), timeout=start_timeout_s)
+            ray.get(self.pg.ready(), timeout=placement_timeout_s)
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(self.pg)
-            raise TimeoutError(f"learner group: a placement group of {cfg.num_ranks} x {bundle} ({strategy}) was not "
-                               f"ready within {start_timeout_s:g}s; the cluster lacks these resources (`ray status` "
+            raise PlacementError(f"placement of role 'learner' ({cfg.num_ranks} x {bundle}, {strategy}) not ready within "
+                               f"{placement_timeout_s:g}s: the cluster has {ray.cluster_resources()}, "
+                               f"{ray.available_resources()} free now; other work may hold the rest (`ray status` "
                                "lists pending demands)") from None
         threads = num_threads or max(1, int(cfg.num_cpus_per_rank))
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}

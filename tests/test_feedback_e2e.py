@@ -287,8 +287,8 @@ def test_training_continues_from_the_served_model_on_the_feedback_then_serves(ra
     drawn: list[str] = []
     next_questions = trainer.next_questions
 
-    def recording_next_questions():
-        questions = next_questions()
+    def recording_next_questions(step):
+        questions = next_questions(step)
         drawn.extend(q.question_id for q in questions)
         return questions
 

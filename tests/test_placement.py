@@ -43,7 +43,10 @@ def test_actors_land_in_their_bundles_with_fake_gpus(ray_cluster):
 
 
 def test_impossible_placement_fails_fast_naming_the_role(ray_cluster):
-    with pytest.raises(TimeoutError, match=r"placement of role 'rollout' \(3 x \{'CPU': 1, 'GPU': 1\}"):
+    from common.ray_helpers import PlacementError
+
+    with pytest.raises(PlacementError, match=r"placement of role 'rollout' \(3 x \{'CPU': 1, 'GPU': 1\}.* not ready "
+                                              r"within 3s \(ray.placement_timeout_s\)"):
         reserve("rollout", [{"CPU": 1, "GPU": 1}] * 3, "PACK", timeout_s=3)
 
 
@@ -136,3 +139,90 @@ def test_async_threads_fit_the_local_cores():
     assert role_threads(cfg("async", 4, 2), cores=3) == (2, 1)
     assert role_threads(cfg("async", 1, 1, workers=2), cores=2) == (1, 1)  # never below one thread
     assert role_threads(cfg("async", 2, 2), cores=None) == (2, 2)  # a remote cluster: Ray's bundles decide
+
+
+# -- the check before any role starts (pure: no Ray) ----------------------------------------------
+
+def test_the_tiny_preset_fits_a_two_cpu_head_and_a_bigger_ask_is_refused_naming_the_role():
+    from cluster.placement import PlacementError, check_fits, run_asks
+
+    tiny = load_config("configs/tiny.yaml", [])
+    asks = run_asks(tiny)
+    assert "retriever" not in asks  # the gold page is handed over: no retriever actors to place
+    check_fits(asks, [{"CPU": 2.0, "memory": 1e9}])
+    big = run_asks(load_config("configs/tiny.yaml", ["learner.num_cpus_per_rank=2"]))
+    with pytest.raises(PlacementError) as refused:
+        check_fits(big, [{"CPU": 2.0}])
+    # hand-worked: rollout 0.5 + reward 0.5 taken, the learner's 2 makes 3 CPUs > 2
+    assert str(refused.value).startswith("the cluster cannot hold this run: role 'learner' asks 1 x {'CPU': 2.0} "
+                                         "(2 CPUs, 0 GPUs in all); that is 3 CPUs with the roles before it "
+                                         "(rollout, reward: 1 CPUs, 0 GPUs); the cluster has 2 CPUs, 0 GPUs on 1 node(s)")
+    assert "`learner.num_ranks` or `learner.num_cpus_per_rank` or `learner.num_gpus_per_rank`" in str(refused.value)
+
+
+def test_a_gpu_preset_on_a_cpu_cluster_is_refused_naming_the_first_gpu_role():
+    from cluster.placement import PlacementError, check_fits, run_asks
+
+    asks = run_asks(load_config("configs/qwen2vl-2b-8gpu.yaml", []))
+    with pytest.raises(PlacementError, match=r"role '(retriever|rollout)' asks .*no node has .* GPUs for one of its actors"):
+        check_fits(asks, [{"CPU": 64.0}, {"CPU": 64.0}])
+
+
+def test_strategies_are_checked_per_node():
+    from cluster.placement import PlacementError, check_fits
+
+    two_small = [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+    asks = {"rollout": [{"CPU": 1.0, "GPU": 1.0}] * 2}
+    check_fits(asks, two_small, "PACK")
+    check_fits(asks, two_small, "STRICT_SPREAD")
+    with pytest.raises(PlacementError, match="STRICT_PACK puts all 2 on one node"):
+        check_fits(asks, two_small, "STRICT_PACK")
+    with pytest.raises(PlacementError, match=r"STRICT_SPREAD puts each on its own node, and 1 node\(s\) can hold one"):
+        check_fits(asks, [{"CPU": 4.0, "GPU": 2.0}], "STRICT_SPREAD")
+
+
+def _placeable(asks: dict, nodes: list[dict], strategy: str) -> bool:
+    """Exhaustive search: some assignment of every bundle to a node that respects the capacities
+    and the strategy (the independent computation check_fits must never contradict)."""
+    import itertools
+
+    bundles = [(role, b) for role, bs in asks.items() for b in bs]
+    for assign in itertools.product(range(len(nodes)), repeat=len(bundles)):
+        used = [{"CPU": 0.0, "GPU": 0.0} for _ in nodes]
+        for (_, b), n in zip(bundles, assign):
+            for k, v in b.items():
+                used[n][k] += v
+        if any(used[n][k] > nodes[n].get(k, 0) + 1e-9 for n in range(len(nodes)) for k in used[n]):
+            continue
+        per_role = {}
+        for (role, _), n in zip(bundles, assign):
+            per_role.setdefault(role, []).append(n)
+        if strategy == "STRICT_PACK" and any(len(set(ns)) > 1 for ns in per_role.values()):
+            continue
+        if strategy == "STRICT_SPREAD" and any(len(set(ns)) < len(ns) for ns in per_role.values()):
+            continue
+        return True
+    return False
+
+
+def test_the_check_never_refuses_a_run_that_can_be_placed():
+    """Against an exhaustive search on random small clusters: a refusal always means no placement
+    exists (the check tests only necessary conditions; Ray's pending bound handles the rest)."""
+    import random
+
+    from cluster.placement import PlacementError, check_fits
+
+    rng = random.Random(0)
+    refused = accepted = 0
+    for _ in range(300):
+        nodes = [{"CPU": float(rng.choice([1, 2, 3])), "GPU": float(rng.choice([0, 1, 2]))} for _ in range(rng.randint(1, 3))]
+        asks = {role: [{"CPU": rng.choice([0.5, 1.0]), **({"GPU": 1.0} if rng.random() < 0.4 else {})}] * rng.randint(1, 2)
+                for role in ("rollout", "reward", "learner")}
+        strategy = rng.choice(["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+        try:
+            check_fits(asks, nodes, strategy)
+            accepted += 1
+        except PlacementError:
+            refused += 1
+            assert not _placeable(asks, nodes, strategy), (asks, nodes, strategy)
+    assert refused > 50 and accepted > 20  # both outcomes exercised

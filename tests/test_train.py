@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -36,23 +37,20 @@ def _step_rows(out_dir) -> list[dict]:
     return [r for r in read_jsonl(out_dir / "logs" / "metrics.jsonl") if "reward/mean" in r]
 
 
-def _signal_in_learner_update(trainer, step: int) -> None:
-    """SIGINT to this process from inside the learner's update of `step` (mid-step, where a
-    checkpoint would hold the updated weights with the old step counter)."""
-    setup = trainer.setup
+def _signal_in_collection(trainer, step: int) -> None:
+    """SIGINT to this process while the rollouts of `step` are being collected (before its update:
+    the learner still holds step - 1)."""
+    from cluster.train import STOP_POLL_S
 
-    def setup_then_wrap(*args, **kwargs):
-        setup(*args, **kwargs)
-        update = trainer.learner.update
+    collect = trainer.collect
 
-        def update_with_signal(batch):
-            if batch.step == step:
-                os.kill(os.getpid(), signal.SIGINT)
-            return update(batch)
+    def collect_with_signal(at_step, questions):
+        if at_step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(2 * STOP_POLL_S)  # the driver stops waiting for this step
+        return collect(at_step, questions)
 
-        trainer.learner.update = update_with_signal
-
-    trainer.setup = setup_then_wrap
+    trainer.collect = collect_with_signal
 
 
 def _signal_in_weight_push(trainer, step: int) -> None:
@@ -102,12 +100,15 @@ def test_two_steps_over_an_epoch_boundary_then_an_interrupt_and_an_exact_resume(
     assert json.loads((policy / "docrl_policy.json").read_text())["weights_version"] == 2
     assert (policy / "adapter" / "adapter_config.json").exists()
 
-    # The same run, interrupted by SIGINT in the middle of step 1's update: it finishes step 1,
-    # checkpoints it and stops; the resume must redo step 2 exactly as the uninterrupted run did it.
+    # The same run, interrupted by SIGINT while step 2's answers are being collected (as `ray job
+    # stop` mostly lands): it drops step 2 at once, checkpoints step 1 with the sampler from before
+    # step 2's questions, and stops; the resume must redo step 2 exactly as the uninterrupted run
+    # did it. (Before, ray.init replaced the driver's SIGTERM handler with an immediate exit, and a
+    # stop waited for the whole step.)
     second = tmp_path / "second"
     overrides = _overrides(second, tiny_models, *EPOCH_BOUNDARY, "trainer.save_every=0")
     interrupted = Trainer(load_config(None, overrides))
-    _signal_in_learner_update(interrupted, step=1)
+    _signal_in_collection(interrupted, step=2)
     try:
         with pytest.raises(KeyboardInterrupt, match="SIGINT: stopped after step 1"):
             interrupted.run()
@@ -115,6 +116,7 @@ def test_two_steps_over_an_epoch_boundary_then_an_interrupt_and_an_exact_resume(
     finally:
         interrupted.shutdown()
     assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["step-00000001"]
+    assert [r["step"] for r in _step_rows(second)] == [1]
     resumed = Trainer(load_config(None, overrides))
     try:
         resumed.run(resume=True)
