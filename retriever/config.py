@@ -48,7 +48,7 @@ class RetrieverConfig(Section):
     embed_batch_size: int = Field(8, ge=1)
     query_batch_size: int = Field(32, ge=1)
     max_visual_tokens: int | None = Field(None, ge=4)  # caps page resolution (pixels = n * 28 * 28)
-    # -- the index at scale (README, "Indexing at scale") --
+    # -- the index at scale (docs/guides/retrieval.md, "Indexing at scale") --
     # exact: every page scored by MaxSim; two_stage: pooled vectors choose `shortlist` pages per
     # query, which are scored exactly; auto: two_stage from `two_stage_min_pages` pages per actor.
     # A single-vector family's index is always searched exactly (one vector has nothing to pool)

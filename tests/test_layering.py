@@ -1,4 +1,4 @@
-"""The layering that README's "Layout" section states, checked with import-linter on the real tree:
+"""The layering that docs/concepts.md ("Layout") states, checked with import-linter on the real tree:
 each role imports only the layers below it, no role module imports anything at import time that
 changes the process, and there are no import cycles."""
 

@@ -8,7 +8,7 @@ queries are checked on SQLite and PostgreSQL first, without Ray.
 
 Without the browser the page tests skip, naming the packages; CI (`.ci/run`) installs them and sets
 DOCRL_REQUIRE_BROWSER=1, which makes a missing browser a failure. Screenshots go to a pytest temp
-dir; `DOCRL_SAVE_SCREENSHOTS=docs/` also writes the main view to `docs/rater-page.png` (README).
+dir; `DOCRL_SAVE_SCREENSHOTS=docs/` also writes the main view to `docs/rater-page.png` (shown in docs/guides/rater-page.md).
 """
 
 from __future__ import annotations
@@ -444,7 +444,7 @@ def test_ask_read_the_pages_rate_correct_and_export(browser, rater_app):
 
 
 def _main_view_screenshot(driver) -> None:
-    """The whole page (README's picture): under the temp dir, and where DOCRL_SAVE_SCREENSHOTS says."""
+    """The whole page (the picture in docs/guides/rater-page.md): under the temp dir, and where DOCRL_SAVE_SCREENSHOTS says."""
     path = _shot(driver, "rater-page")
     target = os.environ.get("DOCRL_SAVE_SCREENSHOTS")
     if target:
