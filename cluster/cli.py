@@ -279,6 +279,25 @@ def _check_port_free(host: str, port: int) -> None:
             raise CLIError(f"cannot listen on {host}:{port} ({e.strerror}): {why}") from None
 
 
+def serve_banner(cfg, checkpoint: str, url: str) -> str:
+    """What `docrl serve` prints once the application runs: where each of its parts is."""
+    feedback = "off (feedback.enabled is false)"
+    if cfg.feedback.enabled:
+        from sqlalchemy.engine import make_url
+
+        where = make_url(cfg.feedback.url(cfg.run.output_dir)).render_as_string(hide_password=True)
+        feedback = f"POST {url}/v1/feedback, GET {url}/v1/feedback/stats (answers recorded in {where})"
+    # The ingress always serves the page (deploy/app.py, /ui); without feedback its questions
+    # still work but its ratings, queue and chart are refused.
+    notes = [f"asks for the key in ${cfg.serve.api_key_env}"] if cfg.serve.api_key_env else []
+    if not cfg.feedback.enabled:
+        notes.append("asking only: rating needs feedback.enabled=true")
+    rater = f"{url}/ui" + "".join(f" ({n})" for n in notes)
+    return (f"docrl serve: {checkpoint} on {url}\n  OpenAI-compatible: {url}/v1 (chat/completions, models)\n"
+            f"  document QA: POST {url}/v1/docqa\n  feedback: {feedback}\n  rater page: {rater}\n"
+            f"  health: {url}/healthz\n  Ctrl-C stops")
+
+
 def cmd_serve(args) -> int:
     """Serve retrieval + the trained policy over HTTP (OpenAI-compatible) until Ctrl-C."""
     import signal
@@ -306,15 +325,7 @@ def cmd_serve(args) -> int:
     except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
         print(f"docrl serve: {e}", file=sys.stderr)
         return 2
-    feedback = "off (feedback.enabled is false)"
-    if cfg.feedback.enabled:
-        from sqlalchemy.engine import make_url
-
-        where = make_url(cfg.feedback.url(cfg.run.output_dir)).render_as_string(hide_password=True)
-        feedback = f"POST {url}/v1/feedback, GET {url}/v1/feedback/stats (answers recorded in {where})"
-    print(f"docrl serve: {checkpoint} on {url}\n  OpenAI-compatible: {url}/v1 (chat/completions, models)\n"
-          f"  document QA: POST {url}/v1/docqa\n  feedback: {feedback}\n  health: {url}/healthz\n  Ctrl-C stops",
-          flush=True)
+    print(serve_banner(cfg, str(checkpoint), url), flush=True)
     def stop(signum, frame):
         raise KeyboardInterrupt
 

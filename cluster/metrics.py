@@ -102,10 +102,12 @@ def training_summary(rows: Sequence[Mapping]) -> dict:
 
 # The report's panels: (title, metric keys or key prefixes ending in "@"), in reading order. A
 # panel whose metrics a run never logged is left out.
+ANSWERS_PANEL, RETRIEVAL_PANEL = "held-out answers (greedy)", "held-out retrieval"
+NO_RETRIEVAL = "retrieval not exercised: the gold page is given (retriever.use_gold_page)"
 REPORT_PANELS = (
     ("train reward (mean over answers)", ("reward/mean",)),
-    ("held-out answers (greedy)", ("eval/anls", "eval/exact_match")),
-    ("held-out retrieval", ("eval/retrieval_recall@",)),
+    (ANSWERS_PANEL, ("eval/anls", "eval/exact_match")),
+    (RETRIEVAL_PANEL, ("eval/retrieval_recall@",)),
     ("KL(policy || reference) per token", ("learner/kl_to_ref",)),
     ("entropy per token", ("learner/entropy", "learner/entropy_estimate")),
     ("rollout vs learner logprob gap", ("learner/logprob_mismatch_mean", "learner/logprob_mismatch_max")),
@@ -123,7 +125,13 @@ def _headline(summary: Mapping) -> str:
         if f"{name}_rl_gain" in summary:
             parts.append(f"{label} {summary[f'{name}_before_rl']:.3f} -> {summary[f'{name}_after_rl']:.3f} "
                          f"({summary[f'{name}_rl_gain']:+.3f})")
-    return "RL: " + ", ".join(parts) if parts else ""
+    headline = "RL: " + ", ".join(parts) if parts else ""
+    warm = summary.get("warm_start", {})
+    if warm.get("eval_anls_before") is not None and warm.get("eval_anls_after") is not None:
+        # what the supervised warm start did, apart from what RL did after it
+        ws = f"warm start: held-out ANLS {warm['eval_anls_before']:.3f} -> {warm['eval_anls_after']:.3f}"
+        headline = f"{ws}\n{headline}" if headline else ws
+    return headline
 
 
 def report_panels(logged: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
@@ -136,30 +144,85 @@ def report_panels(logged: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
     return panels
 
 
-def plot_report(jsonl_path: str | Path, png_path: str | Path, keys: Sequence[str] | None = None, title: str = "docrl") -> Path:
+def plot_report(jsonl_path: str | Path, png_path: str | Path, keys: Sequence[str] | None = None, title: str = "docrl",
+                gold_page_given: bool = False) -> Path:
     """The run at a glance: one panel per `REPORT_PANELS` entry the run logged, step on the x axis,
     and the RL gain on held-out questions in the title (step 0 is the start of RL, after any warm
-    start). With `keys`: one panel per listed metric instead (the trainer's report_all.png: every one)."""
+    start). With `keys`: one panel per listed metric instead (the trainer's report_all.png: every one).
+    `gold_page_given`: the run handed the policy the gold page (retriever.use_gold_page), so its
+    logged recall says nothing about retrieval; the retrieval panel says so instead of plotting it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig = build_report(read_jsonl(jsonl_path), keys=keys, title=title, gold_page_given=gold_page_given)
+    except ValueError as e:
+        raise ValueError(f"{jsonl_path}: {e}") from None
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return Path(png_path)
+
+
+# Several lines in one panel: the first listed is drawn on top, thin, with small filled markers;
+# each later one below it, wider, dashed, with larger hollow markers, so that where the values
+# coincide (ANLS and exact match of all-exact or all-wrong answers) every line still shows.
+_LINE_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+
+
+def _line_style(i: int, n: int) -> dict:
+    linestyle, marker = _LINE_STYLES[i % len(_LINE_STYLES)]
+    style = {"linestyle": linestyle, "marker": marker, "zorder": 2 + n - i, "linewidth": 1.5 + 1.0 * i,
+             "markersize": 3 + 2.5 * i}
+    return style | ({"markerfacecolor": "none"} if i else {})
+
+
+def _warm_start_note(ax, rows: Sequence[Mapping]) -> None:
+    """The supervised warm start's held-out ANLS, before -> after, at step 0 of the ANLS panel
+    (its 'after' is where RL starts)."""
+    warm = training_summary(rows).get("warm_start", {})
+    before, after = warm.get("eval_anls_before"), warm.get("eval_anls_after")
+    if before is None or after is None:
+        return
+    ax.plot([0], [before], linestyle="none", marker="v", markersize=7, color="grey", zorder=5,
+            label="held-out ANLS before the warm start")
+    if after != before:
+        ax.annotate("", xy=(0, after), xytext=(0, before), arrowprops={"arrowstyle": "->", "color": "grey"})
+    ax.annotate(f"warm start: {before:.3f} -> {after:.3f}", xy=(0, (before + after) / 2), xytext=(8, 0),
+                textcoords="offset points", fontsize=7, color="dimgrey", ha="left", va="center",
+                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+
+
+def build_report(rows: Sequence[Mapping], keys: Sequence[str] | None = None, title: str = "docrl",
+                 gold_page_given: bool = False):
+    """The report's matplotlib figure for metric rows (what `plot_report` saves; see there)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_jsonl(jsonl_path)
     logged = sorted({k for r in rows for k in r if k != "step"})
     panels = [(k, (k,)) for k in keys] if keys is not None else report_panels(logged)
     if not panels:
-        raise ValueError(f"{jsonl_path}: no metrics to plot")
+        raise ValueError("no metrics to plot")
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.2 * nrows), squeeze=False)
     for ax, (panel_title, panel_keys) in zip(axes.flat, panels):
-        for key in panel_keys:
-            x, y = _series(rows, key)
-            ax.plot(x, y, marker="o", markersize=3, label=key)
-        if len(panel_keys) > 1:
-            ax.legend(fontsize=7)
         ax.set_title(panel_title, fontsize=10)
+        if keys is None and gold_page_given and panel_title == RETRIEVAL_PANEL:
+            ax.text(0.5, 0.5, textwrap.fill(NO_RETRIEVAL, 40), transform=ax.transAxes, ha="center", va="center",
+                    fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        for i, key in enumerate(panel_keys):
+            x, y = _series(rows, key)
+            ax.plot(x, y, label=key, **_line_style(i, len(panel_keys)))
+        if keys is None and panel_title == ANSWERS_PANEL:
+            _warm_start_note(ax, rows)
+        if len(ax.get_lines()) > 1:
+            ax.legend(fontsize=7)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
@@ -167,6 +230,4 @@ def plot_report(jsonl_path: str | Path, png_path: str | Path, keys: Sequence[str
     headline = _headline(training_summary(rows)) if keys is None else ""
     fig.suptitle(f"{title}\n{headline}" if headline else title)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
-    plt.close(fig)
-    return Path(png_path)
+    return fig

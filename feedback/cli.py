@@ -1,6 +1,6 @@
 """`docrl feedback export|stats|migrate`: registered by `cluster.cli`.
 
-    docrl feedback export --config C [--since 2026-01-01T00:00Z] [--until ...] [--index DIR] OUT [KEY=VALUE ...]
+    docrl feedback export --config C [--since 2026-01-01T00:00Z] [--until ...] [--index DIR] [--overwrite] OUT [KEY=VALUE ...]
     docrl feedback stats --config C [--since ...] [--json]
     docrl feedback migrate --config C
 """
@@ -51,7 +51,7 @@ def cmd_export(args, cfg) -> int:
     store = _store(cfg)
     try:
         summary = export_feedback(store, args.out_dir, since=args.since, until=args.until,
-                                  page_image=_page_source(cfg, args.index))
+                                  page_image=_page_source(cfg, args.index), overwrite=args.overwrite)
     finally:
         store.close()
     print(f"exported {summary.exported} questions to {args.out_dir}/train.json and {summary.negative} "
@@ -122,6 +122,8 @@ def add_parser(sub, add_config_args, load_config) -> None:
     e.add_argument("--until", type=parse_time, help="... and before this one")
     e.add_argument("--index", help="a retriever index whose manifest names the page image files (checked first; "
                                    "then the config's data corpus)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace the export OUT already holds (refused without it: a training run may read OUT)")
     add_config_args(e)
 
     s = fsub.add_parser("stats", help="answers, up/down votes and corrections per model version")

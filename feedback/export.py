@@ -17,6 +17,10 @@ A docqa answer's gold page is the first page it cited (the others join the corpu
 answer's pages are its uploaded images from the store, each its own document `upload-<sha256>`.
 An answer whose page image is missing or unreadable is skipped and reported by response and page
 id; a cited page other than the first that is missing is left out and reported.
+
+OUT that already holds an export is refused unless `overwrite` (a training run may read it). The
+export is written into a sibling folder `OUT.tmp-<pid>` and moved into place when complete, so a
+failure leaves OUT as it was: no half export, and with `overwrite` the earlier export intact.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import io
 import json
 import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,12 +39,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from feedback.store import FeedbackStore, RatedInteraction
+from feedback.store import FeedbackError, FeedbackStore, RatedInteraction
 
 # page id -> the page's image: a file path or the encoded bytes; None when it is missing
 PageImageSource = Callable[[str], "str | Path | bytes | None"]
 
 DATASET_NAME = "docrl-feedback"
+EXPORT_ENTRIES = ("train.json", "negative.json", "export_summary.json", "documents")  # what an export writes in OUT
 MAX_NAMED_SKIPS = 50
 _PAGE_ID = re.compile(r"^(?P<doc>.+)/p(?P<no>\d+)$")
 
@@ -150,11 +156,64 @@ def _pages_of(rated: RatedInteraction, store: FeedbackStore, page_image: PageIma
     return out
 
 
+class ExportExists(FeedbackError):
+    """OUT already holds an export and `overwrite` was not given."""
+
+    status = 409
+
+
+def existing_export(out: Path) -> Path | None:
+    """The first entry of an earlier export in `out`, if any."""
+    return next((out / name for name in EXPORT_ENTRIES if (out / name).exists()), None)
+
+
 def export_feedback(store: FeedbackStore, out_dir: str | Path, since: datetime | None = None,
-                    until: datetime | None = None, page_image: PageImageSource | None = None) -> ExportSummary:
+                    until: datetime | None = None, page_image: PageImageSource | None = None,
+                    overwrite: bool = False) -> ExportSummary:
     """Write the feedback given in [since, until) as DocVQA-layout training data (module docstring)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FeedbackError(f"{out} is a file: the export is a folder (train.json, negative.json, documents/)")
+    found = existing_export(out)
+    if found is not None and not overwrite:
+        raise ExportExists(f"{out} already holds a feedback export ({found}), which a training run may read: "
+                           "export to a new OUT folder, or pass --overwrite to replace it")
+    target = out.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        summary = _write_export(store, staging, since, until, page_image)
+        summary.out_dir = str(out)
+        _write_json(staging / "export_summary.json", summary.to_json())
+        _move_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """A new OUT is one rename. Into an existing OUT (an empty folder, or the export `overwrite`
+    replaces) the export's entries move one by one; other files there stay. The earlier export's
+    entries are set aside until the new ones are in, so a failure here leaves them recoverable in
+    OUT.old-<pid>."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    old = target.with_name(f"{target.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    old.mkdir()
+    for name in EXPORT_ENTRIES:
+        if (target / name).exists():
+            os.rename(target / name, old / name)
+    for entry in staging.iterdir():
+        os.rename(entry, target / entry.name)
+    shutil.rmtree(old)
+
+
+def _write_export(store: FeedbackStore, out: Path, since: datetime | None, until: datetime | None,
+                  page_image: PageImageSource | None) -> ExportSummary:
     summary = ExportSummary(str(out), since.isoformat() if since else None, until.isoformat() if until else None)
     skipped: Counter[str] = Counter()
 
@@ -214,7 +273,6 @@ def export_feedback(store: FeedbackStore, out_dir: str | Path, since: datetime |
     summary.exported, summary.negative = len(records["train"]), len(records["negative"])
     summary.pages_written = len(writer.written)
     summary.skipped = dict(skipped)
-    _write_json(out / "export_summary.json", summary.to_json())
     return summary
 
 

@@ -7,9 +7,12 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from common.ray_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,18 +65,56 @@ def test_train_refuses_to_write_over_another_run(tmp_path):
     assert (tmp_path / "logs" / "metrics.jsonl").read_text() == json.dumps({"step": 60}) + "\n"
 
 
-def test_serve_on_a_port_in_use_says_so_before_starting_ray(tmp_path):
+def _fake_index(tmp_path: Path) -> Path:
+    """What `docrl serve` checks before it starts anything: a folder with a manifest."""
     index = tmp_path / "index"
     index.mkdir()
     (index / "manifest.json").write_text("{}")
+    return index
+
+
+def _imported(done: subprocess.CompletedProcess) -> set[str]:
+    """The modules a `python -X importtime` run imported (its stderr names each)."""
+    return {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_serve_on_a_port_in_use_says_so_before_starting_ray(tmp_path):
+    """Before: the message came after ~10-17 s, spent importing Ray, Serve and torch (the port
+    was checked after those imports, and the error's reporting imported the trainer)."""
+    index = _fake_index(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = _clean_failure(docrl("serve", "--checkpoint", str(tmp_path), "--index", str(index),
-                                   f"serve.port={port}", f"run.output_dir={tmp_path}"),
-                             f"cannot listen on 127.0.0.1:{port}")
+        t0 = time.monotonic()
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "cluster.cli", "serve", "--checkpoint",
+                               str(tmp_path), "--index", str(index), f"serve.port={port}", f"run.output_dir={tmp_path}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        seconds = time.monotonic() - t0
+    out = _clean_failure(done, f"cannot listen on 127.0.0.1:{port}")
     assert "serve.port=PORT" in out and "Started a local Ray instance" not in out
+    assert not {"ray", "torch"} & _imported(done), "the port is refused before Ray or torch is imported"
+    assert seconds < 8, f"{seconds:.1f}s to refuse a port in use"
+
+
+def test_serve_with_a_missing_checkpoint_says_so_before_starting_ray(tmp_path):
+    """Before: "... is neither a docrl checkpoint nor a model directory", after Ray and Serve had started."""
+    index = _fake_index(tmp_path)
+    missing = tmp_path / "runs" / "step-00000060"
+    t0 = time.monotonic()
+    out = _clean_failure(docrl("serve", "--checkpoint", str(missing), "--index", str(index),
+                               f"serve.port={free_port()}", f"run.output_dir={tmp_path}"),
+                         f"docrl serve: --checkpoint: {missing} does not exist")
+    assert "neither a docrl checkpoint" not in out and "Started a local Ray instance" not in out
+    assert time.monotonic() - t0 < 8
+
+
+@pytest.mark.parametrize("command", [["search", "-q", "What is the total?"], ["retrieval-eval"]])
+def test_a_missing_index_is_refused_before_starting_ray(command, tmp_path):
+    missing = tmp_path / "no-index"
+    out = _clean_failure(docrl(*command, "--index", str(missing), f"run.output_dir={tmp_path}"),
+                         f"docrl {command[0]}: --index: {missing} does not exist")
+    assert "Started a local Ray instance" not in out
 
 
 def test_debug_shows_the_traceback(tmp_path):

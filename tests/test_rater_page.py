@@ -126,6 +126,20 @@ def test_page_images_and_page_files_as_the_browser_gets_them():
         query_int({"limit": "201"}, "limit", 20, 1, 200)
 
 
+def test_docrl_serve_prints_the_rater_page_address(tmp_path):
+    """Before: `docrl serve` listed the API's addresses but not the page's."""
+    from cluster.cli import serve_banner
+    from cluster.config import load_config
+
+    url = "http://127.0.0.1:8000"
+    common = [f"run.output_dir={tmp_path}", f"serve.api_key_env={KEY_ENV}"]
+    lines = serve_banner(load_config(None, common), "ckpt", url).splitlines()
+    assert f"  rater page: {url}/ui (asks for the key in ${KEY_ENV})" in lines
+    assert lines.index(f"  rater page: {url}/ui (asks for the key in ${KEY_ENV})") < lines.index(f"  health: {url}/healthz")
+    without = serve_banner(load_config(None, common + ["feedback.enabled=false", "serve.api_key_env=null"]), "ckpt", url)
+    assert f"  rater page: {url}/ui (asking only: rating needs feedback.enabled=true)" in without.splitlines()
+
+
 # -- the served page --------------------------------------------------------------------------
 
 
@@ -188,14 +202,15 @@ def rater_app(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
                  "serve.limits.max_request_bytes=1048576", "serve.limits.max_image_pixels=250000",
                  "serve.limits.max_tokens=64", "serve.default_max_tokens=8", "rollout.eval_sampling.max_tokens=8",
                  f"feedback.database_url={db_url}", "feedback.flush_interval_s=0.2"]
+    cfg = load_config(None, overrides)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        app = build_application(load_config(None, overrides), str(checkpoint), str(index))
+        app = build_application(cfg, str(checkpoint), str(index))
         serve.run_many([serve.api.RunTarget(app, name="rater", route_prefix="/")],
                        wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
         wait_until_running(["rater"], timeout_s=300)
         yield {"url": f"http://127.0.0.1:{port}", "db_url": db_url, "work": work, "index": index,
-               "checkpoint": str(checkpoint), "pages": [p.page_id for p in pages]}
+               "checkpoint": str(checkpoint), "pages": [p.page_id for p in pages], "cfg": cfg}
     finally:
         serve.shutdown()
 
@@ -338,6 +353,16 @@ def test_the_page_is_served_with_a_strict_csp(rater_app):
 
 
 @served
+def test_the_printed_rater_page_address_is_the_page(rater_app):
+    from cluster.cli import serve_banner
+
+    banner = serve_banner(rater_app["cfg"], rater_app["checkpoint"], rater_app["url"])
+    address = re.search(r"^  rater page: (\S+)", banner, re.M).group(1)
+    r = httpx.get(address, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html") and "ui/app.js" in r.text
+
+
+@served
 def test_page_images_are_the_index_pages_by_id_with_the_key(rater_app):
     page_id = rater_app["pages"][0]
     path = "/v1/pages/" + httpx.URL(page_id).raw_path.decode().replace("/", "%2F") + "/image"
@@ -475,6 +500,32 @@ def test_ask_within_one_document(browser, rater_app):
     _wait(browser, lambda d: _visible(d, "alert") and "'no-such-doc'" in _text(d, "alert"), "the refusal of the document")
     assert "holds no page of that document" in _text(browser, "alert")
     field.clear()
+
+
+@served
+def test_a_later_success_clears_the_error_banner(browser, rater_app):
+    """Before: the banner of a refused question stayed on screen over later answers."""
+    _open(browser, rater_app)
+
+    def refused() -> None:
+        doc = browser.find_element("id", "ask-doc")
+        doc.clear()
+        doc.send_keys("no-such-doc")
+        question = browser.find_element("id", "question")
+        question.clear()
+        question.send_keys("What is the date?\n")
+        _wait(browser, lambda d: _visible(d, "alert") and "'no-such-doc'" in _text(d, "alert"), "the refusal")
+        doc.clear()
+
+    refused()
+    _ask(browser, "What is the invoice total?")
+    assert not _visible(browser, "alert") and _text(browser, "alert") == ""
+    refused()
+    shown = _text(browser, "shown-meta")
+    _unfocus(browser)
+    _keys(browser, "n")  # the next unrated answer
+    _wait(browser, lambda d: _text(d, "shown-meta") != shown, "the next unrated answer")
+    assert not _visible(browser, "alert")
 
 
 def test_the_queue_shows_unrated_answers_and_n_moves_on(browser, rater_app):

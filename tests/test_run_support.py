@@ -81,6 +81,77 @@ def test_the_report_shows_the_headline_panels_that_a_run_logged():
     assert _headline(summary) == "RL: held-out ANLS 0.200 -> 0.500 (+0.300), exact match 0.125 -> 0.250 (+0.125)"
 
 
+HELD_OUT, RETRIEVAL = "held-out answers (greedy)", "held-out retrieval"
+NOT_EXERCISED = "retrieval not exercised: the gold page is given (retriever.use_gold_page)"
+
+
+def _run_rows(anls, exact_match, recall=1.0, warm_start=None) -> list[dict]:
+    """Metric rows as a run logs them: the warm start (before, after) at step 0, train reward per
+    step, held-out evaluation at steps 0, 2 and 4."""
+    rows = []
+    if warm_start is not None:
+        rows.append({"step": 0, "warm_start/loss_first": 6.8, "warm_start/loss_last": 0.5, "warm_start/seconds": 30.0,
+                     "warm_start/eval_anls_before": warm_start[0], "warm_start/eval_anls_after": warm_start[1]})
+    rows += [{"step": s, "reward/mean": 0.1 * s} for s in range(1, 5)]
+    rows += [{"step": s, "eval/anls": a, "eval/exact_match": e, "eval/retrieval_recall@3": recall}
+             for s, a, e in zip((0, 2, 4), anls, exact_match)]
+    return rows
+
+
+def _panel(fig, title: str):
+    return next(ax for ax in fig.axes if ax.get_title() == title)
+
+
+def _texts(ax) -> list[str]:
+    return [" ".join(t.get_text().split()) for t in ax.texts]
+
+
+def test_the_report_shows_anls_and_exact_match_where_they_coincide():
+    """Before: exact match was drawn over ANLS with the same line and markers: where a run's
+    answers were all exact or all wrong, the ANLS line could not be seen."""
+    from cluster.metrics import build_report
+
+    fig = build_report(_run_rows(anls=[0.0, 0.5, 1.0], exact_match=[0.0, 0.5, 1.0]))
+    lines = {line.get_label(): line for line in _panel(fig, HELD_OUT).get_lines()}
+    anls, exact = lines["eval/anls"], lines["eval/exact_match"]
+    assert list(anls.get_ydata()) == list(exact.get_ydata())
+    assert anls.get_zorder() > exact.get_zorder()  # ANLS on top
+    assert anls.get_linestyle() != exact.get_linestyle() and anls.get_marker() != exact.get_marker()
+    # the line underneath shows around the one on top: wider, with larger hollow markers
+    assert exact.get_linewidth() > anls.get_linewidth() and exact.get_markersize() > anls.get_markersize()
+    assert exact.get_markerfacecolor() == "none"
+
+
+def test_the_report_says_retrieval_is_not_exercised_when_the_gold_page_is_given(tmp_path):
+    """Before: a run given the gold page (recall logged as 1.0) showed a flat, perfect recall."""
+    from cluster.metrics import build_report
+
+    rows = _run_rows(anls=[0.1, 0.2, 0.3], exact_match=[0.0, 0.1, 0.2], recall=1.0)
+    given = _panel(build_report(rows, gold_page_given=True), RETRIEVAL)
+    assert given.get_lines() == [] and _texts(given) == [NOT_EXERCISED]
+    retrieved = _panel(build_report(rows), RETRIEVAL)
+    assert [line.get_label() for line in retrieved.get_lines()] == ["eval/retrieval_recall@3"] and not retrieved.texts
+    with (tmp_path / "metrics.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with Image.open(plot_report(tmp_path / "metrics.jsonl", tmp_path / "report.png", gold_page_given=True)) as im:
+        assert im.size[0] > 300
+
+
+def test_the_report_shows_the_warm_starts_gain():
+    """Before: the warm start's held-out ANLS before and after (logged at step 0) was on no image."""
+    from cluster.metrics import build_report
+
+    fig = build_report(_run_rows(anls=[0.3, 0.4, 0.5], exact_match=[0.2, 0.3, 0.4], warm_start=(0.05, 0.3)))
+    ax = _panel(fig, HELD_OUT)
+    assert "warm start: 0.050 -> 0.300" in _texts(ax) and "" in _texts(ax)  # the label, the arrow
+    before = {line.get_label(): line for line in ax.get_lines()}["held-out ANLS before the warm start"]
+    assert (list(before.get_xdata()), list(before.get_ydata())) == ([0], [0.05])
+    assert "warm start: held-out ANLS 0.050 -> 0.300" in fig.get_suptitle()
+    # a run without a warm start gets neither
+    plain = build_report(_run_rows(anls=[0.3, 0.4, 0.5], exact_match=[0.2, 0.3, 0.4]))
+    assert not _panel(plain, HELD_OUT).texts and "warm start" not in plain.get_suptitle()
+
+
 @pytest.mark.ray
 def test_ray_metrics_gauges_accept_values(ray_cluster, tmp_path):
     log = MetricsLogger(tmp_path, tensorboard=False, tags={"run": "test"})

@@ -85,6 +85,13 @@ function showAlert(text) {
   alert.hidden = !text;
 }
 
+// An action of the rater's went through: an earlier failure's banner is no longer the news (it
+// would otherwise stay over the answer that followed). Background loads do not call this, so a
+// chart that loads does not hide why the queue did not.
+function actionSucceeded() {
+  showAlert("");
+}
+
 function setBusy(text) {
   $("busy").textContent = text;
 }
@@ -162,6 +169,7 @@ async function ask(ev) {
   setBusy(docId ? "Asking the document…" : "Asking the documents…");
   try {
     const r = await api("v1/docqa", { method: "POST", body, timeoutMs: ASK_TIMEOUT_MS });
+    actionSucceeded();
     showAnswer({
       id: r.id, kind: "docqa", question: r.question, answer: r.answer, citations: r.citations, model: r.model,
       version: r.weights_version, createdAt: new Date(r.created * 1000),
@@ -219,6 +227,7 @@ async function askAboutUpload(ev) {
           { type: "image_url", image_url: { url: upload.url } }, { type: "text", text: question }] }],
       },
     });
+    actionSucceeded();
     showAnswer({
       id: r.id, kind: "chat", question, answer: r.choices[0].message.content, citations: [], model: r.model,
       version: null, createdAt: new Date(r.created * 1000), uploadURL: URL.createObjectURL(upload.blob),
@@ -371,6 +380,7 @@ async function submitRating(ev) {
   $("rate-status").textContent = "Storing…";
   try {
     const rec = await api("v1/feedback", { method: "POST", body });
+    actionSucceeded();
     if (state.current !== item) return;
     state.rated.add(item.id);
     const parts = [`Stored: ${rec.rating === "up" ? "▲ up" : "▼ down"}`];
@@ -433,6 +443,7 @@ async function nextUnrated() {
     }
     it = takeNext();
   }
+  actionSucceeded();
   if (!it) {
     updateQueueStatus("No unrated answers waiting.");
     return;
@@ -572,11 +583,13 @@ function drawChart(points, bucket) {
   }));
 }
 
-async function loadChart() {
+// `byRater`: the rater asked for it (another period, the refresh button), not a background reload.
+async function loadChart(byRater = false) {
   const bucket = $("chart-bucket").value;
   const since = new Date(Date.now() - (bucket === "day" ? 30 * 86400e3 : 48 * 3600e3)).toISOString();
   try {
     const t = await api(`v1/feedback/timeline?bucket=${bucket}&since=${encodeURIComponent(since)}`);
+    if (byRater) actionSucceeded();
     drawChart(t.points, bucket);
   } catch (e) {
     report("Loading the chart failed", e);
@@ -625,8 +638,8 @@ function start() {
   $("rate-down").addEventListener("click", () => setRating("down"));
   $("correction").addEventListener("input", correctionTyped);
   $("next-unrated").addEventListener("click", () => nextUnrated());
-  $("chart-bucket").addEventListener("change", loadChart);
-  $("chart-refresh").addEventListener("click", loadChart);
+  $("chart-bucket").addEventListener("change", () => loadChart(true));
+  $("chart-refresh").addEventListener("click", () => loadChart(true));
   document.addEventListener("keydown", onKey);
   state.key = sessionStorage.getItem(KEY_STORAGE) || "";
   connect(state.key ? "stored" : "none");
