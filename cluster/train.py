@@ -40,13 +40,14 @@ from cluster.checkpoint import CheckpointManager
 from cluster.config import DocRLConfig, rollout_shares_gpus
 from cluster.metrics import MetricsLogger, plot_report, read_jsonl, training_summary
 from cluster.ray_setup import init_ray, monitoring_addresses
+from common.lineage import run_dir_of, write_lineage
 from common.ray_helpers import get_with_timeout
 from docvqa.data import load_train_eval
 from docvqa.sample import DocVQASample
 from docvqa.tiny_models import resolve_model
 from learner.types import TrainBatch
 from reward.types import ScoreResult
-from rollout.policy import materialize_policy, write_policy
+from rollout.policy import materialize_policy, resolve_policy, write_policy
 from rollout.types import RolloutResult
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,22 @@ def request_seed(run_seed: int, sampling_seed: int | None, key: str, index: int)
     return int.from_bytes(digest[:8], "little") >> 2
 
 
+def continue_lineage(run_dir: Path, init_from: str, feedback) -> dict:
+    """Record the checkpoint this run continues from (common/lineage.py): its weights version,
+    and the feedback store of its run (unless `feedback.database_url` names one), which becomes
+    this run's, so one history holds every model of the lineage."""
+    from sqlalchemy.engine import make_url
+
+    parent_run = run_dir_of(init_from)
+    url = None
+    if parent_run is not None and not feedback.database_url:
+        u = make_url(feedback.url(parent_run))  # the parent's own lineage is followed to the first run's store
+        if u.get_backend_name() == "sqlite" and u.database and not Path(u.database).is_absolute():
+            u = u.set(database=str(Path(u.database).resolve()))
+        url = u.render_as_string(hide_password=False)
+    return write_lineage(run_dir, init_from, resolve_policy(init_from)["weights_version"], url)
+
+
 def with_derived_lr_decay(cfg: DocRLConfig) -> DocRLConfig:
     """Unless `learner.lr_decay_steps` is set, a linear/cosine schedule decays over the whole run:
     trainer.total_steps x optimizer steps per training step (ppo_epochs x minibatches)."""
@@ -242,6 +259,8 @@ class Trainer:
         self._stop_requested: str | None = None  # the signal's name, once SIGINT/SIGTERM arrived
         self._phase = "setup"  # setup | collect | update | save: what a stop request may interrupt
         self._saved_step: int | None = None  # the step of the newest checkpoint written or resumed
+        # what this run continues (trainer.init_from): its versions count on from the parent's
+        self.lineage: dict = {"parent_weights_version": 0, "parent_checkpoint": None}
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -261,6 +280,7 @@ class Trainer:
         if cfg.trainer.init_from:
             policy = str(materialize_policy(cfg.trainer.init_from, self.out / "init_policy"))
             log.info("starting from %s (trainer.init_from, as a complete model in %s)", cfg.trainer.init_from, policy)
+            self.lineage = continue_lineage(self.out, cfg.trainer.init_from, cfg.feedback)
         retriever_model = resolve_model(cfg.retriever.model, "retriever", cfg.run.models_dir)
         self.train_set, self.eval_set, self.corpus = load_train_eval(cfg.data, cfg.run.output_dir)
         self.sampler = QuestionSampler(self.train_set.samples, cfg.run.seed)
@@ -557,12 +577,14 @@ class Trainer:
     def save(self) -> Path:
         def write(d: Path) -> None:
             self.learner.save_checkpoint(str(d / "learner"))
-            write_policy(d / "policy", self.policy_path, self.learner.export_weights(), self.step)
+            write_policy(d / "policy", self.policy_path, self.learner.export_weights(), self.step,
+                         version_base=self.lineage["parent_weights_version"], parent=self.lineage["parent_checkpoint"])
             sampler = self._sampler_before.get(self.step + 1, self.sampler.state())
             (d / "driver.json").write_text(json.dumps({"step": self.step, "sampler": sampler}))
 
         phase, self._phase = self._phase, "save"
-        path = self.checkpoints.save(self.step, write, meta={"weights_version": self.learner.version})
+        version = self.lineage["parent_weights_version"] + self.learner.version
+        path = self.checkpoints.save(self.step, write, meta={"weights_version": version})
         self._phase, self._saved_step = phase, self.step
         return path
 
@@ -595,7 +617,8 @@ class Trainer:
         grace = os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3") if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else None
         log.warning("%s received: %s, then checkpointing step %d and stopping%s (send it again to stop at once "
                     "without a checkpoint)", name,
-                    "finishing the update of this step" if self._phase == "update" else "dropping the step in flight",
+                    "finishing the update of this step" if self._phase == "update"
+                    else "dropping the rollouts or evaluation in flight",
                     self.step + (self._phase == "update"),
                     f"; Ray kills this job {grace} s after `ray job stop` (RAY_JOB_STOP_WAIT_TIME_S)" if grace else "")
 
@@ -656,7 +679,8 @@ class Trainer:
         self.save()
         self.metrics.close()
         rows = read_jsonl(self.metrics.jsonl_path)
-        plot_report(self.metrics.jsonl_path, self.out / "logs" / "report.png", title=self.cfg.run.name)
+        plot_report(self.metrics.jsonl_path, self.out / "logs" / "report.png", title=self.cfg.run.name,
+                    gold_page_given=self.cfg.retriever.use_gold_page)
         every_metric = sorted({k for r in rows for k in r if k != "step"})
         plot_report(self.metrics.jsonl_path, self.out / "logs" / "report_all.png", keys=every_metric,
                     title=self.cfg.run.name)

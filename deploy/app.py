@@ -398,7 +398,7 @@ class Ingress:
         p = self.s.policy
         return {"object": "list", "data": [{"id": self.s.model_name, "object": "model", "created": self.created,
                                             "owned_by": "docrl", "kind": p["kind"], "weights_version": p["weights_version"],
-                                            "step": p["step"]}]}
+                                            "step": p["step"], "parent": p.get("parent")}]}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -615,7 +615,7 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     rollout_cfg = cfg.rollout.model_copy(update={
         "max_images_per_prompt": max(cfg.rollout.max_images_per_prompt, sc.limits.max_images_per_request)})
     settings = IngressSettings(
-        model_name=sc.model_name, policy={k: policy[k] for k in ("kind", "weights_version", "step")},
+        model_name=sc.model_name, policy={k: policy[k] for k in ("kind", "weights_version", "step", "parent")},
         checkpoint=absolute(checkpoint), limits=sc.limits,
         default_max_tokens=sc.default_max_tokens, request_timeout_s=sc.request_timeout_s, api_key_sha256=key_sha256,
         docqa_k=cfg.retriever.top_k, docqa_read_pages=cfg.rollout.max_images_per_prompt,

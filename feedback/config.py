@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from common.lineage import read_lineage
 from pydantic import Field, field_validator
 
 from common.schema import Section
@@ -43,7 +44,12 @@ class FeedbackConfig(Section):
         return v
 
     def url(self, output_dir: str | Path) -> str:
-        """The database URL, defaulting to an SQLite file under the run's output directory."""
+        """The database URL: `database_url`, else the store of the run's lineage (a run continued
+        from another run's checkpoint shares its parent's, common/lineage.py), else an SQLite file
+        under the run's output directory."""
         if self.database_url:
             return self.database_url
+        lineage = read_lineage(output_dir)
+        if lineage and lineage.get("feedback_database_url"):
+            return lineage["feedback_database_url"]
         return f"sqlite:///{Path(output_dir) / 'feedback' / 'feedback.db'}"

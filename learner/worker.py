@@ -23,9 +23,11 @@ verifies after the step that DeepSpeed really skipped it (`engine.skipped_steps`
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
+import socket
 import random
 import shutil
 import time
@@ -97,6 +99,21 @@ def init_distributed(rank: int, world_size: int, local_rank: int, master_addr: s
             raise RuntimeError(f"torch.distributed is already initialized with world size {dist.get_world_size()}, "
                                f"this learner needs {world_size}")
         return
+    # torch's env:// rendezvous listens on every interface; rank 0 binds the store to MASTER_ADDR
+    # itself, so ranks on one node (MASTER_ADDR 127.0.0.1) open nothing beyond loopback
+    listener = None
+    if rank == 0:
+        family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((master_addr, master_port))
+        listener.listen(max(128, world_size))
+    if ipaddress.ip_address(master_addr).is_loopback:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own pair sockets, else on the hostname's address
+    store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
+                          master_listen_fd=listener.detach() if listener else None)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    # DeepSpeed keeps the process group it finds
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
                                rank=rank, world_size=world_size)
 

@@ -12,10 +12,11 @@ from rollout.weights import write_model_copy
 POLICY_SPEC = "docrl_policy.json"
 
 
-def write_policy(out_dir: str | Path, base_model: str, exported, step: int) -> Path:
+def write_policy(out_dir: str | Path, base_model: str, exported, step: int, version_base: int = 0,
+                 parent: str | None = None) -> Path:
     """Write the policy of `exported` (learner.types.ExportedWeights) as something a server loads:
 
-        <out_dir>/docrl_policy.json   {"kind", "base_model", "weights_version", "step"}
+        <out_dir>/docrl_policy.json   {"kind", "base_model", "weights_version", "step", "parent"}
         <out_dir>/adapter/            kind "lora": a peft adapter directory, served on `base_model`
         <out_dir>/model/              kind "full": a complete HF model directory (configs, processor,
                                       tokenizer, chat template, model.safetensors)
@@ -26,7 +27,9 @@ def write_policy(out_dir: str | Path, base_model: str, exported, step: int) -> P
         shutil.copytree(exported.adapter_dir, out / "adapter", dirs_exist_ok=True)
     else:
         write_model_copy(base_model, exported.named_tensors(), out / "model")
-    spec = {"kind": exported.kind, "base_model": str(base_model), "weights_version": exported.version, "step": step}
+    # a run continued from a checkpoint counts on from its parent's version (common/lineage.py)
+    spec = {"kind": exported.kind, "base_model": str(base_model), "weights_version": version_base + exported.version,
+            "step": step, "parent": parent}
     (out / POLICY_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
     return out
 
@@ -34,7 +37,7 @@ def write_policy(out_dir: str | Path, base_model: str, exported, step: int) -> P
 def resolve_policy(path: str | Path) -> dict:
     """What to serve for `path`: a run checkpoint (step-N/), its policy/ folder, or a plain HF model
     directory. Returns {"kind": "full"|"lora", "model": HF dir or hub id, "adapter": dir or None,
-    "weights_version": int|None, "step": int|None}."""
+    "weights_version": int|None, "step": int|None, "parent": the checkpoint its run continued from, or None}."""
     p = Path(path)
     if (p / "policy" / POLICY_SPEC).exists():
         p = p / "policy"
@@ -44,13 +47,13 @@ def resolve_policy(path: str | Path) -> dict:
             if not (p / "adapter" / "adapter_config.json").exists():
                 raise FileNotFoundError(f"{p}: {POLICY_SPEC} says kind 'lora' but adapter/adapter_config.json is missing")
             return {"kind": "lora", "model": spec["base_model"], "adapter": str(p / "adapter"),
-                    "weights_version": spec.get("weights_version"), "step": spec.get("step")}
+                    "weights_version": spec.get("weights_version"), "step": spec.get("step"), "parent": spec.get("parent")}
         if not (p / "model" / "config.json").exists():
             raise FileNotFoundError(f"{p}: {POLICY_SPEC} says kind 'full' but model/config.json is missing")
         return {"kind": "full", "model": str(p / "model"), "adapter": None,
-                "weights_version": spec.get("weights_version"), "step": spec.get("step")}
+                "weights_version": spec.get("weights_version"), "step": spec.get("step"), "parent": spec.get("parent")}
     if (p / "config.json").exists():
-        return {"kind": "full", "model": str(p), "adapter": None, "weights_version": None, "step": None}
+        return {"kind": "full", "model": str(p), "adapter": None, "weights_version": None, "step": None, "parent": None}
     raise FileNotFoundError(f"{path} is neither a docrl checkpoint (policy/{POLICY_SPEC}) nor a model directory (config.json)")
 
 

@@ -309,7 +309,9 @@ def test_training_continues_from_the_served_model_on_the_feedback_then_serves(ra
     assert json.loads((start / "docrl_source.json").read_text())["source"] == str(feedback_apps["checkpoint"].resolve())
     assert row["learner/logprob_mismatch_max"] < 1e-3
     new = out_dir / "checkpoints" / "step-00000001"
-    assert resolve_policy(new)["model"] == str(start) and resolve_policy(new)["weights_version"] == 1
+    # versions count on from the served checkpoint's (3), which is recorded as the parent
+    assert resolve_policy(new)["model"] == str(start) and resolve_policy(new)["weights_version"] == 4
+    assert resolve_policy(new)["parent"] == str(feedback_apps["checkpoint"].resolve())
 
     # serve the new checkpoint next to the old one, and ask it
     app = build_application(cfg.model_copy(update={"serve": feedback_apps["serve_cfg"]}), str(new),
@@ -320,7 +322,8 @@ def test_training_continues_from_the_served_model_on_the_feedback_then_serves(ra
         wait_until_running(["fb-next"], timeout_s=300)
         base = feedback_apps["apps"]["sqlite"]["url"]
         models = httpx.get(base + "/next/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60).json()
-        assert models["data"][0]["weights_version"] == 1
+        assert models["data"][0]["weights_version"] == 4
+        assert models["data"][0]["parent"] == str(feedback_apps["checkpoint"].resolve())
         answer = httpx.post(base + "/next/v1/docqa", json={"question": "What is the total?", "k": 3, "max_tokens": 8},
                             headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
         assert answer.status_code == 200 and answer.json()["citations"], answer.text
