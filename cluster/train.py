@@ -257,7 +257,7 @@ class Trainer:
         self._foreground = ThreadPoolExecutor(1, thread_name_prefix="docrl-step")
         self._sampler_before: dict[int, dict] = {}  # step -> sampler state before that step's questions
         self._stop_requested: str | None = None  # the signal's name, once SIGINT/SIGTERM arrived
-        self._phase = "setup"  # setup | collect | update | save: what a stop request may interrupt
+        self._phase = "setup"  # setup | collect | update | idle | save: what a stop request may interrupt
         self._saved_step: int | None = None  # the step of the newest checkpoint written or resumed
         # what this run continues (trainer.init_from): its versions count on from the parent's
         self.lineage: dict = {"parent_weights_version": 0, "parent_checkpoint": None}
@@ -615,11 +615,10 @@ class Trainer:
                                     "stopping without a checkpoint")
         self._stop_requested = name
         grace = os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3") if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else None
-        log.warning("%s received: %s, then checkpointing step %d and stopping%s (send it again to stop at once "
-                    "without a checkpoint)", name,
-                    "finishing the update of this step" if self._phase == "update"
-                    else "dropping the rollouts or evaluation in flight",
-                    self.step + (self._phase == "update"),
+        doing = {"update": f"finishing the update of step {self.step + 1}, then checkpointing it",
+                 "collect": f"dropping the rollouts or evaluation in flight, then checkpointing step {self.step}"}
+        log.warning("%s received: %s and stopping%s (send it again to stop at once without a checkpoint)", name,
+                    doing.get(self._phase, f"checkpointing step {self.step}"),
                     f"; Ray kills this job {grace} s after `ray job stop` (RAY_JOB_STOP_WAIT_TIME_S)" if grace else "")
 
     def _catch_stop_signals(self) -> None:
@@ -665,6 +664,7 @@ class Trainer:
             while self.step < cfg.total_steps:
                 metrics = self.train_step(self.step + 1)
                 self.step += 1  # only now: an interrupted step is redone after a resume
+                self._phase = "idle"
                 self.metrics.log(self.step, metrics)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
                 bar.update(1)

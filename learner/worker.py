@@ -86,10 +86,18 @@ def deepspeed_config(cfg: LearnerConfig, algo: AlgorithmConfig, world_size: int)
     return config
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return host == "localhost"
+
+
 def init_distributed(rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,
                      timeout_s: float, backend: str = "gloo") -> None:
     """torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU), from the env variables."""
     import deepspeed
+    import torch
     import torch.distributed as dist
 
     os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
@@ -108,11 +116,14 @@ def init_distributed(rank: int, world_size: int, local_rank: int, master_addr: s
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((master_addr, master_port))
         listener.listen(max(128, world_size))
-    if ipaddress.ip_address(master_addr).is_loopback:
+    if _is_loopback(master_addr):
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own pair sockets, else on the hostname's address
     store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
                           master_listen_fd=listener.detach() if listener else None)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    # as DeepSpeed's own init does on CUDA: bind the rank's GPU (LOCAL_RANK) to the NCCL group
+    device = {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" and world_size > 1 else {}
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
+                            **device)
     # DeepSpeed keeps the process group it finds
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
                                rank=rank, world_size=world_size)
