@@ -119,8 +119,8 @@ def _trainer(tmp_path):
     cfg = load_config(None, ["learner.log_kl_to_ref=true"])  # the dashboard charts it when it is on
     questions = [DocVQASample(f"q{i}", "What word is printed?", ("red",), f"d{i}", f"d{i}/p1", (f"d{i}/p1",))
                  for i in range(cfg.trainer.prompts_per_step)]
-    trainer = object.__new__(Trainer)  # __init__ would start the Ray parts
-    trainer.cfg, trainer.out, trainer.retriever = cfg, tmp_path, None
+    trainer = Trainer(cfg)  # only what setup() would start (Ray, the roles) is replaced below
+    trainer.out, trainer.retriever = tmp_path, None
     trainer.corpus = SimpleNamespace(pages={q.gold_page: Page(q.gold_page, q.doc_id, 1, image_path="unused.png")
                                             for q in questions})
     trainer.sampler = QuestionSampler(questions, seed=0)
