@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -452,6 +453,17 @@ def expected_error(e: BaseException) -> BaseException | None:
     return e if isinstance(e, expected) else None
 
 
+def overrides_last(argv: list[str]) -> list[str]:
+    """`argv` with the config overrides (`section.key=value`) moved to the end. argparse fills
+    positionals from the first stretch of plain words: an override before `--index I OUT` would
+    otherwise be taken for OUT, and OUT refused as unrecognized."""
+    from cluster.config import DocRLConfig
+
+    sections = "|".join(DocRLConfig.model_fields)
+    is_override = re.compile(rf"^({sections})(\.\w+|\[\d+\])*=").match
+    return [a for a in argv if not is_override(a)] + [a for a in argv if is_override(a)]
+
+
 def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -462,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after options (`demo a.b=1 --config x`): argparse leaves the
     # ones after an option unparsed, so collect every KEY=VALUE left over.
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(overrides_last(sys.argv[1:] if argv is None else argv))
     extra = [r for r in rest if "=" in r and not r.startswith("-")]
     if len(extra) != len(rest) or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(r for r in rest if r not in extra) or ' '.join(extra)}")

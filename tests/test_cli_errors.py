@@ -151,3 +151,18 @@ def test_a_relative_run_directory_is_refused_inside_a_ray_job_package(tmp_path):
                           text=True, timeout=300)
     out = _clean_failure(done, "run.output_dir=runs/tiny is relative")
     assert str(package) in out and not (package / "runs").exists()
+
+
+def test_an_override_before_an_option_is_not_taken_for_a_positional_argument():
+    """`docrl feedback export --config C run.output_dir=X --index I OUT` was refused ("unrecognized
+    arguments: OUT"): argparse took the override for OUT."""
+    from cluster.cli import build_parser, overrides_last
+
+    argv = ["feedback", "export", "--config", "configs/tiny.yaml", "run.output_dir=/r", "--index", "/r/index", "/r/out",
+            "trainer.extra_sources[0].path=x"]
+    args = build_parser().parse_args(overrides_last(argv))
+    assert args.out_dir == "/r/out" and args.index == "/r/index"
+    assert args.overrides == ["run.output_dir=/r", "trainer.extra_sources[0].path=x"]
+    # option values and words that are not config keys stay where they are
+    assert overrides_last(["search", "--query", "what=this", "data.path=p", "--k", "3"]) == [
+        "search", "--query", "what=this", "--k", "3", "data.path=p"]
