@@ -175,10 +175,10 @@ def _line_style(i: int, n: int) -> dict:
     return style | ({"markerfacecolor": "none"} if i else {})
 
 
-def _warm_start_note(ax, rows: Sequence[Mapping]) -> None:
+def _warm_start_note(ax, summary: Mapping) -> None:
     """The supervised warm start's held-out ANLS, before -> after, at step 0 of the ANLS panel
     (its 'after' is where RL starts)."""
-    warm = training_summary(rows).get("warm_start", {})
+    warm = summary.get("warm_start", {})
     before, after = warm.get("eval_anls_before"), warm.get("eval_anls_after")
     if before is None or after is None:
         return
@@ -202,6 +202,7 @@ def build_report(rows: Sequence[Mapping], keys: Sequence[str] | None = None, tit
     import matplotlib.pyplot as plt
 
     logged = sorted({k for r in rows for k in r if k != "step"})
+    summary = training_summary(rows)
     panels = [(k, (k,)) for k in keys] if keys is not None else report_panels(logged)
     if not panels:
         raise ValueError("no metrics to plot")
@@ -220,14 +221,14 @@ def build_report(rows: Sequence[Mapping], keys: Sequence[str] | None = None, tit
             x, y = _series(rows, key)
             ax.plot(x, y, label=key, **_line_style(i, len(panel_keys)))
         if keys is None and panel_title == ANSWERS_PANEL:
-            _warm_start_note(ax, rows)
+            _warm_start_note(ax, summary)
         if len(ax.get_lines()) > 1:
             ax.legend(fontsize=7)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    headline = _headline(training_summary(rows)) if keys is None else ""
+    headline = _headline(summary) if keys is None else ""
     fig.suptitle(f"{title}\n{headline}" if headline else title)
     fig.tight_layout()
     return fig

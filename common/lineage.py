@@ -38,8 +38,9 @@ def run_dir_of(checkpoint: str | Path) -> Path | None:
 
 def write_lineage(run_dir: str | Path, parent_checkpoint: str | Path, parent_weights_version: int | None,
                   feedback_database_url: str | None) -> dict:
+    parent_run = run_dir_of(parent_checkpoint)
     lineage = {"parent_checkpoint": str(Path(parent_checkpoint).resolve()),
-               "parent_run_dir": str(run_dir_of(parent_checkpoint)) if run_dir_of(parent_checkpoint) else None,
+               "parent_run_dir": str(parent_run) if parent_run else None,
                "parent_weights_version": int(parent_weights_version or 0),
                "feedback_database_url": feedback_database_url}
     Path(run_dir).mkdir(parents=True, exist_ok=True)

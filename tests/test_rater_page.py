@@ -478,6 +478,19 @@ def _main_view_screenshot(driver) -> None:
         shutil.copyfile(path, folder / "rater-page.png")
 
 
+def _ask_about_an_unknown_document(browser) -> None:
+    """Ask within a document the index does not hold, wait for the page's refusal banner, and
+    clear the document field again."""
+    field = browser.find_element("id", "ask-doc")
+    field.clear()
+    field.send_keys("no-such-doc")
+    question = browser.find_element("id", "question")
+    question.clear()
+    question.send_keys("What is the date?\n")
+    _wait(browser, lambda d: _visible(d, "alert") and "'no-such-doc'" in _text(d, "alert"), "the refusal of the document")
+    field.clear()
+
+
 @served
 def test_ask_within_one_document(browser, rater_app):
     """A document id next to the question searches only that document's pages; an unknown one is
@@ -491,36 +504,18 @@ def test_ask_within_one_document(browser, rater_app):
     _ask(browser, "What is the invoice total?")
     thumbs = browser.find_elements("css selector", "#thumbnails li")
     assert sorted(li.get_attribute("data-page-id") for li in thumbs) == sorted(own)
-    field = browser.find_element("id", "ask-doc")
-    field.clear()
-    field.send_keys("no-such-doc")
-    question = browser.find_element("id", "question")
-    question.clear()
-    question.send_keys("What is the date?\n")
-    _wait(browser, lambda d: _visible(d, "alert") and "'no-such-doc'" in _text(d, "alert"), "the refusal of the document")
+    _ask_about_an_unknown_document(browser)
     assert "holds no page of that document" in _text(browser, "alert")
-    field.clear()
 
 
 @served
 def test_a_later_success_clears_the_error_banner(browser, rater_app):
     """Before: the banner of a refused question stayed on screen over later answers."""
     _open(browser, rater_app)
-
-    def refused() -> None:
-        doc = browser.find_element("id", "ask-doc")
-        doc.clear()
-        doc.send_keys("no-such-doc")
-        question = browser.find_element("id", "question")
-        question.clear()
-        question.send_keys("What is the date?\n")
-        _wait(browser, lambda d: _visible(d, "alert") and "'no-such-doc'" in _text(d, "alert"), "the refusal")
-        doc.clear()
-
-    refused()
+    _ask_about_an_unknown_document(browser)
     _ask(browser, "What is the invoice total?")
     assert not _visible(browser, "alert") and _text(browser, "alert") == ""
-    refused()
+    _ask_about_an_unknown_document(browser)
     shown = _text(browser, "shown-meta")
     _unfocus(browser)
     _keys(browser, "n")  # the next unrated answer
