@@ -308,6 +308,15 @@ def cmd_serve(args) -> int:
 
     cfg = _load(args)
     _require_path(args.checkpoint, "--checkpoint")
+    if cfg.run.storage:  # a head that lacks the run's checkpoints or index gets them from run.storage
+        from cluster.run_storage import RunStorage
+
+        stored = RunStorage(cfg.run.storage, cfg.run.output_dir)
+        if not args.checkpoint:
+            (Path(cfg.run.output_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
+            stored.restore_checkpoints(CheckpointManager(Path(cfg.run.output_dir) / "checkpoints"))
+        if not args.index and cfg.retriever.index_dir is None:
+            stored.restore_index(Path(cfg.run.output_dir) / "index")
     checkpoint = args.checkpoint or CheckpointManager(Path(cfg.run.output_dir) / "checkpoints").latest()
     if checkpoint is None:
         raise CLIError(f"no --checkpoint given and no checkpoint in {cfg.run.output_dir}/checkpoints")

@@ -33,6 +33,10 @@ class ConfigError(ValueError):
 class RunConfig(Section):
     name: str = "docrl"
     output_dir: str = "runs/docrl"
+    # where the run is kept for a fresh head to continue or serve it (checkpoints, the page index,
+    # logs): an object store URI (s3://bucket/prefix, gs://...) or a path on another disk. Null: the
+    # driver's run.output_dir only (hosts share no disk: roles on other hosts never read it)
+    storage: str | None = None
     seed: int = 0
     models_dir: str = "artifacts/tiny-models"  # where "tiny" models are built (once, then reused)
 
@@ -50,6 +54,21 @@ class RayConfig(Section):
     # memory of one GPU, for the memory plan checked at load where roles share a GPU (80: an H100
     # or A100 80GB)
     gpu_memory_gb: float = Field(80.0, gt=0.0)
+    # custom Ray resources each actor of a role asks for besides its CPUs and GPUs, to choose its
+    # nodes: e.g. {rollout: {"inference_node": 1}} with `ray start --resources='{"inference_node": 4}'`
+    # on the nodes meant for it
+    role_resources: dict[Literal["retriever", "rollout", "reward", "learner"], dict[str, float]] = {}
+
+    @model_validator(mode="after")
+    def _custom_resources_only(self) -> RayConfig:
+        for role, resources in self.role_resources.items():
+            for name, amount in resources.items():
+                if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                    raise ValueError(f"role_resources.{role}.{name}: set CPUs and GPUs with the role's own "
+                                     f"num_cpus/num_gpus keys; role_resources holds custom resources only")
+                if amount <= 0:
+                    raise ValueError(f"role_resources.{role}.{name} must be > 0 (got {amount})")
+        return self
 
 
 class WarmStartConfig(Section):

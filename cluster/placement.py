@@ -33,26 +33,33 @@ class RolePlacement:
         return [self.strategy(i) for i in range(len(self.bundles))]
 
 
-def _bundle(cpus: float, gpus: float) -> dict:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+def _bundle(cpus: float, gpus: float, custom: dict[str, float] | None = None) -> dict:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {}), **(custom or {})}
 
 
 def role_bundles(cfg) -> dict[str, list[dict]]:
     """Bundles per role the driver reserves for a DocRLConfig (the learner is placed by
     LearnerGroup itself; no retriever actors when the gold page is handed over)."""
     r, ro, rw = cfg.retriever, cfg.rollout, cfg.reward
+    extra = cfg.ray.role_resources
     return {
-        **({} if r.use_gold_page else {"retriever": [_bundle(r.num_cpus_per_actor, r.num_gpus_per_actor)] * r.num_actors}),
+        **({} if r.use_gold_page else {"retriever": [_bundle(r.num_cpus_per_actor, r.num_gpus_per_actor,
+                                                             extra.get("retriever"))] * r.num_actors}),
         # num_gpus_per_worker is the worker's total, its tensor-parallel shards included
-        "rollout": [_bundle(ro.num_cpus_per_worker, ro.num_gpus_per_worker)] * ro.num_workers,
-        "reward": [_bundle(rw.num_cpus_per_actor, 0)] * rw.num_actors,
+        "rollout": [_bundle(ro.num_cpus_per_worker, ro.num_gpus_per_worker, extra.get("rollout"))] * ro.num_workers,
+        "reward": [_bundle(rw.num_cpus_per_actor, 0, extra.get("reward"))] * rw.num_actors,
     }
+
+
+def learner_bundle(cfg) -> dict:
+    """One learner rank's bundle (LearnerGroup reserves num_ranks of them)."""
+    ln = cfg.learner
+    return _bundle(ln.num_cpus_per_rank, ln.num_gpus_per_rank, cfg.ray.role_resources.get("learner"))
 
 
 def run_asks(cfg) -> dict[str, list[dict]]:
     """Every role's bundles, the learner's included: what the whole run holds at once."""
-    ln = cfg.learner
-    return {**role_bundles(cfg), "learner": [_bundle(ln.num_cpus_per_rank, ln.num_gpus_per_rank)] * ln.num_ranks}
+    return {**role_bundles(cfg), "learner": [learner_bundle(cfg)] * cfg.learner.num_ranks}
 
 
 # the config keys that size each role's ask, for the refusal's advice
@@ -113,6 +120,34 @@ def check_fits(asks: dict[str, list[dict]], nodes: list[dict], strategy: str = "
 def cluster_nodes() -> list[dict]:
     """Total resources of every live node of the connected Ray cluster."""
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def bundle_nodes(group: PlacementGroup) -> list[str]:
+    """The node id of each bundle of a ready placement group, in bundle order."""
+    table = ray.util.placement_group_table(group)
+    return [table["bundles_to_node_id"][i] for i in range(len(table["bundles"]))]
+
+
+def where_roles_run(groups: dict[str, PlacementGroup]) -> dict[str, list[dict]]:
+    """Per role, each actor's node: {"node_id", "ip"} (the run records it; a lost node is named
+    with the roles it held)."""
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    return {role: [{"node_id": nid, "ip": ips.get(nid, "?")} for nid in bundle_nodes(group)]
+            for role, group in groups.items()}
+
+
+def lost_roles(placed: dict[str, list[dict]]) -> str | None:
+    """What the nodes that left the cluster held, as one sentence; None when every node of the
+    run is alive."""
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    lost: dict[str, list[str]] = {}
+    for role, nodes in placed.items():
+        for i, node in enumerate(nodes):
+            if node["node_id"] not in alive:
+                lost.setdefault(f"{node['ip']} (node {node['node_id'][:12]})", []).append(f"{role} {i}")
+    if not lost:
+        return None
+    return "; ".join(f"node {where} left the cluster, with {', '.join(roles)}" for where, roles in lost.items())
 
 
 def reserve(role: str, bundles: list[dict], strategy: str, timeout_s: float) -> RolePlacement:

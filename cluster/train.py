@@ -21,6 +21,7 @@ importance sampling against the rollout logprobs, `algorithm.tis_cap`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -40,8 +41,10 @@ from cluster.checkpoint import CheckpointManager
 from cluster.config import DocRLConfig, rollout_shares_gpus
 from cluster.metrics import MetricsLogger, plot_report, read_jsonl, training_summary
 from cluster.ray_setup import init_ray, monitoring_addresses
+from cluster.run_storage import RunStorage
 from common.lineage import run_dir_of, write_lineage
 from common.ray_helpers import get_with_timeout
+from common.shipping import ShippedFiles, land, model_dir, pack_dir, scratch_dir, ship_if_local
 from docvqa.data import load_train_eval
 from docvqa.sample import DocVQASample
 from docvqa.tiny_models import resolve_model
@@ -54,6 +57,11 @@ log = logging.getLogger(__name__)
 
 # how often the driver's waits look at a stop request (SIGINT/SIGTERM)
 STOP_POLL_S = 0.2
+PORTABLE_PAGES_CACHED = 4096  # encoded page images the driver keeps for the roles (a step's, an evaluation's)
+
+
+class NodeLost(RuntimeError):
+    """A node holding some of the run's roles left the cluster."""
 
 
 class StopRequested(Exception):
@@ -121,6 +129,7 @@ class CollectedBatch:
     counts: dict[str, int]  # skipped requests, by phase
     seconds: float  # retrieve + generate + score
     generated_tokens: int
+    page_bytes: int  # page images sent to the roles (rollout requests and the learner's batch)
 
 
 @dataclass
@@ -177,15 +186,30 @@ def needs_build(model_dir: Path, summary_file: Path, stamp: Path, built_from: di
     return True
 
 
+def build_remotely(build, model: str | ShippedFiles, *args) -> ShippedFiles:
+    """`build(model, out_dir, *args)` in a Ray task, on whichever host Ray picks: the model it is
+    given is copied there, and what it writes comes back as files for the driver to keep."""
+    out = scratch_dir("build")
+    try:
+        build(model_dir(model), str(out / "model"), *args)
+        return pack_dir(out / "model")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 class RunDirectoryInUse(ValueError):
     """`run.output_dir` holds another run's logs or checkpoints and the run is not a resume."""
 
 
-def refuse_previous_run(out: Path) -> None:
+def refuse_previous_run(out: Path, storage: RunStorage | None = None) -> None:
     """Never write over another run: its metrics, report and summary would be replaced, and its
     checkpoints pruned among the new ones."""
     checkpoints = CheckpointManager(out / "checkpoints").complete()
     logs = out / "logs" / "metrics.jsonl"
+    stored = storage.storage.list("checkpoints") if storage else []
+    if stored and not checkpoints:
+        raise RunDirectoryInUse(f"run.storage={storage} already holds a training run's checkpoints ({', '.join(stored)}). "
+                                "Continue it with --resume, or give this run another run.storage")
     if not checkpoints and not logs.exists():
         return
     highest = max(checkpoints, key=lambda p: p.name) if checkpoints else None
@@ -259,23 +283,37 @@ class Trainer:
         self._stop_requested: str | None = None  # the signal's name, once SIGINT/SIGTERM arrived
         self._phase = "setup"  # setup | collect | update | idle | save: what a stop request may interrupt
         self._saved_step: int | None = None  # the step of the newest checkpoint written or resumed
+        self.pushed_bytes = 0  # the last weight push's adapter files
         # what this run continues (trainer.init_from): its versions count on from the parent's
         self.lineage: dict = {"parent_weights_version": 0, "parent_checkpoint": None}
 
     # -- set-up --------------------------------------------------------------------------------
 
     def setup(self, resume: bool = False) -> None:
+        import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from cluster.placement import check_fits, cluster_nodes, local_cores, place_roles, role_threads, run_asks
+        from cluster.placement import (
+            check_fits,
+            cluster_nodes,
+            local_cores,
+            place_roles,
+            role_threads,
+            run_asks,
+            where_roles_run,
+        )
         from learner.group import LearnerGroup
         from retriever.group import RetrieverGroup
         from reward.group import RewardPool
         from rollout.group import RolloutGroup
 
         cfg = self.cfg
+        self.storage = RunStorage(cfg.run.storage, self.out)
         if not resume:
-            refuse_previous_run(self.out)
+            refuse_previous_run(self.out, self.storage)
+        else:
+            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            self.storage.restore_checkpoints(CheckpointManager(self.out / "checkpoints"))
         policy = resolve_model(cfg.learner.policy, "policy", cfg.run.models_dir)
         if cfg.trainer.init_from:
             policy = str(materialize_policy(cfg.trainer.init_from, self.out / "init_policy"))
@@ -283,6 +321,9 @@ class Trainer:
             self.lineage = continue_lineage(self.out, cfg.trainer.init_from, cfg.feedback)
         retriever_model = resolve_model(cfg.retriever.model, "retriever", cfg.run.models_dir)
         self.train_set, self.eval_set, self.corpus = load_train_eval(cfg.data, cfg.run.output_dir)
+        # the pages as the roles get them: bytes (they may run on hosts without this host's files)
+        self.portable_page = functools.lru_cache(maxsize=PORTABLE_PAGES_CACHED)(
+            lambda page_id: self.corpus.pages[page_id].portable())
         self.sampler = QuestionSampler(self.train_set.samples, cfg.run.seed)
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
         self._catch_stop_signals()  # ray.init installs its own SIGTERM handler (an immediate exit)
@@ -298,12 +339,15 @@ class Trainer:
         if cfg.trainer.warm_start.steps:
             policy = self.warm_start(policy)
         self.policy_path = policy
+        # a model on this host's disk reaches the roles as files (hosts share no disk); a hub id
+        # each host loads itself
+        policy_source, retriever_source = ship_if_local(policy), ship_if_local(retriever_model)
         self.placement = place_roles(cfg, cfg.ray.placement_timeout_s)
         # the workers serve adapters only when adapters are what they are pushed (rollout.lora_push)
         self.push_kind = "lora" if cfg.learner.lora.enabled and cfg.rollout.lora_push_mode() == "adapter" else "full"
         lora_rank = cfg.learner.lora.r if self.push_kind == "lora" else None
         rollout_threads, learner_threads = role_threads(cfg, local_cores(cfg))
-        self.rollout = RolloutGroup(policy, cfg.rollout, seed=cfg.run.seed, max_lora_rank=lora_rank,
+        self.rollout = RolloutGroup(policy_source, cfg.rollout, seed=cfg.run.seed, max_lora_rank=lora_rank,
                                     scheduling=self.placement["rollout"].strategies(), num_threads=rollout_threads)
         if rollout_shares_gpus(cfg):
             # vLLM takes its KV cache from what is free on the GPU while it profiles: what another
@@ -311,19 +355,29 @@ class Trainer:
             self.rollout.ready()
         self.retriever = None
         if not cfg.retriever.use_gold_page:
-            self.retriever = RetrieverGroup(retriever_model, cfg.retriever, timeout, self.placement["retriever"].strategies())
+            self.retriever = RetrieverGroup(ray.put(retriever_source), cfg.retriever, timeout, self.placement["retriever"].strategies())
+            if cfg.retriever.index_dir is None:  # the run's own index: kept in storage too
+                self.storage.restore_index(self.out / "index")
             self.retriever.open(list(self.corpus.pages.values()), cfg.retriever.index_dir or self.out / "index",
                                 owned=cfg.retriever.index_dir is None)
+            if cfg.retriever.index_dir is None:
+                self.storage.publish_index(self.out / "index")
         # any bundle of the reward role's group (index -1): the pool creates its actors itself
         self.rewards = RewardPool(cfg.reward, actor_options={"scheduling_strategy": PlacementGroupSchedulingStrategy(
             self.placement["reward"].group, placement_group_bundle_index=-1)})
-        self.learner = LearnerGroup(policy, cfg.learner, cfg.algorithm, seed=cfg.run.seed,
+        self.learner = LearnerGroup(policy_source, cfg.learner, cfg.algorithm, seed=cfg.run.seed,
                                     sampling_temperature=cfg.rollout.sampling.temperature,
                                     export_dir=str(self.out / "exports"), placement_strategy=cfg.ray.placement_strategy,
                                     start_timeout_s=timeout, num_threads=learner_threads,
-                                    placement_timeout_s=cfg.ray.placement_timeout_s)
+                                    placement_timeout_s=cfg.ray.placement_timeout_s,
+                                    bundle_resources=cfg.ray.role_resources.get("learner"))
         self.rollout.ready()
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.trainer.keep_last)
+        groups = {role: p.group for role, p in self.placement.items()}
+        self.role_nodes = where_roles_run({**groups, "learner": self.learner.pg} if self.learner.pg else groups)
+        (self.out / "logs" / "placement.json").write_text(json.dumps(self.role_nodes, indent=1))
+        log.info("roles placed: %s", "; ".join(f"{role} on {', '.join(n['ip'] for n in nodes)}"
+                                               for role, nodes in self.role_nodes.items()))
 
     def warm_start(self, policy: str) -> str:
         """Run the supervised warm start once (a Ray task with the learner's resources, before the
@@ -353,13 +407,14 @@ class Trainer:
                                    lora=cfg.learner.lora, freeze_vision_tower=cfg.learner.freeze_vision_tower)
             log.info("warm start: %d supervised steps on %d training questions", ws.steps, len(samples))
             task = ray.remote(num_cpus=self.cfg.learner.num_cpus_per_rank,
-                              num_gpus=self.cfg.learner.num_gpus_per_rank)(supervised_finetune)
+                              num_gpus=self.cfg.learner.num_gpus_per_rank)(build_remotely)
             eval_samples = self.eval_set.samples[: ws.max_eval_questions]
             # only the pages these questions are asked about, not the whole corpus
-            pages = {q.gold_page: self.corpus.pages[q.gold_page] for q in (*samples, *eval_samples)}
-            ref = task.remote(policy, str(out), samples, pages, self.cfg.rollout, settings, eval_samples,
-                              self.cfg.learner.num_gpus_per_rank)
-            get_with_timeout(ref, self.cfg.ray.actor_start_timeout_s + 60 * ws.steps, "the warm start (learner/sft.py)")
+            pages = {q.gold_page: self.portable_page(q.gold_page) for q in (*samples, *eval_samples)}
+            ref = task.remote(supervised_finetune, ship_if_local(policy), samples, pages, self.cfg.rollout, settings,
+                              eval_samples, self.cfg.learner.num_gpus_per_rank)
+            land(get_with_timeout(ref, self.cfg.ray.actor_start_timeout_s + 60 * ws.steps,
+                                  "the warm start (learner/sft.py)"), out)
             stamp.write_text(json.dumps(built_from, indent=1, sort_keys=True))
         summary = json.loads(summary_file.read_text())
         self.metrics.log(0, {"warm_start/loss_first": summary["loss_first"], "warm_start/loss_last": summary["loss_last"],
@@ -395,16 +450,17 @@ class Trainer:
         if needs_build(out, summary_file, stamp, built_from, "retriever warm start"):
             log.info("retriever warm start: %d contrastive steps on %d training questions", ws.steps, len(samples))
             task = ray.remote(num_cpus=cfg.retriever.num_cpus_per_actor,
-                              num_gpus=cfg.retriever.num_gpus_per_actor)(finetune_retriever)
+                              num_gpus=cfg.retriever.num_gpus_per_actor)(build_remotely)
             eval_samples = self.eval_set.samples[: ws.max_eval_questions]
             # negatives come from the training documents; recall is measured on the held-out ones
             train_docs = {q.doc_id for q in self.train_set.samples}
             eval_docs = {q.doc_id for q in eval_samples}
-            pages = {pid: p for pid, p in self.corpus.pages.items() if p.doc_id in train_docs}
-            eval_pages = {pid: p for pid, p in self.corpus.pages.items() if p.doc_id in eval_docs}
-            ref = task.remote(retriever_model, str(out), samples, pages, ws, cfg.retriever.scope, cfg.run.seed,
-                              eval_samples, eval_pages, cfg.retriever.dtype, cfg.retriever.num_gpus_per_actor)
-            get_with_timeout(ref, cfg.ray.actor_start_timeout_s + 10 * ws.steps, "the retriever warm start (retriever/finetune.py)")
+            pages = {pid: self.portable_page(pid) for pid, p in self.corpus.pages.items() if p.doc_id in train_docs}
+            eval_pages = {pid: self.portable_page(pid) for pid, p in self.corpus.pages.items() if p.doc_id in eval_docs}
+            ref = task.remote(finetune_retriever, ship_if_local(retriever_model), samples, pages, ws, cfg.retriever.scope,
+                              cfg.run.seed, eval_samples, eval_pages, cfg.retriever.dtype, cfg.retriever.num_gpus_per_actor)
+            land(get_with_timeout(ref, cfg.ray.actor_start_timeout_s + 10 * ws.steps,
+                                  "the retriever warm start (retriever/finetune.py)"), out)
             stamp.write_text(json.dumps(built_from, indent=1, sort_keys=True))
         summary = json.loads(summary_file.read_text())
         self.metrics.log(0, {"retriever_warm_start/loss_first": summary["loss_first"],
@@ -437,7 +493,7 @@ class Trainer:
         retrieved = self.pages_for(questions)
         request_ids = [f"{i}:{q.question_id}" for i, q in enumerate(questions)]
         index_of = {rid: i for i, rid in enumerate(request_ids)}
-        requests = [RolloutRequest(rid, q.question, tuple(self.corpus.pages[p] for p in pids),
+        requests = [RolloutRequest(rid, q.question, tuple(self.portable_page(p) for p in pids),
                                    seed=request_seed(self.cfg.run.seed, sampling.seed, seed_key, i))
                     for i, (rid, q, pids) in enumerate(zip(request_ids, questions, retrieved))]
         generated = self.rollout.generate(requests, sampling)
@@ -457,9 +513,11 @@ class Trainer:
     def push_weights(self) -> float:
         t0 = time.perf_counter()
         exported = self.learner.export_weights(self.push_kind)
+        self.pushed_bytes = 0
         if exported.version > self.rollout.version:
             if exported.kind == "lora":
-                self.rollout.push_lora(exported.adapter_dir, exported.version)
+                self.rollout.push_lora(exported.adapter, exported.version)
+                self.pushed_bytes = exported.adapter.nbytes
             else:
                 self.rollout.push_full(exported.tensors if exported.tensors is not None else exported.object_ref,
                                        exported.version)
@@ -475,10 +533,13 @@ class Trainer:
         kept = scored.kept()
         results = [scored.results[i] for i in kept]
         rewards = [[r.reward for r in scored.scores[i]] for i in kept]
-        batch = TrainBatch.from_rollouts(results, rewards, self.corpus.pages, cfg.rollout.max_image_pixels, step=step)
+        pages = {pid: self.portable_page(pid) for r in results for pid in r.page_ids}
+        batch = TrainBatch.from_rollouts(results, rewards, pages, cfg.rollout.max_image_pixels, step=step)
         tokens = sum(len(a.token_ids) for r in results for a in r.answers)
+        page_bytes = sum(len(self.portable_page(pid).image_bytes) for pids in scored.retrieved for pid in pids)
+        page_bytes += sum(len(p.image_bytes) for p in pages.values())
         return CollectedBatch(step, batch, [r for rs in scored.scores.values() for r in rs], scored.counts(),
-                              time.perf_counter() - t0, tokens)
+                              time.perf_counter() - t0, tokens, page_bytes)
 
     def next_questions(self, step: int) -> list[DocVQASample]:
         """Step `step`'s questions. The sampler state before them is kept: a checkpoint of step
@@ -542,7 +603,9 @@ class Trainer:
                 "time/learner_s": learner_s, "time/weight_sync_s": sync_s, "time/step_s": step_s,
                 "throughput/rollout_tokens_per_s": collected.generated_tokens / max(collected.seconds, 1e-9),
                 "throughput/samples_per_s": len(collected.batch) / max(step_s, 1e-9),
-                "weights/version": float(self.rollout.version), "weights/staleness": float(staleness)}
+                "weights/version": float(self.rollout.version), "weights/staleness": float(staleness),
+                # what the driver sent through the object store (full weights go from learner rank 0 directly)
+                "transfer/page_bytes": float(collected.page_bytes), "transfer/adapter_bytes": float(self.pushed_bytes)}
 
     def evaluate(self, tag: str) -> dict[str, float]:
         """Greedy answers on the held-out questions: ANLS, exact match, retrieval recall@k. Every
@@ -585,6 +648,12 @@ class Trainer:
         phase, self._phase = self._phase, "save"
         version = self.lineage["parent_weights_version"] + self.learner.version
         path = self.checkpoints.save(self.step, write, meta={"weights_version": version})
+        self.storage.publish_checkpoint(path, self.checkpoints.complete())
+        hashes = self.learner.param_hashes()
+        if len(set(hashes)) != 1:  # data-parallel ranks that disagree train different models
+            raise RuntimeError(f"learner ranks diverged by step {self.step}: parameter hashes {hashes}")
+        log.info("checkpoint of step %d: %d learner ranks bit-identical (parameter hash %s)", self.step, len(hashes),
+                 hashes[0][:16])
         self._phase, self._saved_step = phase, self.step
         return path
 
@@ -645,9 +714,24 @@ class Trainer:
                 path = self.save()
             raise KeyboardInterrupt(f"{self._stop_requested}: stopped after step {self.step}; checkpoint {path} "
                                     "(continue with --resume)") from None
+        except Exception as e:
+            self._name_lost_nodes(e)
+            raise
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+
+    def _name_lost_nodes(self, error: Exception) -> None:
+        """A role's failure because its node left the cluster is reported as that: which node,
+        which roles it held, and where to continue from."""
+        from cluster.placement import lost_roles
+
+        lost = lost_roles(getattr(self, "role_nodes", {}))
+        if lost:
+            saved = f"checkpoint of step {self._saved_step}" if self._saved_step else "no checkpoint yet"
+            raise NodeLost(f"{lost} (during step {self.step + 1}; the run stops: {saved} in {self.checkpoints.root}; "
+                           "with the node back, or roles placed elsewhere, continue with --resume). The role's error: "
+                           f"{type(error).__name__}: {str(error)[:500]}") from error
 
     def _evaluate(self, tag: str) -> dict[str, float]:
         self._phase = "collect"  # an evaluation holds no training state: a stop drops it
@@ -686,6 +770,7 @@ class Trainer:
                     title=self.cfg.run.name)
         summary = training_summary(rows)
         (self.out / "logs" / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.storage.publish_logs()
         return final
 
     def shutdown(self) -> None:

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from common.ray_helpers import task_device
+from common.shipping import ShippedFiles, local_copy, model_dir, pack_dir, ship_if_local
 from deploy.api import (
     SSE_DONE, APIError, ChatCompletionRequest, Choice, Citation, Completion, DocQARequest, DocQAResponse,
     GenerationParams, RequestRefused, Retrieval, StreamEvent, UnknownDocument, chat_chunk, chat_completion_body, chat_input,
@@ -43,7 +44,7 @@ from deploy.feedback_api import (
     UI_HEADERS, UI_PAGE, FeedbackPublisher, feedback_api_error, feedback_body, feedback_body_limit, queue_body,
     resolved_feedback_config, stats_body, timeline_body, ui_file,
 )
-from deploy.pages import PageUnavailable
+from deploy.pages import PageStore, PageUnavailable
 from feedback.config import FeedbackConfig
 from feedback.store import TIMELINE_BUCKETS, FeedbackError, FeedbackIn, Interaction
 from retriever.config import RetrieverConfig
@@ -59,37 +60,30 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Retriever
 
 
-def _same_directory(a: str, b: str, base_dir: str) -> bool:
-    """Whether two model names are the same local directory (relative ones taken from base_dir)."""
-    pa, pb = (Path(x) if Path(x).is_absolute() else Path(base_dir) / x for x in (a, b))
-    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
-
-
 @serve.deployment(name="retriever")
 class Retriever:
     """The saved index and its encoder (the plain objects a RetrieverActor holds), and the page
     images of that index: the only pages this server reads."""
 
-    def __init__(self, index_dir: str, model_path: str, cfg: RetrieverConfig, num_threads: int, num_gpus: float,
-                 base_dir: str, pages_folder: str | None):
+    def __init__(self, index: ShippedFiles, model: str | ShippedFiles, cfg: RetrieverConfig, num_threads: int,
+                 num_gpus: float):
+        """`index`: the index with its page images (`PageStore.pack_with_index`), copied to this
+        replica's host; `model`: a hub id, or the retriever's files."""
         import torch
 
-        from deploy.pages import PageStore
         from retriever.encoder import PageEncoder
         from retriever.index import load_index
 
         torch.set_num_threads(max(1, num_threads))
         device = task_device(num_gpus)
         self.cfg = cfg
+        index_dir, model_path = str(local_copy(index)), model_dir(model)
         self.encoder = PageEncoder(model_path, cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens)
         self.index = load_index(index_dir, pooling=cfg.pooling())  # memory-mapped
         self.search_method = cfg.search_method(len(self.index))
         settings = self.encoder.settings()
-        recorded = self.index.settings.get("model")
-        if recorded and _same_directory(recorded, model_path, base_dir):
-            settings["model"] = recorded  # `docrl index` recorded the same model by a relative path
-        self.index.check_compatible(settings, where=index_dir)
-        self.pages = PageStore.from_index(index_dir, base_dir, pages_folder)
+        self.index.check_compatible(settings, where=index.origin)
+        self.pages = PageStore.from_index(index_dir, index_dir)  # the bundle's sources are relative to it
         self.search_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         self.documents: dict[str, list[str]] = {}  # doc_id -> its page ids in the index
         for pid, meta in self.index.meta.items():
@@ -172,6 +166,9 @@ class Policy:
         from rollout.engine import RolloutEngine
 
         lora = policy["kind"] == "lora"
+        # the base model and the adapter come as files (or a hub id): copied to this replica's host
+        policy = {**policy, "model": model_dir(policy["model"]),
+                  "adapter": model_dir(policy["adapter"]) if lora else None}
         self.engine = RolloutEngine(policy["model"], rollout_cfg, seed=seed, name="serve policy",
                                     max_lora_rank=served_lora_rank(policy["adapter"]) if lora else None)
         self.weights_version = policy.get("weights_version")
@@ -631,11 +628,15 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     if Path(absolute(retriever_model)).exists():  # a local model; a hub id stays as it is
         retriever_model = absolute(retriever_model)
     pages_folder = absolute(sc.pages_folder) if sc.pages_folder else None
+    # The replicas may run on other hosts, which share no disk with this one: what they load from
+    # here (the index with its page images, local models, the adapter) goes to them as files.
+    index = PageStore.from_index(index_dir, base, pages_folder).pack_with_index(index_dir)
     retriever = Retriever.options(**sc.retriever.serve_options()).bind(
-        index_dir, retriever_model, cfg.retriever, int(max(1, sc.retriever.num_cpus)), sc.retriever.num_gpus,
-        str(base), pages_folder)
+        index, ship_if_local(retriever_model), cfg.retriever, int(max(1, sc.retriever.num_cpus)), sc.retriever.num_gpus)
+    shipped = {**policy, "model": ship_if_local(policy["model"]),
+               "adapter": pack_dir(policy["adapter"]) if policy["adapter"] else None}
     policy_app = Policy.options(**sc.policy.serve_options()).bind(
-        policy, rollout_cfg, int(max(1, sc.policy.num_cpus)), cfg.run.seed)
+        shipped, rollout_cfg, int(max(1, sc.policy.num_cpus)), cfg.run.seed)
     return ingress.bind(retriever, policy_app, settings)
 
 

@@ -35,11 +35,13 @@ class DeploymentConfig(Section):
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
     max_ongoing_requests: int = Field(64, ge=1)  # per replica; more wait in Serve's queue
+    # custom Ray resources per replica, to choose its nodes (e.g. {"inference_node": 1})
+    resources: dict[str, float] = {}
 
     def serve_options(self) -> dict:
         """Keyword arguments for `Deployment.options(...)`."""
-        opts: dict = {"max_ongoing_requests": self.max_ongoing_requests,
-                      "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+        actor = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, **({"resources": self.resources} if self.resources else {})}
+        opts: dict = {"max_ongoing_requests": self.max_ongoing_requests, "ray_actor_options": actor}
         if self.autoscaling is not None:
             opts["autoscaling_config"] = self.autoscaling.model_dump()
         else:

@@ -20,6 +20,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from common.shipping import ShippedFiles, pack_dir, pack_files
 from docvqa.sample import Page
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,25 @@ class PageStore:
             log.warning("%d of %d pages of %s have no readable image and cannot be read to answer (%s)",
                         len(unavailable), len(unavailable) + len(pages), index_dir, shown)
         return cls(pages, unavailable, cache_bytes)
+
+    def pack_with_index(self, index_dir: str | Path) -> ShippedFiles:
+        """The index and the image files of its readable pages, as files for a replica on any host:
+        the manifest's sources are rewritten to the copies' paths inside the bundle (relative,
+        so the replica resolves them against its own copy). A PDF goes once, however many of its
+        pages the index holds."""
+        import json
+
+        files = {rel: data for rel, data in pack_dir(index_dir).files.items() if rel != "manifest.json"}
+        manifest = json.loads((Path(index_dir) / "manifest.json").read_text())
+        names: dict[str, str] = {}
+        for pid, page in self.pages.items():
+            if page.image_path not in names:
+                names[page.image_path] = f"pages/{len(names):06d}{Path(page.image_path).suffix.lower()}"
+                files[names[page.image_path]] = Path(page.image_path).read_bytes()
+            fragment = f"#page={page.pdf_page}" if page.pdf_page is not None else ""
+            manifest["pages"][pid] = {**manifest["pages"][pid], "source": names[page.image_path] + fragment}
+        files["manifest.json"] = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        return pack_files(files, str(index_dir))
 
     @staticmethod
     def _in_folder(folder: Path, meta: dict, is_file) -> Path | None:

@@ -39,6 +39,7 @@ class Page:
     image_path: str | None = None
     image_bytes: bytes | None = field(default=None, repr=False)
     pdf_page: int | None = None
+    origin: str | None = None  # a `portable()` copy's source: the file it was read from
 
     def __post_init__(self) -> None:
         if (self.image_path is None) == (self.image_bytes is None):
@@ -59,9 +60,28 @@ class Page:
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise OSError(f"page {self.page_id}: cannot read image {self.source}: {e}") from e
 
+    def portable(self) -> Page:
+        """The page with its image as bytes, for a process that may run on another host (it cannot
+        open this host's files). An image file travels as its own bytes; a PDF page, rendered here,
+        as PNG. Raises `OSError` naming the page when its file cannot be read."""
+        if self.image_bytes is not None:
+            return self
+        if self.pdf_page is not None:
+            buffer = io.BytesIO()
+            self.load_image().save(buffer, format="PNG")
+            data = buffer.getvalue()
+        else:
+            try:
+                data = Path(self.image_path).read_bytes()  # type: ignore[arg-type]
+            except OSError as e:
+                raise OSError(f"page {self.page_id}: cannot read image {self.source}: {e}") from e
+        return Page(self.page_id, self.doc_id, self.page_no, image_bytes=data, origin=self.source)
+
     @property
     def source(self) -> str:
         """Where the image comes from: a file, `file.pdf#page=N`, or `<bytes:page id>`."""
+        if self.origin is not None:
+            return self.origin
         if self.pdf_page is not None:
             return f"{self.image_path}#page={self.pdf_page}"
         return self.image_path if self.image_path is not None else f"<bytes:{self.page_id}>"

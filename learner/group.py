@@ -18,13 +18,15 @@ not answer or failed, instead of hanging.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from common.ray_helpers import PlacementError
+from common.shipping import ShippedFiles, land, model_name, pack_dir, pack_files
 from learner import update as U
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.types import Experience, ExportedWeights, TrainBatch
@@ -33,15 +35,15 @@ log = logging.getLogger(__name__)
 
 
 class LearnerGroup:
-    def __init__(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, *, seed: int = 0,
+    def __init__(self, policy_path: str | ShippedFiles, cfg: LearnerConfig, algo: AlgorithmConfig, *, seed: int = 0,
                  sampling_temperature: float = 1.0, export_dir: str | None = None, local: bool = False,
                  placement_strategy: str = "PACK", start_timeout_s: float = 600.0, num_threads: int | None = None,
-                 placement_timeout_s: float | None = None):
+                 placement_timeout_s: float | None = None, bundle_resources: dict[str, float] | None = None):
         """`sampling_temperature` is the rollout's (rollout.sampling.temperature): the learner scores
         and trains softmax(logits / T), the distribution the answers were sampled from, so the PPO
         ratio, the TIS weights and the logged rollout-vs-learner mismatch compare like with like.
-        `export_dir` holds exported LoRA adapters (shared storage on a cluster: rollout workers
-        read them); a temporary directory by default. `num_threads` per rank defaults to its CPUs
+        `export_dir` keeps the exported LoRA adapters on the driver's host (they reach the rollout
+        workers as files, `ExportedWeights.adapter`); a temporary directory by default. `num_threads` per rank defaults to its CPUs
         (`learner.num_cpus_per_rank`). The ranks' placement group must be ready within
         `placement_timeout_s` (default `start_timeout_s`)."""
         U.check_sampling_temperature(sampling_temperature)
@@ -50,9 +52,12 @@ class LearnerGroup:
                              f"learner.num_ranks={cfg.num_ranks}")
         if algo.advantage == "gae" and cfg.value_model == "none":
             raise ValueError("algorithm.advantage='gae' needs a critic: learner.value_model must be 'head' or 'separate'")
-        self.policy_path, self.cfg, self.algo = str(policy_path), cfg, algo
+        # what the records name (a checkpoint's "policy"); the ranks load `policy_path` itself: a hub
+        # id or path, or files from the driver's host (ShippedFiles), which each rank's host copies
+        self.policy_path, self.cfg, self.algo = model_name(policy_path), cfg, algo
         self.seed, self.sampling_temperature, self.local = seed, sampling_temperature, local
         self.export_dir = Path(export_dir or tempfile.mkdtemp(prefix="docrl-learner-exports-"))
+        self.bundle_resources = dict(bundle_resources or {})  # custom Ray resources per rank (ray.role_resources)
         self.num_ranks = 1 if local else cfg.num_ranks
         self.version = 0  # updates that changed the weights; 0 = the base policy
         self.update_calls = 0  # every update() call (seeds the plan)
@@ -63,14 +68,15 @@ class LearnerGroup:
         if local:
             from learner.worker import LearnerWorker
 
-            self.worker = LearnerWorker(self.policy_path, cfg, algo, seed=seed,
+            self.worker = LearnerWorker(policy_path, cfg, algo, seed=seed,
                                         sampling_temperature=sampling_temperature)
         else:
-            self._start_ranks(placement_strategy, start_timeout_s, num_threads, placement_timeout_s or start_timeout_s)
+            self._start_ranks(self._shared(policy_path), placement_strategy, start_timeout_s, num_threads,
+                              placement_timeout_s or start_timeout_s)
 
     # -- starting the ranks ----------------------------------------------------------------------
 
-    def _start_ranks(self, strategy: str, start_timeout_s: float, num_threads: int | None,
+    def _start_ranks(self, policy, strategy: str, start_timeout_s: float, num_threads: int | None,
                      placement_timeout_s: float) -> None:
         import ray
         from ray.util.placement_group import placement_group
@@ -79,9 +85,8 @@ class LearnerGroup:
         from learner.rank import LearnerRank
 
         cfg = self.cfg
-        bundle = {"CPU": cfg.num_cpus_per_rank}
-        if cfg.num_gpus_per_rank > 0:
-            bundle["GPU"] = cfg.num_gpus_per_rank
+        bundle = {"CPU": cfg.num_cpus_per_rank, **({"GPU": cfg.num_gpus_per_rank} if cfg.num_gpus_per_rank > 0 else {}),
+                  **self.bundle_resources}
         self.pg = placement_group([dict(bundle) for _ in range(cfg.num_ranks)], strategy=strategy)
         try:
             ray.get(self.pg.ready(), timeout=placement_timeout_s)
@@ -112,7 +117,7 @@ class LearnerGroup:
             local_ranks.append(seen.get(info["node_id"], 0))
             seen[info["node_id"]] = local_ranks[-1] + 1
         self.rank_nodes = [i["node_id"] for i in infos]
-        self._get([r.setup.remote(self.policy_path, cfg, self.algo, rank, cfg.num_ranks, local_ranks[rank],
+        self._get([r.setup.remote(policy, cfg, self.algo, rank, cfg.num_ranks, local_ranks[rank],
                                   master_addr, master_port, self.seed, threads, self.sampling_temperature)
                    for rank, r in enumerate(self.ranks)],
                   "initializing DeepSpeed on the learner ranks", max(start_timeout_s, cfg.collective_timeout_s))
@@ -288,9 +293,11 @@ class LearnerGroup:
         kind = kind or ("lora" if self.cfg.lora.enabled else "full")
         if kind == "lora":
             final = self.export_dir / f"lora-v{self.version:06d}"
-            out = self._call("save_adapter", [(str(final), self.cfg.keep_exports)] * self.num_ranks,
-                             "exporting the LoRA adapter")
-            return ExportedWeights(version=self.version, kind="lora", adapter_dir=out[0])
+            adapter = self._call("save_adapter", [(str(final),)] * self.num_ranks, "exporting the LoRA adapter")[0]
+            land(adapter, final)  # rank 0 may run on another host: the driver keeps its own copy
+            for old in sorted(self.export_dir.glob("lora-v*"))[:-self.cfg.keep_exports]:
+                shutil.rmtree(old, ignore_errors=True)
+            return ExportedWeights(version=self.version, kind="lora", adapter_dir=str(final), adapter=adapter)
         if kind != "full":
             raise ValueError(f"unknown export kind {kind!r}; expected 'full' or 'lora'")
         if self.local:
@@ -320,22 +327,21 @@ class LearnerGroup:
                 "num_ranks": self.num_ranks, "policy": self.policy_path}
 
     def save_checkpoint(self, directory: str) -> str:
-        """Weights (trainable), optimizer, LR schedule, RNG states and counters of every rank,
-        written into a temporary sibling and renamed into `directory` when all ranks are done."""
-        final = Path(directory)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        """Weights (trainable), optimizer, LR schedule, RNG states and counters of every rank, in
+        `directory` on this (the driver's) host: each rank sends its files, and they are written
+        together into a temporary sibling that is renamed into place."""
         state = self._driver_state()
-        self._call("save_checkpoint", [(str(tmp), state)] * self.num_ranks, "saving a checkpoint")
-        if self.local:
-            return self.worker.finalize_checkpoint(str(tmp), str(final), state)
-        return self._get([self.ranks[0].finalize_checkpoint.remote(str(tmp), str(final), state)],
-                         "finalizing the checkpoint")[0]
+        parts = self._call("save_checkpoint", [(state,)] * self.num_ranks, "saving a checkpoint")
+        files = {"meta.json": json.dumps(state, indent=2, sort_keys=True).encode()}
+        for part in parts:
+            files.update(part.files)
+        return str(land(pack_files(files, str(directory)), directory))
 
     def load_checkpoint(self, directory: str) -> None:
         if not Path(directory).is_dir():
             raise FileNotFoundError(f"learner checkpoint {directory} does not exist")
-        states = self._call("load_checkpoint", [(str(directory),)] * self.num_ranks, "loading a checkpoint")
+        checkpoint = str(directory) if self.local else self._shared(pack_dir(directory))
+        states = self._call("load_checkpoint", [(checkpoint,)] * self.num_ranks, "loading a checkpoint")
         state = states[0]
         if state.get("num_ranks") != self.num_ranks:
             raise ValueError(f"checkpoint {directory} was written by {state.get('num_ranks')} ranks, this group has "

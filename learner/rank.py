@@ -37,7 +37,7 @@ class LearnerRank:
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "free_port": free_port(""), "pid": os.getpid()}
 
-    def setup(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, rank: int, world_size: int,
+    def setup(self, policy_path, cfg: LearnerConfig, algo: AlgorithmConfig, rank: int, world_size: int,
               local_rank: int, master_addr: str, master_port: int, seed: int, num_threads: int,
               sampling_temperature: float = 1.0) -> bool:
         # every docrl process drops the same known-harmless library messages (common/quiet.py)
@@ -47,7 +47,7 @@ class LearnerRank:
         self.worker = LearnerWorker(policy_path, cfg, algo, rank=rank, world_size=world_size, local_rank=local_rank,
                                     master_addr=master_addr, master_port=master_port, seed=seed,
                                     sampling_temperature=sampling_temperature,
-                                    device=task_device(cfg.num_gpus_per_rank))
+                                    device=task_device(cfg.num_gpus_per_rank), node_ip=ray.util.get_node_ip_address())
         return True
 
     def describe(self) -> dict:
@@ -83,14 +83,11 @@ class LearnerRank:
         named = self.worker.full_state_dict(keep=self.worker.rank == 0, share_cpu_weights=True)
         return [ray.put(to_numpy(named))] if self.worker.rank == 0 else None
 
-    def save_adapter(self, final_dir, keep=3):
-        return self.worker.save_adapter(final_dir, keep)
+    def save_adapter(self, name):
+        return self.worker.save_adapter(name)
 
-    def finalize_checkpoint(self, tmp_dir, final_dir, meta):
-        return self.worker.finalize_checkpoint(tmp_dir, final_dir, meta)
+    def save_checkpoint(self, client_state=None):
+        return self.worker.save_checkpoint(client_state)
 
-    def save_checkpoint(self, directory, client_state=None):
-        return self.worker.save_checkpoint(directory, client_state)
-
-    def load_checkpoint(self, directory):
-        return self.worker.load_checkpoint(directory)
+    def load_checkpoint(self, checkpoint):
+        return self.worker.load_checkpoint(checkpoint)

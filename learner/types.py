@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from common.shipping import ShippedFiles
 from docvqa.sample import Page
 from rollout.types import RolloutResult
 
@@ -121,7 +122,8 @@ class ExportedWeights:
     """New policy weights for the rollout workers.
 
     * kind "lora": `adapter_dir` is a peft `save_pretrained` directory (adapter_config.json +
-      adapter_model.safetensors), written atomically; vLLM serves it as a LoRARequest with a FRESH
+      adapter_model.safetensors) on the driver's host, written atomically, and `adapter` the same
+      files as bytes (what reaches rollout workers on other hosts); vLLM serves it as a LoRARequest with a FRESH
       int id (reusing an id silently serves the old adapter). `tensors` is None.
     * kind "full": the policy checkpoint's own names (exactly the keys of its model.safetensors,
       e.g. "model.layers.0.self_attn.q_proj.weight", "visual.blocks.0...", "lm_head.weight") to
@@ -140,6 +142,7 @@ class ExportedWeights:
     tensors: dict[str, torch.Tensor] | None = None
     adapter_dir: str | None = None
     object_ref: object | None = None  # ray.ObjectRef
+    adapter: ShippedFiles | None = None  # kind "lora": the adapter's files, for workers on any host
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """The full weights as CPU tensors (fetches `object_ref` when that is how they came)."""

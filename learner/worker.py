@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from common.ray_helpers import free_port
+from common.shipping import ShippedFiles, land, model_dir, model_name, pack_dir, scratch_dir
 from learner import update as U
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.model import ActorCritic, InputBuilder, build_models, forward_outputs, is_peft, unwrap
@@ -93,9 +94,20 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def interface_of(ip: str) -> str | None:
+    """The network interface that holds address `ip` on this machine, or None."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == ip for a in addresses):
+            return name
+    return None
+
+
 def init_distributed(rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,
-                     timeout_s: float, backend: str = "gloo") -> None:
-    """torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU), from the env variables."""
+                     timeout_s: float, backend: str = "gloo", node_ip: str | None = None) -> None:
+    """torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU), from the env variables.
+    `node_ip`: this rank's node address (Ray's), whose interface carries the ranks' traffic."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -116,8 +128,13 @@ def init_distributed(rank: int, world_size: int, local_rank: int, master_addr: s
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((master_addr, master_port))
         listener.listen(max(128, world_size))
-    if _is_loopback(master_addr):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own pair sockets, else on the hostname's address
+    # gloo's (and NCCL's) own sockets go on the interface of this node's address: left to choose,
+    # gloo takes the address the machine's host name resolves to, which need not be this node's
+    # (nor be reachable from the other ranks)
+    interface = "lo" if _is_loopback(master_addr) else interface_of(node_ip) if node_ip else None
+    if interface:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
     store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
                           master_listen_fd=listener.detach() if listener else None)
     # as DeepSpeed's own init does on CUDA: bind the rank's GPU (LOCAL_RANK) to the NCCL group
@@ -132,11 +149,12 @@ def init_distributed(rank: int, world_size: int, local_rank: int, master_addr: s
 class LearnerWorker:
     """One rank of the learner. `rank`/`world_size` describe the DeepSpeed data-parallel group."""
 
-    def __init__(self, policy_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, *, rank: int = 0,
+    def __init__(self, policy_path: str | ShippedFiles, cfg: LearnerConfig, algo: AlgorithmConfig, *, rank: int = 0,
                  world_size: int = 1, local_rank: int = 0, master_addr: str = "127.0.0.1",
                  master_port: int | None = None, seed: int = 0, sampling_temperature: float = 1.0,
-                 device: str | None = None):
-        """`device`: where this rank computes, "cuda:<i>" or "cpu" (the Ray shell passes the GPU
+                 device: str | None = None, node_ip: str | None = None):
+        """`node_ip`: this rank's node address (for the interface of its collectives).
+        `device`: where this rank computes, "cuda:<i>" or "cpu" (the Ray shell passes the GPU
         Ray gave it, `common.ray_helpers.task_device`); None: the current CUDA device if there
         is one, else the CPU. DeepSpeed takes LOCAL_RANK as the CUDA index, so a CUDA device's
         index must equal `local_rank`."""
@@ -145,7 +163,8 @@ class LearnerWorker:
         U.check_sampling_temperature(sampling_temperature)
         self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
         self.temperature = sampling_temperature
-        self.policy_path = str(policy_path)
+        self.policy_name = model_name(policy_path)  # as the adapter and checkpoint records name it
+        self.policy_path = model_dir(policy_path)
         self.name = f"learner rank {rank}"
         if master_port is None:
             master_port = free_port()
@@ -158,7 +177,7 @@ class LearnerWorker:
                                  "uses as this process's CUDA device index")
             torch.cuda.set_device(self.device)
         init_distributed(rank, world_size, local_rank, master_addr, master_port, cfg.collective_timeout_s,
-                         backend="nccl" if self.device.type == "cuda" else "gloo")
+                         backend="nccl" if self.device.type == "cuda" else "gloo", node_ip=node_ip)
         self.dtype = torch_dtype(cfg.dtype)
         # The reference serves a KL penalty, or the KL-to-ref metric when asked for (learner.log_kl_to_ref):
         # with LoRA it costs a forward with the adapters disabled, with full fine-tuning a frozen copy too.
@@ -473,56 +492,61 @@ class LearnerWorker:
             raise RuntimeError(f"{self.name}: exported tensors with the wrong shape: {misshaped[:5]}")
         return {k: named[k] for k in expected}
 
-    def save_adapter(self, final_dir: str, keep: int = 3) -> str | None:
-        """peft save_pretrained of the policy adapter, atomically (temp dir + rename) into `final_dir`.
-        Every rank must call it (ZeRO-3 gathers the adapter weights); rank 0 writes and returns the
-        directory, then prunes older "lora-v*" siblings beyond the newest `keep`."""
+    def save_adapter(self, name: str) -> ShippedFiles | None:
+        """The policy adapter as peft `save_pretrained` writes it, as files (the rank may run on
+        another host than whoever keeps or loads them). Every rank must call it (ZeRO-3 gathers the
+        adapter weights); rank 0 returns the files, named `name`."""
         policy = self.module.policy
         if not is_peft(policy):
             raise RuntimeError(f"{self.name}: the policy has no LoRA adapter to export (learner.lora.enabled=false)")
         lora_params = [p for n, p in policy.named_parameters() if "lora_" in n]
-        final = Path(final_dir)
         with self._gathered(lora_params):
             if self.rank != 0:
                 return None
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            tmp = scratch_dir("adapter")
             policy.save_pretrained(str(tmp), safe_serialization=True)
-        # peft records where the base came from; point it at the policy the learner trains.
-        cfg_path = tmp / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = self.policy_path
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        finalize_directory(str(tmp), str(final))
-        versions = sorted(final.parent.glob("lora-v*"), key=lambda d: d.name)
-        for old in versions[:-keep]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-        return str(final)
+        try:
+            # peft records where the base came from; point it at the policy the learner trains.
+            cfg_path = tmp / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = self.policy_name
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+            return pack_dir(tmp, origin=name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: str, client_state: dict | None = None) -> bool:
-        """DeepSpeed checkpoint (trainable weights, optimizer, LR schedule) plus this rank's RNG
-        states into `directory` (a temporary directory; the group renames it when all are done)."""
+    def save_checkpoint(self, client_state: dict | None = None) -> ShippedFiles:
+        """This rank's part of a checkpoint (DeepSpeed's files: trainable weights, its optimizer
+        shard, LR schedule; plus its RNG states), written on its own host and returned as files:
+        the group puts every rank's files together wherever the run keeps checkpoints."""
         state = {"docrl": {"optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps,
                            **(client_state or {})}}
-        # Frozen weights come from the policy path at load time: a LoRA checkpoint stays small.
-        self.engine.save_checkpoint(directory, tag=DS_TAG, client_state=state, save_latest=False,
-                                    exclude_frozen_parameters=True)
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save(rng, Path(directory) / f"rng_rank{self.rank}.pt")
-        return True
+        directory = scratch_dir("checkpoint")
+        try:
+            # Frozen weights come from the policy path at load time: a LoRA checkpoint stays small.
+            self.engine.save_checkpoint(str(directory), tag=DS_TAG, client_state=state, save_latest=False,
+                                        exclude_frozen_parameters=True)
+            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            torch.save(rng, directory / f"rng_rank{self.rank}.pt")
+            return pack_dir(directory, origin=f"{self.name}'s checkpoint")
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
-    def finalize_checkpoint(self, tmp_dir: str, final_dir: str, meta: dict) -> str:
-        """Rank 0, after every rank saved into `tmp_dir`: write meta.json, rename into place."""
-        (Path(tmp_dir) / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        return finalize_directory(tmp_dir, final_dir)
+    def load_checkpoint(self, checkpoint: str | ShippedFiles) -> dict:
+        """Load a checkpoint the group sent as files (or, in process, a directory of this host)."""
+        if isinstance(checkpoint, ShippedFiles):
+            directory = scratch_dir("checkpoint")
+            try:
+                land(checkpoint, directory / "c")
+                return self._load_checkpoint(str(directory / "c"))
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+        return self._load_checkpoint(checkpoint)
 
-    def load_checkpoint(self, directory: str) -> dict:
+    def _load_checkpoint(self, directory: str) -> dict:
         _, client_state = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False,
                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
         if client_state is None:
@@ -541,17 +565,3 @@ class LearnerWorker:
         self.skipped_steps = int(state.pop("skipped_steps"))
         return state
 
-
-def finalize_directory(tmp_dir: str, final_dir: str) -> str:
-    """Atomically replace `final_dir` by `tmp_dir` (same filesystem): a reader sees the old complete
-    directory or the new complete one, never a half-written one."""
-    final, tmp = Path(final_dir), Path(tmp_dir)
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-    return str(final)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import ray
 
 from common.ray_helpers import task_device
+from common.shipping import ShippedFiles, local_copy, model_dir, scratch_dir
 from docvqa.sample import Page
 from retriever.config import RetrieverConfig
 
 
 @ray.remote
 class RetrieverActor:
-    def __init__(self, model_path: str, cfg: RetrieverConfig):
+    def __init__(self, model: str | ShippedFiles, cfg: RetrieverConfig):
         import torch
 
         from retriever.encoder import PageEncoder
@@ -20,22 +21,24 @@ class RetrieverActor:
         torch.set_num_threads(max(1, int(cfg.num_cpus_per_actor)))
         device = task_device(cfg.num_gpus_per_actor)
         self.cfg = cfg
-        self.encoder = PageEncoder(model_path, cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens)
+        self.encoder = PageEncoder(model_dir(model), cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens)
         self.index = PageIndex(self.encoder.settings(), cfg.pooling())
         self.search_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        self.scratch = scratch_dir("retriever-segments")  # the segments this actor writes and maps
 
     def settings(self) -> dict:
         return self.encoder.settings()
 
-    def add_pages(self, pages: list[Page], segment_dir: str | None = None, segment_name: str | None = None,
-                  keep: bool = True) -> dict:
-        """Embed pages into a new segment file when `segment_dir` is given, and into this shard
-        unless `keep` is False (a streaming build: the group maps the finished index afterwards).
+    def add_pages(self, pages: list[Page], segment_name: str | None = None, keep: bool = True) -> dict:
+        """Embed pages into a new segment file named `segment_name` when one is given, and into
+        this shard unless `keep` is False (a streaming build: the group maps the finished index
+        afterwards). The segment is written on this actor's own host and returned as bytes: the
+        group persists it in the index directory, which may be on another host.
 
         Images are decoded one embedding batch at a time, so memory is bounded by the batch (and
         the vectors of this call), not by the pages. Returns {"added": n, "skipped": ["page id:
-        reason", ...], "segment": manifest entry or None, "meta": {page_id: metadata}}.
-        Unreadable pages are skipped and named, never fatal.
+        reason", ...], "segment": manifest entry or None, "segment_bytes": the file or None,
+        "meta": {page_id: metadata}}. Unreadable pages are skipped and named, never fatal.
         """
         from retriever.index import write_segment
 
@@ -55,27 +58,33 @@ class RetrieverActor:
             kept += batch
         ids = [p.page_id for p in kept]
         meta = {p.page_id: {"doc_id": p.doc_id, "page_no": p.page_no, "source": p.source} for p in kept}
-        segment = None
-        if segment_dir is not None and kept:
-            segment = write_segment(segment_dir, segment_name, ids, vectors, dtype=self.cfg.vector_dtype,
+        segment = data = None
+        if segment_name is not None and kept:
+            segment = write_segment(self.scratch, segment_name, ids, vectors, dtype=self.cfg.vector_dtype,
                                     pooling=self.cfg.pooling())
+            data = (self.scratch / segment_name).read_bytes()
         if keep and segment is not None:
             del vectors  # the shard maps the segment just written instead of holding a second copy
-            self.index.add_segment(segment_dir, segment, meta)
-        elif keep:
-            self.index.add(ids, vectors, [meta[pid] for pid in ids])
-        return {"added": len(kept), "skipped": skipped, "segment": segment, "meta": meta}
+            self.index.add_segment(self.scratch, segment, meta)
+        else:
+            if keep:
+                self.index.add(ids, vectors, [meta[pid] for pid in ids])
+            if segment is not None:
+                (self.scratch / segment_name).unlink()
+        return {"added": len(kept), "skipped": skipped, "segment": segment, "segment_bytes": data, "meta": meta}
 
     def clear(self) -> None:
         from retriever.index import PageIndex
 
         self.index = PageIndex(self.encoder.settings(), self.cfg.pooling())
 
-    def load_shard(self, index_dir: str, page_range: tuple[int, int]) -> int:
+    def load_shard(self, shard: ShippedFiles, page_range: tuple[int, int]) -> int:
+        """Map pages [lo, hi) of `shard` (a manifest and the segment files holding those pages,
+        sent by the group) from a copy on this host."""
         from retriever.index import load_index
 
-        index = load_index(index_dir, page_range, self.cfg.pooling())
-        index.check_compatible(self.encoder.settings(), where=index_dir)
+        index = load_index(local_copy(shard), page_range, self.cfg.pooling())
+        index.check_compatible(self.encoder.settings(), where=shard.origin)
         self.index = index
         return len(index)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import ray
 
 from common.ray_helpers import get_with_timeout
+from common.shipping import ShippedFiles, pack_files
 from docvqa.sample import Page
 from retriever.actor import RetrieverActor
 from retriever.config import RetrieverConfig
@@ -30,9 +31,11 @@ from retriever.index import (
     Manifest,
     append_journal,
     next_segment_name,
+    put_segment_file,
     read_journal,
     read_manifest,
     segment_name,
+    shard_files,
     write_journal,
     write_manifest,
 )
@@ -69,6 +72,18 @@ def _fingerprint(pages: Sequence[Page]) -> str:
         return f"{corpus_fingerprint([p for p in pages if p.page_id not in gone])}+missing:{names}"
 
 
+def portable(pages: Sequence[Page]) -> list[Page]:
+    """The pages with their images as bytes, for actors that may run on another host. A page whose
+    file cannot be read here goes as it is: the actor fails to read it too, and names it skipped."""
+    out = []
+    for page in pages:
+        try:
+            out.append(page.portable())
+        except OSError:
+            out.append(page)
+    return out
+
+
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -96,12 +111,12 @@ class BuildProgress:
 
 
 class RetrieverGroup:
-    def __init__(self, model_path: str, cfg: RetrieverConfig, timeout_s: float = 600.0, scheduling: Sequence | None = None):
+    def __init__(self, model: str | ShippedFiles, cfg: RetrieverConfig, timeout_s: float = 600.0, scheduling: Sequence | None = None):
         """`scheduling[i]`, when given, is a Ray scheduling strategy for actor i (placement group bundle)."""
         self.cfg, self.timeout_s = cfg, timeout_s
         self.actors = [
             RetrieverActor.options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
-                                   scheduling_strategy=scheduling[i] if scheduling else None).remote(model_path, cfg)
+                                   scheduling_strategy=scheduling[i] if scheduling else None).remote(model, cfg)
             for i in range(cfg.num_actors)
         ]
         self.shard_sizes = [0] * len(self.actors)
@@ -169,6 +184,7 @@ class RetrieverGroup:
     def _build_in_memory(self, pages: Sequence[Page]) -> dict:
         self._get([a.clear.remote() for a in self.actors], "clearing the shards")
         ranges = contiguous_ranges(len(pages), len(self.actors))
+        pages = portable(pages)
         reports = self._get([actor.add_pages.remote(list(pages[lo:hi])) for actor, (lo, hi) in zip(self.actors, ranges)],
                             f"embedding {len(pages)} pages")
         self.shard_sizes = [r["added"] for r in reports]
@@ -216,13 +232,15 @@ class RetrieverGroup:
                 if busy[a] >= 2:
                     return
                 b = queue.popleft()
-                in_flight[self.actors[a].add_pages.remote(batches[b], str(index_dir), segment_name(b), False)] = (b, a)
+                in_flight[self.actors[a].add_pages.remote(portable(batches[b]), segment_name(b), False)] = (b, a)
                 busy[a] += 1
 
         def finish(ref) -> None:
             b, a = in_flight.pop(ref)
             busy[a] -= 1
             result = self._get(ref, f"embedding pages {batches[b][0].page_id} .. {batches[b][-1].page_id}")
+            if result["segment"]:
+                put_segment_file(index_dir, result["segment"]["file"], result["segment_bytes"])
             done[b] = {"batch": b, "segment": result["segment"], "meta": result["meta"], "skipped": result["skipped"]}
             append_journal(index_dir, done[b])
 
@@ -283,19 +301,22 @@ class RetrieverGroup:
         index_dir = Path(index_dir)
         self.manifest = read_manifest(index_dir)
         ranges = contiguous_ranges(len(self.manifest.live_page_ids()), len(self.actors))
-        self.shard_sizes = self._get([a.load_shard.remote(str(index_dir), r) for a, r in zip(self.actors, ranges)],
-                                     f"loading {index_dir}")
+        refs = []
+        for i, (actor, page_range) in enumerate(zip(self.actors, ranges)):
+            files, shard_range = shard_files(index_dir, self.manifest, page_range)
+            refs.append(actor.load_shard.remote(pack_files(files, f"{index_dir}#shard{i}"), shard_range))
+        self.shard_sizes = self._get(refs, f"loading {index_dir}")
         self.index_dir = index_dir
         return len(self)
 
     def add(self, pages: Sequence[Page]) -> dict:
         """Append pages (to the last shard, so the shards stay contiguous) and persist a new segment."""
         name = next_segment_name(self.index_dir) if self.index_dir else None
-        report = self._get(self.actors[-1].add_pages.remote(list(pages), str(self.index_dir) if self.index_dir else None, name),
-                           f"adding {len(pages)} pages")
+        report = self._get(self.actors[-1].add_pages.remote(portable(pages), name), f"adding {len(pages)} pages")
         self.shard_sizes[-1] += report["added"]
         self.skipped += report["skipped"]
         if self.index_dir is not None and report["segment"]:
+            put_segment_file(self.index_dir, report["segment"]["file"], report["segment_bytes"])
             self.manifest.add_segment(report["segment"], report["meta"])
             write_manifest(self.index_dir, self.manifest)
         return {"added": report["added"], "skipped": report["skipped"]}

@@ -141,6 +141,36 @@ def write_segment(directory: str | Path, name: str, page_ids: Sequence[str], vec
     return {"file": name, "page_ids": list(page_ids)}
 
 
+def put_segment_file(directory: str | Path, name: str, data: bytes) -> None:
+    """Persist a segment an actor wrote on its own host and sent as bytes."""
+    path = Path(directory) / name
+    if path.exists():
+        raise FileExistsError(f"segment {path} exists already")
+    _atomic_write(path, data)
+
+
+def shard_files(directory: str | Path, manifest: Manifest, page_range: tuple[int, int]) -> tuple[dict[str, bytes], tuple[int, int]]:
+    """What one shard needs of an index, to send it to a process on another host: a manifest of
+    only the segments holding live pages [lo, hi) of the index's page order, those segment files,
+    and the range re-based on that manifest's page order."""
+    directory = Path(directory)
+    lo, hi = page_range
+    files: dict[str, bytes] = {}
+    segments, before, seen = [], None, 0
+    for seg in manifest.segments:
+        live = len(Manifest._live(seg))
+        if live and seen < hi and seen + live > lo:
+            before = seen if before is None else before
+            segments.append(seg)
+            files[seg["file"]] = (directory / seg["file"]).read_bytes()
+        seen += live
+    kept = {p for s in segments for p in Manifest._live(s)}
+    part = Manifest(manifest.settings, segments, {p: m for p, m in manifest.pages.items() if p in kept})
+    files["manifest.json"] = json.dumps(part.to_json(), indent=1, sort_keys=True).encode()
+    offset = before or 0
+    return files, (lo - offset, hi - offset) if segments else (0, 0)
+
+
 def segment_name(number: int) -> str:
     return f"segment-{number:05d}.safetensors"
 

@@ -15,6 +15,7 @@ import ray
 import torch
 
 from common.ray_helpers import get_with_timeout
+from common.shipping import ShippedFiles, pack_dir
 from rollout.config import RolloutConfig, SamplingConfig
 from rollout.types import GenerateOutput, RolloutRequest
 from rollout.weight_sync import to_numpy
@@ -24,24 +25,26 @@ log = logging.getLogger(__name__)
 
 
 class RolloutGroup:
-    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0, max_lora_rank: int | None = None,
+    def __init__(self, model_path: str | ShippedFiles, cfg: RolloutConfig, seed: int = 0, max_lora_rank: int | None = None,
                  max_restarts: int = 3, scheduling: Sequence | None = None, num_threads: int | None = None):
         """`scheduling[i]`, when given, is a Ray scheduling strategy for worker i (placement group
         bundle). `num_threads` per worker defaults to its CPUs (`rollout.num_cpus_per_worker`)."""
         from rollout.engine import vllm_env
 
         self.cfg = cfg
+        # a model from the driver's disk goes into the object store once, for every worker
+        model = ray.put(model_path) if isinstance(model_path, ShippedFiles) else model_path
         env = vllm_env(cfg, num_threads=num_threads or max(1, int(cfg.num_cpus_per_worker)))
         self.workers = [
             RolloutWorker.options(
                 num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker,
                 max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": env},
                 scheduling_strategy=scheduling[i] if scheduling else None,
-            ).remote(model_path, cfg, seed + i, max_lora_rank, i)
+            ).remote(model, cfg, seed + i, max_lora_rank, i)
             for i in range(cfg.num_workers)
         ]
         self.version = 0
-        self._latest: tuple[str, object] | None = None  # ("full", object ref) or ("lora", adapter dir)
+        self._latest: tuple[str, object] | None = None  # ("full" or "lora", object ref)
         self.restarts = 0
         self.broken: str | None = None  # why the group refuses to generate (a failed weight push)
 
@@ -101,7 +104,7 @@ class RolloutGroup:
         self._get(self._load(i, kind, payload, self.version), f"re-syncing worker {i} to version {self.version}")
 
     def _load(self, i: int, kind: str, payload, version: int):
-        """Worker i loads `payload` (full weights by object ref, or a LoRA adapter directory)."""
+        """Worker i loads `payload` (an object ref of full weights or of a LoRA adapter's files)."""
         method = self.workers[i].load_full_weights if kind == "full" else self.workers[i].load_lora
         return method.remote(payload, version)
 
@@ -121,10 +124,12 @@ class RolloutGroup:
         # Ray resolves a top-level ObjectRef argument to its value inside each worker.
         self._push("full", weights if isinstance(weights, ray.ObjectRef) else ray.put(to_numpy(weights)), version)
 
-    def push_lora(self, adapter_dir: str, version: int) -> None:
-        """The adapter directory must be readable by every worker (shared storage on a cluster)."""
+    def push_lora(self, adapter: str | ShippedFiles, version: int) -> None:
+        """A LoRA adapter: its files, or a directory on this (the driver's) host whose files are
+        sent. The workers may run on other hosts: each writes the files on its own host before
+        vLLM loads them. One copy goes into the object store, for every worker."""
         self._check_newer(version)
-        self._push("lora", str(adapter_dir), version)
+        self._push("lora", ray.put(adapter if isinstance(adapter, ShippedFiles) else pack_dir(adapter)), version)
 
     def _push(self, kind: str, payload, version: int) -> None:
         """Every worker loads `payload` as `version`, or the group never samples from a mix of

@@ -290,6 +290,7 @@ def test_serve_retriever_searches_off_the_event_loop(tiny_models, tmp_path):
     import time
 
     from deploy.app import Retriever
+    from deploy.pages import PageStore
     from retriever.config import RetrieverConfig
     from retriever.encoder import PageEncoder
     from retriever.index import save_index
@@ -304,8 +305,8 @@ def test_serve_retriever_searches_off_the_event_loop(tiny_models, tmp_path):
               [{"doc_id": f"d{i}", "page_no": 1, "source": str(tmp_path / "page.png")} for i in range(n)])
     save_index(index, tmp_path / "idx")
     del index
-    retriever = Retriever.func_or_class(str(tmp_path / "idx"), model, RetrieverConfig(model=model), 1, False,
-                                        str(tmp_path), None)
+    bundle = PageStore.from_index(tmp_path / "idx", tmp_path).pack_with_index(tmp_path / "idx")
+    retriever = Retriever.func_or_class(bundle, model, RetrieverConfig(model=model), 1, False)
     # Serve's batching needs a replica's context: run the batch body itself on batches of one
     batch_body = Retriever.func_or_class._search.__wrapped__
 
