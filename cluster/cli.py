@@ -201,7 +201,7 @@ def cmd_train(args) -> int:
         raise CLIError(f"run.output_dir={cfg.run.output_dir} is relative, and this job runs in Ray's temporary copy "
                        f"of the working dir ({package}), deleted with the cluster: give an absolute path on storage "
                        "that outlives the job (shared by every node on a multi-node cluster), e.g. "
-                       f"run.output_dir=/mnt/shared/docrl/{Path(cfg.run.output_dir).name}")
+                       f"run.output_dir=/home/ray/docrl-runs/{Path(cfg.run.output_dir).name}")
     print(f"docrl train: run directory {Path(cfg.run.output_dir).resolve()} (checkpoints, logs)", flush=True)
     trainer = Trainer(cfg)
     try:
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 # importing cluster.train (torch) and Ray just to answer "no" took ~10 s before each message.
 _EXPECTED_ELSEWHERE = (("cluster.config", "ConfigError"), ("docvqa.loaders", "DataError"),
                        ("retriever.index", "IndexLoadError"), ("common.ray_helpers", "PlacementError"),
-                       ("cluster.train", "RunDirectoryInUse"))
+                       ("cluster.train", "RunDirectoryInUse"), ("cluster.train", "NodeLost"))
 
 
 def expected_error(e: BaseException) -> BaseException | None:

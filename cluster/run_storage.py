@@ -6,7 +6,7 @@ send it as bytes), the page index, logs. With `run.storage` set (an object store
 to continue or serve the run, each tree with a completion marker written last:
 
     <storage>/checkpoints/step-00000010/   the last `trainer.keep_last` checkpoints
-    <storage>/index/                       the run's own page index
+    <storage>/index/                       the run's own page index, with the page images it cites
     <storage>/logs/                        metrics.jsonl (and the evaluation files), for --resume's report
 
 `--resume` (and `docrl serve`) on a head whose `run.output_dir` lacks them copy them back first.
@@ -20,7 +20,9 @@ import shutil
 from pathlib import Path
 
 from cluster.checkpoint import CheckpointManager
+from common.shipping import land
 from common.storage import Storage
+from deploy.pages import PageStore
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,14 @@ class RunStorage:
         if self.storage.is_complete(INDEX) and self.storage.exists(f"{INDEX}/{CORPUS_STAMP}") and \
                 self.storage.read_bytes(f"{INDEX}/{CORPUS_STAMP}") == stamp:
             return
-        nbytes = self.storage.upload_dir(index_dir, INDEX)
-        log.info("page index published to storage %s (%.1f MB)", self.storage, nbytes / 1e6)
+        # with the page images it cites, so that a head without this run's data serves them
+        bundle = PageStore.from_index(index_dir, Path.cwd()).pack_with_index(index_dir)
+        staging = index_dir.parent / f".{index_dir.name}-upload"
+        try:
+            nbytes = self.storage.upload_dir(land(bundle, staging), INDEX)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("page index and its page images published to storage %s (%.1f MB)", self.storage, nbytes / 1e6)
 
     # -- restoring (on a head that lacks them) ---------------------------------------------------
 

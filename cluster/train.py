@@ -64,6 +64,27 @@ class NodeLost(RuntimeError):
     """A node holding some of the run's roles left the cluster."""
 
 
+NODE_DEATH_WAIT_S = 60.0  # how long a failure that looks like a lost peer waits for Ray to say which node
+
+
+def _peer_lost(error: BaseException) -> bool:
+    """Whether a failure looks like another process vanished (an actor died, a connection was
+    reset): the node it ran on may have left the cluster."""
+    import ray
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                             ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError,
+                             ray.exceptions.OwnerDiedError, ConnectionError, TimeoutError)):
+            return True
+        if any(m in str(seen) for m in ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                                        "ActorDiedError", "ActorUnavailableError")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class StopRequested(Exception):
     """A stop (SIGINT/SIGTERM) arrived while the driver waited for work it may drop: the step being
     collected or an evaluation. The learner still holds the last finished step."""
@@ -726,7 +747,14 @@ class Trainer:
         which roles it held, and where to continue from."""
         from cluster.placement import lost_roles
 
-        lost = lost_roles(getattr(self, "role_nodes", {}))
+        placed = getattr(self, "role_nodes", {})
+        lost = lost_roles(placed)
+        # A peer's death is often seen (a closed connection, a dead actor) before Ray's health
+        # checks declare its node dead (about 15 s with Ray's defaults): give them that long.
+        deadline = time.monotonic() + NODE_DEATH_WAIT_S if placed and _peer_lost(error) else 0.0
+        while not lost and time.monotonic() < deadline:
+            time.sleep(1.0)
+            lost = lost_roles(placed)
         if lost:
             saved = f"checkpoint of step {self._saved_step}" if self._saved_step else "no checkpoint yet"
             raise NodeLost(f"{lost} (during step {self.step + 1}; the run stops: {saved} in {self.checkpoints.root}; "

@@ -2,6 +2,7 @@
 
 A page id resolves to the source the index recorded for it when it was built (`source` in its
 manifest: an image file, or `file.pdf#page=N` for a PDF page; relative paths are taken from the
+index's own directory when it carries its pages (`PageStore.pack_with_index`), else from the
 directory the server was started in, where `docrl index` ran). Requests name page ids found by
 retrieval, never paths. Pages of an index built before PDF pages were recorded by file (their
 source is `<bytes:...>`) are looked up in `serve.pages_folder` by document id.
@@ -81,7 +82,11 @@ class PageStore:
                     continue
                 pages[pid] = _page_from_source(pid, meta, found)
                 continue
-            path = Path(source) if Path(source).is_absolute() else base / source
+            path = Path(source)
+            if not path.is_absolute():
+                # an index that carries its pages (`pack_with_index`) names them relative to itself
+                inside = Path(index_dir) / source
+                path = inside if is_file(Path(_page_from_source(pid, meta, inside).image_path)) else base / source
             page = _page_from_source(pid, meta, path)
             if not is_file(Path(page.image_path)):
                 unavailable[pid] = f"its image file {page.image_path} does not exist"

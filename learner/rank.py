@@ -37,14 +37,14 @@ class LearnerRank:
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "free_port": free_port(""), "pid": os.getpid()}
 
-    def setup(self, policy_path, cfg: LearnerConfig, algo: AlgorithmConfig, rank: int, world_size: int,
+    def setup(self, policy, cfg: LearnerConfig, algo: AlgorithmConfig, rank: int, world_size: int,
               local_rank: int, master_addr: str, master_port: int, seed: int, num_threads: int,
               sampling_temperature: float = 1.0) -> bool:
         # every docrl process drops the same known-harmless library messages (common/quiet.py)
         quiet_known_library_messages()
         torch.set_num_threads(max(1, num_threads))
         local_rank = cuda_local_rank(local_rank, ray.get_gpu_ids(), ray_narrows_visible_gpus())
-        self.worker = LearnerWorker(policy_path, cfg, algo, rank=rank, world_size=world_size, local_rank=local_rank,
+        self.worker = LearnerWorker(policy, cfg, algo, rank=rank, world_size=world_size, local_rank=local_rank,
                                     master_addr=master_addr, master_port=master_port, seed=seed,
                                     sampling_temperature=sampling_temperature,
                                     device=task_device(cfg.num_gpus_per_rank), node_ip=ray.util.get_node_ip_address())

@@ -32,8 +32,9 @@ class RolloutGroup:
         from rollout.engine import vllm_env
 
         self.cfg = cfg
-        # a model from the driver's disk goes into the object store once, for every worker
-        model = ray.put(model_path) if isinstance(model_path, ShippedFiles) else model_path
+        # a model from the driver's disk goes into the object store once, for every worker (and
+        # kept referenced here: a restarted worker reads it again)
+        self._model = model = ray.put(model_path) if isinstance(model_path, ShippedFiles) else model_path
         env = vllm_env(cfg, num_threads=num_threads or max(1, int(cfg.num_cpus_per_worker)))
         self.workers = [
             RolloutWorker.options(

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from two_hosts import TwoHosts, unavailable
+from two_hosts import RayOnTwoHosts, TwoHosts, unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -57,8 +57,8 @@ def _run_args(hosts: TwoHosts, run: str, *extra: str) -> list[str]:
             "data.synthetic.level=realistic", "retriever.use_gold_page=false", "trainer.warm_start.steps=0",
             "trainer.eval_every=0", "trainer.save_every=1", "trainer.keep_last=3", "rollout.max_model_len=1024",
             # LoRA adapters pushed as adapters: their files cross from learner rank 0 to the rollout worker
-            # a format term: answers of one question differ in reward, so every update moves the weights
-            'reward.components={"anls": 1.0, "format": 0.5}',
+            # an entropy bonus: every update moves the weights, whatever the (mostly zero) rewards
+            "algorithm.entropy_coef=0.01",
             "learner.lora.enabled=true", "learner.freeze_vision_tower=true", "rollout.lora_push=adapter",
             "learner.num_ranks=2", "learner.num_cpus_per_rank=1", "ray.placement_strategy=STRICT_SPREAD",
             'ray.role_resources={"rollout": {"host_b": 1}, "retriever": {"host_b": 1}, "reward": {"host_a": 1}}',
@@ -74,84 +74,6 @@ def _step_rows(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in _rows(run_dir / "logs" / "metrics.jsonl") if "reward/mean" in r}
 
 
-class Cluster:
-    """The Ray head on host A, a Ray node on host B, the S3 stand-in on A."""
-
-    def __init__(self, hosts: TwoHosts):
-        self.hosts = hosts
-        self.logs = hosts.base / "logs"
-        self.logs.mkdir()
-        s3 = f"http://{hosts.a.ip}:{S3_PORT}"
-        common = {"PATH": f"{VENV_BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                  "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "AWS_ENDPOINT_URL": s3,
-                  "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-                  "AWS_EC2_METADATA_DISABLED": "true", "PYTHONPATH": str(ROOT)}
-        self.env = {h.name: hosts.env(h, **common) for h in (hosts.a, hosts.b)}
-        self.head = self.worker = None
-
-    def _ray_start(self, host, *args: str):
-        argv = [str(VENV_BIN / "ray"), "start", "--block", f"--node-ip-address={host.ip}", "--num-cpus=4",
-                "--num-gpus=0", f"--temp-dir={self.hosts.root}/ray", "--object-store-memory=400000000",
-                "--disable-usage-stats", f'--resources={{"host_{host.name}": 100}}', *args]
-        return self.hosts.spawn(host, argv, env=self.env[host.name], log=self.logs / f"ray-{host.name}.log", cwd=ROOT)
-
-    def start(self) -> None:
-        h = self.hosts
-        h.spawn(h.a, [str(VENV_BIN / "python"), "-c", "import sys, time; from moto.server import ThreadedMotoServer; "
-                      f"s = ThreadedMotoServer(ip_address='{h.a.ip}', port={S3_PORT}); s.start(); "
-                      "print('s3 ready', flush=True); time.sleep(1e9)"],
-                env=self.env["a"], log=self.logs / "s3.log", cwd=ROOT)
-        self.head = self._ray_start(h.a, "--head", f"--port={GCS_PORT}", "--include-dashboard=false")
-        self.wait_nodes(1)
-        self.start_worker()
-        made = self.on_a([str(VENV_BIN / "python"), "-c", "import boto3; boto3.client('s3').create_bucket(Bucket='docrl')"])
-        assert made.returncode == 0, made.stderr
-
-    def start_worker(self) -> None:
-        self.worker = self._ray_start(self.hosts.b, f"--address={self.hosts.a.ip}:{GCS_PORT}")
-        self.wait_nodes(2)
-
-    def kill_worker(self) -> None:
-        """Host B's Ray node dies: its whole process group, at once."""
-        import signal
-
-        TwoHosts.stop(self.worker, signal.SIGKILL)
-
-    def nodes(self) -> list[dict]:
-        script = (f"import json, ray; ray.init(address='{self.hosts.a.ip}:{GCS_PORT}', logging_level='ERROR'); "
-                  "print(json.dumps([{'ip': n['NodeManagerAddress'], 'alive': n['Alive'], 'id': n['NodeID']} "
-                  "for n in ray.nodes()]))")
-        done = self.on_a([str(VENV_BIN / "python"), "-c", script], timeout=120)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    def wait_nodes(self, alive: int, timeout_s: float = 120) -> list[dict]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                nodes = self.nodes()
-                if sum(n["alive"] for n in nodes) >= alive:
-                    return nodes
-            except AssertionError:
-                if time.monotonic() > deadline:
-                    raise
-            assert time.monotonic() < deadline, f"{alive} Ray nodes not alive within {timeout_s} s: {self._tail()}"
-            time.sleep(2)
-
-    def _tail(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.logs.iterdir()))
-
-    def on_a(self, argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-        return self.hosts.run(self.hosts.a, argv, env=self.env["a"], timeout=timeout, cwd=ROOT)
-
-    def docrl(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return self.on_a([str(VENV_BIN / "docrl"), *args], timeout=timeout)
-
-    def docrl_background(self, log: str, *args: str) -> subprocess.Popen:
-        return self.hosts.spawn(self.hosts.a, [str(VENV_BIN / "docrl"), *args], env=self.env["a"],
-                                log=self.logs / log, cwd=ROOT)
-
-
 @pytest.fixture(scope="module")
 def cluster(tiny_models):
     why = unavailable()
@@ -162,7 +84,7 @@ def cluster(tiny_models):
     with TwoHosts() as hosts:
         # the models exist on host A only (the driver's host); host B gets them as bytes
         shutil.copytree(tiny_models["policy"].parent, hosts.a.dir / "models")
-        c = Cluster(hosts)
+        c = RayOnTwoHosts(hosts, GCS_PORT, S3_PORT)
         c.start()
         yield c
 

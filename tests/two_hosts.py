@@ -18,15 +18,20 @@ namespaces, which end with their processes), the namespaces and the veth pair. N
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sh(*argv: str) -> subprocess.CompletedProcess:
@@ -166,3 +171,82 @@ class TwoHosts:
         done = _sh(*argv)
         if done.returncode:
             raise RuntimeError(f"`{' '.join(argv)}` failed: {done.stderr.strip()}")
+
+
+class RayOnTwoHosts:
+    """The Ray head on host A, a Ray node on host B, and an S3-compatible server on A (moto's),
+    which stands in for run storage; the environment points every process of both hosts at it."""
+
+    def __init__(self, hosts: TwoHosts, gcs_port: int = 6390, s3_port: int = 9010):
+        self.hosts, self.gcs_port, self.s3_port = hosts, gcs_port, s3_port
+        self.logs = hosts.base / "logs"
+        self.logs.mkdir()
+        s3 = f"http://{hosts.a.ip}:{self.s3_port}"
+        common = {"PATH": f"{VENV_BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                  "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "AWS_ENDPOINT_URL": s3,
+                  "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+                  "AWS_EC2_METADATA_DISABLED": "true", "PYTHONPATH": str(ROOT)}
+        self.env = {h.name: hosts.env(h, **common) for h in (hosts.a, hosts.b)}
+        self.head = self.worker = None
+
+    def _ray_start(self, host, *args: str):
+        argv = [str(VENV_BIN / "ray"), "start", "--block", f"--node-ip-address={host.ip}", "--num-cpus=4",
+                "--num-gpus=0", f"--temp-dir={self.hosts.root}/ray", "--object-store-memory=400000000",
+                "--disable-usage-stats", f'--resources={{"host_{host.name}": 100}}', *args]
+        return self.hosts.spawn(host, argv, env=self.env[host.name], log=self.logs / f"ray-{host.name}.log", cwd=ROOT)
+
+    def start(self) -> None:
+        h = self.hosts
+        h.spawn(h.a, [str(VENV_BIN / "python"), "-c", "import sys, time; from moto.server import ThreadedMotoServer; "
+                      f"s = ThreadedMotoServer(ip_address='{h.a.ip}', port={self.s3_port}); s.start(); "
+                      "print('s3 ready', flush=True); time.sleep(1e9)"],
+                env=self.env["a"], log=self.logs / "s3.log", cwd=ROOT)
+        self.head = self._ray_start(h.a, "--head", f"--port={self.gcs_port}", "--include-dashboard=false")
+        self.wait_nodes(1)
+        self.start_worker()
+        made = self.on_a([str(VENV_BIN / "python"), "-c", "import boto3; boto3.client('s3').create_bucket(Bucket='docrl')"])
+        assert made.returncode == 0, made.stderr
+
+    def start_worker(self) -> None:
+        self.worker = self._ray_start(self.hosts.b, f"--address={self.hosts.a.ip}:{self.gcs_port}")
+        self.wait_nodes(2)
+
+    def kill_worker(self) -> None:
+        """Host B's Ray node dies: its whole process group, at once."""
+        import signal
+
+        TwoHosts.stop(self.worker, signal.SIGKILL)
+
+    def nodes(self) -> list[dict]:
+        script = (f"import json, ray; ray.init(address='{self.hosts.a.ip}:{self.gcs_port}', logging_level='ERROR'); "
+                  "print(json.dumps([{'ip': n['NodeManagerAddress'], 'alive': n['Alive'], 'id': n['NodeID']} "
+                  "for n in ray.nodes()]))")
+        done = self.on_a([str(VENV_BIN / "python"), "-c", script], timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def wait_nodes(self, alive: int, timeout_s: float = 120) -> list[dict]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                nodes = self.nodes()
+                if sum(n["alive"] for n in nodes) >= alive:
+                    return nodes
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+            assert time.monotonic() < deadline, f"{alive} Ray nodes not alive within {timeout_s} s: {self._tail()}"
+            time.sleep(2)
+
+    def _tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.logs.iterdir()))
+
+    def on_a(self, argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+        return self.hosts.run(self.hosts.a, argv, env=self.env["a"], timeout=timeout, cwd=ROOT)
+
+    def docrl(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return self.on_a([str(VENV_BIN / "docrl"), *args], timeout=timeout)
+
+    def docrl_background(self, log: str, *args: str) -> subprocess.Popen:
+        return self.hosts.spawn(self.hosts.a, [str(VENV_BIN / "docrl"), *args], env=self.env["a"],
+                                log=self.logs / log, cwd=ROOT)
