@@ -64,7 +64,7 @@ class NodeLost(RuntimeError):
     """A node holding some of the run's roles left the cluster."""
 
 
-NODE_DEATH_WAIT_S = 60.0  # how long a failure that looks like a lost peer waits for Ray to say which node
+NODE_DEATH_WAIT_S = 45.0  # how long a failure that looks like a lost peer waits for Ray to say which node
 
 
 def _peer_lost(error: BaseException) -> bool:
@@ -747,11 +747,13 @@ class Trainer:
         which roles it held, and where to continue from."""
         from cluster.placement import lost_roles
 
-        placed = getattr(self, "role_nodes", {})
+        placed = getattr(self, "role_nodes", None)
+        if not placed:  # the roles were not placed yet: no node of theirs to lose
+            return
         lost = lost_roles(placed)
         # A peer's death is often seen (a closed connection, a dead actor) before Ray's health
         # checks declare its node dead (about 15 s with Ray's defaults): give them that long.
-        deadline = time.monotonic() + NODE_DEATH_WAIT_S if placed and _peer_lost(error) else 0.0
+        deadline = time.monotonic() + NODE_DEATH_WAIT_S if _peer_lost(error) else 0.0
         while not lost and time.monotonic() < deadline:
             time.sleep(1.0)
             lost = lost_roles(placed)
