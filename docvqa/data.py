@@ -8,10 +8,12 @@ import logging
 import math
 import os
 import random
+import shutil
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
+from common.storage import Storage, is_uri
 from docvqa.config import DataConfig, ExtraSource
 from docvqa.loaders import DataError, load_docvqa_json, load_hf_docvqa, merge_datasets, split_by_document
 from docvqa.sample import DocVQADataset, DocVQASample, Page
@@ -56,9 +58,18 @@ def _load_split(cfg: DataConfig, split: str, output_dir: str | Path) -> DocVQADa
     return load_docvqa_json(annotation, image_root=cfg.image_root, on_bad=cfg.on_bad_sample)
 
 
-def load_extra_source(src: ExtraSource, cfg: DataConfig, index: int) -> DocVQADataset:
-    """One of `data.extra_sources`: a file, or a directory holding the train split's file."""
+def load_extra_source(src: ExtraSource, cfg: DataConfig, index: int, output_dir: str | Path = ".") -> DocVQADataset:
+    """One of `data.extra_sources`: a file, or a directory holding the train split's file; or an
+    object store URI of such a directory (a feedback export there), copied into the run's
+    `data/` first."""
     path = Path(src.path)
+    if is_uri(src.path):
+        path = Path(output_dir) / "data" / f"extra-{hashlib.sha256(src.path.encode()).hexdigest()[:16]}"
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            Storage(src.path).download_dir("", path)
+        except OSError as e:
+            raise DataError(f"data.extra_sources[{index}].path={src.path!r}: {e}") from None
     annotation = _annotation_in(path, cfg.train_split) if path.is_dir() else path
     if annotation is None or not annotation.exists():
         raise DataError(f"data.extra_sources[{index}].path={src.path!r}: no annotation file "
@@ -114,7 +125,7 @@ def load_train_eval(cfg: DataConfig, output_dir: str | Path) -> tuple[DocVQAData
         evaluation.samples = evaluation.samples[: cfg.max_eval_samples]
     if not cfg.extra_sources:
         return train, evaluation, merge_datasets([train, evaluation])
-    extras = [load_extra_source(src, cfg, i) for i, src in enumerate(cfg.extra_sources)]
+    extras = [load_extra_source(src, cfg, i, output_dir) for i, src in enumerate(cfg.extra_sources)]
     for ds in extras:
         if ds.skipped:
             log.warning("extra data (%s): skipped %s; first: %s", ds.source, ds.skipped, ds.skipped_examples[:3])

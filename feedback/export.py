@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from common.storage import Storage, is_uri
 from feedback.store import FeedbackError, FeedbackStore, RatedInteraction
 
 # page id -> the page's image: a file path or the encoded bytes; None when it is missing
@@ -170,7 +172,11 @@ def existing_export(out: Path) -> Path | None:
 def export_feedback(store: FeedbackStore, out_dir: str | Path, since: datetime | None = None,
                     until: datetime | None = None, page_image: PageImageSource | None = None,
                     overwrite: bool = False) -> ExportSummary:
-    """Write the feedback given in [since, until) as DocVQA-layout training data (module docstring)."""
+    """Write the feedback given in [since, until) as DocVQA-layout training data (module docstring).
+    `out_dir` may be an object store URI (`s3://bucket/exports/x`, as `run.storage` takes): the
+    export is written here, then uploaded, its completion marker last."""
+    if is_uri(str(out_dir)):
+        return _export_to_storage(store, str(out_dir), since, until, page_image, overwrite)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FeedbackError(f"{out} is a file: the export is a folder (train.json, negative.json, documents/)")
@@ -190,6 +196,19 @@ def export_feedback(store: FeedbackStore, out_dir: str | Path, since: datetime |
         _move_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _export_to_storage(store: FeedbackStore, uri: str, since, until, page_image, overwrite: bool) -> ExportSummary:
+    storage = Storage(uri)
+    found = next((name for name in EXPORT_ENTRIES if storage.exists(name)), None)
+    if found is not None and not overwrite:
+        raise ExportExists(f"{uri} already holds a feedback export ({found}), which a training run may read: "
+                           "export to a new OUT, or pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix="docrl-export-") as tmp:
+        summary = export_feedback(store, Path(tmp) / "export", since, until, page_image)
+        storage.upload_dir(Path(tmp) / "export", "")
+    summary.out_dir = uri
     return summary
 
 

@@ -346,3 +346,37 @@ def test_s3_error_names_uri_and_operation(s3_endpoint, tmp_path):
     with pytest.raises(StorageError, match=r"storage s3://no-such-bucket/run/x: write failed: .*NO_SUCH_BUCKET"):
         store.write_bytes("x", b"data")
     assert not store.exists("x")
+
+
+def test_a_feedback_export_to_s3_feeds_training(s3_endpoint, tmp_path, monkeypatch):
+    """`docrl feedback export s3://...` writes the export through run storage, and a training run
+    reads it from there as a `data.extra_sources` path."""
+    import io
+
+    from PIL import Image
+
+    from docvqa.config import DataConfig, ExtraSource
+    from docvqa.data import load_extra_source
+    from feedback.export import ExportExists, export_feedback
+    from feedback.store import FeedbackIn, FeedbackStore, Interaction
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), "navy").save(buf, format="PNG")
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}")
+    try:
+        store.record_interaction(Interaction("r0", "docqa", "What colour is the plate?", "navy", page_ids=("doc0/p1",),
+                                             model="docrl", weights_version=1, checkpoint="step-1"))
+        store.add_feedback(FeedbackIn("r0", "up"))
+        uri = f"s3://{BUCKET}/exports/{uuid.uuid4().hex}"
+        summary = export_feedback(store, uri, page_image=lambda page_id: buf.getvalue())
+        assert summary.exported == 1 and summary.out_dir == uri
+        assert Storage(uri).is_complete("") and Storage(uri).exists("train.json")
+        with pytest.raises(ExportExists, match=f"{uri} already holds a feedback export"):
+            export_feedback(store, uri, page_image=lambda page_id: buf.getvalue())
+    finally:
+        store.close()
+    data = load_extra_source(ExtraSource(path=uri), DataConfig(), 0, tmp_path / "run")
+    assert [s.question for s in data.samples] == ["What colour is the plate?"] and data.samples[0].answers == ("navy",)
+    page = data.pages[data.samples[0].gold_page]
+    assert page.load_image().getpixel((0, 0)) == (0, 0, 128)  # the page image came from storage too
