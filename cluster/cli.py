@@ -104,12 +104,13 @@ def _require_index(cfg, args) -> str:
 
 def _retriever_group(cfg):
     from cluster.ray_setup import init_ray
+    from common.shipping import ship_if_local
     from retriever.finetune import run_retriever
     from retriever.group import RetrieverGroup
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
     model = run_retriever(cfg.retriever, cfg.run.output_dir, cfg.run.models_dir)
-    return RetrieverGroup(model, cfg.retriever, timeout_s=cfg.ray.actor_start_timeout_s)
+    return RetrieverGroup(ship_if_local(model), cfg.retriever, timeout_s=cfg.ray.actor_start_timeout_s)
 
 
 def cmd_index(args) -> int:

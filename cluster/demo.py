@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 def run_demo(cfg: DocRLConfig, num_questions: int = 4) -> list[dict]:
     import ray
 
+    from common.shipping import ship_if_local
+    from docvqa.sample import portable
     from retriever.group import RetrieverGroup
     from reward.metrics import anls_score
     from rollout.group import RolloutGroup
@@ -35,14 +37,15 @@ def run_demo(cfg: DocRLConfig, num_questions: int = 4) -> list[dict]:
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
     print(f"ray: {ray.get_runtime_context().gcs_address} resources {ray.cluster_resources()}")
     timeout = cfg.ray.actor_start_timeout_s
-    retriever = RetrieverGroup(retriever_path, cfg.retriever, timeout_s=timeout)
-    rollout = RolloutGroup(policy_path, cfg.rollout, seed=cfg.run.seed)
+    # models on this host's disk go to the roles as files: they may run on other hosts
+    retriever = RetrieverGroup(ship_if_local(retriever_path), cfg.retriever, timeout_s=timeout)
+    rollout = RolloutGroup(ship_if_local(policy_path), cfg.rollout, seed=cfg.run.seed)
     indexed = retriever.build(list(corpus.pages.values()))
     print(f"retriever: indexed {indexed['indexed']} pages over {len(retriever.actors)} actor(s), skipped {len(indexed['skipped'])}")
 
     questions = evaluation.samples[:num_questions]
     hits = retriever.search([q.question for q in questions], cfg.retriever.top_k)
-    requests = [RolloutRequest(q.question_id, q.question, tuple(corpus.pages[pid] for pid, _ in hit))
+    requests = [RolloutRequest(q.question_id, q.question, tuple(portable(corpus.pages[pid] for pid, _ in hit)))
                 for q, hit in zip(questions, hits)]
     generated = rollout.generate(requests, cfg.rollout.eval_sampling)
     for qid, why in generated.skipped.items():

@@ -46,7 +46,7 @@ from common.lineage import run_dir_of, write_lineage
 from common.ray_helpers import get_with_timeout
 from common.shipping import ShippedFiles, land, model_dir, pack_dir, scratch_dir, ship_if_local
 from docvqa.data import load_train_eval
-from docvqa.sample import DocVQASample
+from docvqa.sample import DocVQASample, portable
 from docvqa.tiny_models import resolve_model
 from learner.types import TrainBatch
 from reward.types import ScoreResult
@@ -344,7 +344,7 @@ class Trainer:
         self.train_set, self.eval_set, self.corpus = load_train_eval(cfg.data, cfg.run.output_dir)
         # the pages as the roles get them: bytes (they may run on hosts without this host's files)
         self.portable_page = functools.lru_cache(maxsize=PORTABLE_PAGES_CACHED)(
-            lambda page_id: self.corpus.pages[page_id].portable())
+            lambda page_id: portable([self.corpus.pages[page_id]])[0])
         self.sampler = QuestionSampler(self.train_set.samples, cfg.run.seed)
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
         self._catch_stop_signals()  # ray.init installs its own SIGTERM handler (an immediate exit)
@@ -557,8 +557,8 @@ class Trainer:
         pages = {pid: self.portable_page(pid) for r in results for pid in r.page_ids}
         batch = TrainBatch.from_rollouts(results, rewards, pages, cfg.rollout.max_image_pixels, step=step)
         tokens = sum(len(a.token_ids) for r in results for a in r.answers)
-        page_bytes = sum(len(self.portable_page(pid).image_bytes) for pids in scored.retrieved for pid in pids)
-        page_bytes += sum(len(p.image_bytes) for p in pages.values())
+        sent = [self.portable_page(pid) for pids in scored.retrieved for pid in pids] + list(pages.values())
+        page_bytes = sum(len(p.image_bytes or b"") for p in sent)  # an unreadable page goes as its path
         return CollectedBatch(step, batch, [r for rs in scored.scores.values() for r in rs], scored.counts(),
                               time.perf_counter() - t0, tokens, page_bytes)
 

@@ -7,6 +7,7 @@ plain frozen dataclasses so they pickle cheaply through the Ray object store.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,19 @@ class Page:
         if self.pdf_page is not None:
             return f"{self.image_path}#page={self.pdf_page}"
         return self.image_path if self.image_path is not None else f"<bytes:{self.page_id}>"
+
+
+def portable(pages: Iterable[Page]) -> list[Page]:
+    """`Page.portable()` of each page, for roles that may run on another host. A page whose file
+    cannot be read here goes as it is: the role fails to read it too and names it as skipped, as
+    for any unreadable page."""
+    out = []
+    for page in pages:
+        try:
+            out.append(page.portable())
+        except OSError:
+            out.append(page)
+    return out
 
 
 def pdf_page_count(path: str | Path) -> int:

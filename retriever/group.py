@@ -21,7 +21,7 @@ import ray
 
 from common.ray_helpers import get_with_timeout
 from common.shipping import ShippedFiles, pack_files
-from docvqa.sample import Page
+from docvqa.sample import Page, portable
 from retriever.actor import RetrieverActor
 from retriever.config import RetrieverConfig
 from retriever.index import (
@@ -70,18 +70,6 @@ def _fingerprint(pages: Sequence[Page]) -> str:
         gone = {p.page_id for p in missing}
         names = hashlib.sha256("\n".join(sorted(gone)).encode()).hexdigest()
         return f"{corpus_fingerprint([p for p in pages if p.page_id not in gone])}+missing:{names}"
-
-
-def portable(pages: Sequence[Page]) -> list[Page]:
-    """The pages with their images as bytes, for actors that may run on another host. A page whose
-    file cannot be read here goes as it is: the actor fails to read it too, and names it skipped."""
-    out = []
-    for page in pages:
-        try:
-            out.append(page.portable())
-        except OSError:
-            out.append(page)
-    return out
 
 
 def _duration(seconds: float) -> str:
