@@ -103,7 +103,10 @@ def check_fits(asks: dict[str, list[dict]], nodes: list[dict], strategy: str = "
 
         fitting = [n for n in nodes if all(n.get(k, 0) >= v for k, v in bundles[0].items())]
         if not fitting:
-            refuse(f"no node has {_fmt(bundles[0])} for one of its actors")
+            custom = "".join(f" and {v:g} {k}" for k, v in bundles[0].items() if k not in ("CPU", "GPU"))
+            if custom:
+                lower += " or `ray.role_resources`"
+            refuse(f"no node has {_fmt(bundles[0])}{custom} for one of its actors")
         if strategy == "STRICT_PACK" and not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
             refuse(f"placement STRICT_PACK puts all {len(bundles)} on one node, and no node has {_fmt(need)}")
         if strategy == "STRICT_SPREAD" and len(fitting) < len(bundles):

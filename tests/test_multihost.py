@@ -143,7 +143,8 @@ def test_train_kill_a_host_resume_from_storage_and_serve_across_hosts(cluster):
     assert killed.returncode != 0, log[-4000:]
     assert f"node {hosts.b.ip} (node " in log and "left the cluster, with" in log, log[-6000:]
     assert "rollout 0" in log and "--resume" in log, log[-6000:]
-    assert [s for s in _step_rows(run_dir)] == [1]
+    # B died within a poll (0.2 s) of step 1's checkpoint: during step 2 or, on a fast step, its checkpoint
+    assert sorted(_step_rows(run_dir)) in ([1], [1, 2])
 
     # 3. a fresh head: host A's run directory is gone; the checkpoint comes back from storage
     shutil.rmtree(run_dir)

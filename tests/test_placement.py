@@ -226,3 +226,55 @@ def test_the_check_never_refuses_a_run_that_can_be_placed():
             refused += 1
             assert not _placeable(asks, nodes, strategy), (asks, nodes, strategy)
     assert refused > 50 and accepted > 20  # both outcomes exercised
+
+
+def test_role_resources_choose_nodes_and_are_checked():
+    """`ray.role_resources` adds custom resources to a role's bundles (the learner's too), and the
+    fit check counts them: a cluster without the resource refuses the role by name."""
+    from cluster.config import ConfigError
+    from cluster.placement import check_fits, learner_bundle, run_asks
+    from common.ray_helpers import PlacementError
+
+    cfg = load_config(None, ['ray.role_resources={"rollout": {"gpu_host": 1}, "learner": {"trainer": 0.5}}'])
+    assert role_bundles(cfg)["rollout"] == [{"CPU": 1.0, "gpu_host": 1}]
+    assert role_bundles(cfg)["reward"][0] == {"CPU": cfg.reward.num_cpus_per_actor}
+    assert learner_bundle(cfg) == {"CPU": cfg.learner.num_cpus_per_rank, "trainer": 0.5}
+    nodes = [{"CPU": 8.0, "trainer": 1.0}, {"CPU": 8.0, "gpu_host": 1.0}]
+    check_fits(run_asks(cfg), nodes)
+    with pytest.raises(PlacementError, match=r"role 'rollout' asks 1 x \{'CPU': 1.0, 'gpu_host': 1.0\}.*no node has 1 "
+                                              r"CPUs, 0 GPUs and 1 gpu_host for one of its actors.*`ray.role_resources`"):
+        check_fits(run_asks(cfg), nodes[:1])
+    with pytest.raises(ConfigError, match=r"role_resources.rollout.CPU: set CPUs and GPUs with the role's own"):
+        load_config(None, ['ray.role_resources={"rollout": {"CPU": 1}}'])
+    with pytest.raises(ConfigError, match=r"ray.role_resources.retreiver"):
+        load_config(None, ['ray.role_resources={"retreiver": {"x": 1}}'])
+
+
+def test_where_roles_run_and_which_a_lost_node_held(ray_cluster):
+    from cluster.placement import lost_roles, where_roles_run
+
+    placed = place_roles(load_config(None, ["rollout.num_cpus_per_worker=0.5", "retriever.num_cpus_per_actor=0.5",
+                                            "reward.num_cpus_per_actor=0.5"]), timeout_s=60)
+    try:
+        where = where_roles_run({role: p.group for role, p in placed.items()})
+        node = ray.get_runtime_context().get_node_id()
+        assert where["rollout"] == [{"node_id": node, "ip": "127.0.0.1"}] and set(where) == set(placed)
+        assert lost_roles(where) is None  # every node alive
+        gone = {**where, "learner": [where["rollout"][0], {"node_id": "ab" * 28, "ip": "10.0.0.9"}]}
+        assert lost_roles(gone) == f"node 10.0.0.9 (node {'ab' * 6}) left the cluster, with learner 1"
+    finally:
+        release(placed)
+
+
+def test_collectives_use_the_interface_of_the_node_address():
+    from learner.worker import interface_of
+
+    assert interface_of("127.0.0.1") == "lo"
+    assert interface_of("192.0.2.77") is None  # TEST-NET-1: on no interface here
+
+
+def test_serve_replicas_choose_nodes_by_custom_resources():
+    cfg = load_config(None, ['serve.policy.resources={"inference": 1}', "serve.policy.num_gpus=1"])
+    assert cfg.serve.policy.serve_options()["ray_actor_options"] == {"num_cpus": cfg.serve.policy.num_cpus,
+                                                                     "num_gpus": 1.0, "resources": {"inference": 1.0}}
+    assert "resources" not in cfg.serve.ingress.serve_options()["ray_actor_options"]
