@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -32,6 +33,16 @@ from learner.config import AlgorithmConfig, LearnerConfig
 from learner.types import Experience, ExportedWeights, TrainBatch
 
 log = logging.getLogger(__name__)
+
+
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)\D")
+
+
+def rank_files(files: dict[str, bytes], rank: int) -> dict[str, bytes]:
+    """What one rank loads of a checkpoint: the shared files and its own optimizer shard and RNG
+    states, not the other ranks' (DeepSpeed's `zero_pp_rank_<r>_...`, docrl's `rng_rank<r>.pt`)."""
+    return {rel: data for rel, data in files.items()
+            if (m := _RANK_FILE.search(rel.rsplit("/", 1)[-1])) is None or int(m.group(1)) == rank}
 
 
 class LearnerGroup:
@@ -340,8 +351,12 @@ class LearnerGroup:
     def load_checkpoint(self, directory: str) -> None:
         if not Path(directory).is_dir():
             raise FileNotFoundError(f"learner checkpoint {directory} does not exist")
-        checkpoint = str(directory) if self.local else self._shared(pack_dir(directory))
-        states = self._call("load_checkpoint", [(checkpoint,)] * self.num_ranks, "loading a checkpoint")
+        if self.local:
+            per_rank = [(str(directory),)]
+        else:  # each rank gets its own part (the ranks may be on hosts without this directory)
+            files = pack_dir(directory).files
+            per_rank = [(pack_files(rank_files(files, r), f"{directory} (rank {r})"),) for r in range(self.num_ranks)]
+        states = self._call("load_checkpoint", per_rank, "loading a checkpoint")
         state = states[0]
         if state.get("num_ranks") != self.num_ranks:
             raise ValueError(f"checkpoint {directory} was written by {state.get('num_ranks')} ranks, this group has "

@@ -141,3 +141,16 @@ def test_shard_files_hold_exactly_a_shard_of_the_index(tmp_path):
             assert torch.equal(a, b)
         needed = {s["file"] for s in whole.segments if set(Manifest._live(s)) & set(live[lo:hi])}
         assert set(files) - {"manifest.json"} == needed, (lo, hi)
+
+
+def test_each_learner_rank_gets_its_own_part_of_a_checkpoint():
+    from learner.group import rank_files
+
+    files = {"meta.json": b"m", "docrl/mp_rank_00_model_states.pt": b"w", "rng_rank0.pt": b"r0", "rng_rank1.pt": b"r1",
+             "docrl/zero_pp_rank_0_mp_rank_00_optim_states.pt": b"o0",
+             "docrl/zero_pp_rank_1_mp_rank_00_optim_states.pt": b"o1",
+             "docrl/zero_pp_rank_10_mp_rank_00_optim_states.pt": b"o10"}
+    shared = {"meta.json", "docrl/mp_rank_00_model_states.pt"}
+    assert set(rank_files(files, 0)) == shared | {"rng_rank0.pt", "docrl/zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+    assert set(rank_files(files, 1)) == shared | {"rng_rank1.pt", "docrl/zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert set(rank_files(files, 10)) == shared | {"docrl/zero_pp_rank_10_mp_rank_00_optim_states.pt"}
