@@ -305,6 +305,9 @@ class Trainer:
         self._phase = "setup"  # setup | collect | update | idle | save: what a stop request may interrupt
         self._saved_step: int | None = None  # the step of the newest checkpoint written or resumed
         self.pushed_bytes = 0  # the last weight push's adapter files
+        # the corpus's pages as the roles get them: bytes (they may run on hosts without this host's files)
+        self.portable_page = functools.lru_cache(maxsize=PORTABLE_PAGES_CACHED)(
+            lambda page_id: portable([self.corpus.pages[page_id]])[0])
         # what this run continues (trainer.init_from): its versions count on from the parent's
         self.lineage: dict = {"parent_weights_version": 0, "parent_checkpoint": None}
 
@@ -342,9 +345,6 @@ class Trainer:
             self.lineage = continue_lineage(self.out, cfg.trainer.init_from, cfg.feedback)
         retriever_model = resolve_model(cfg.retriever.model, "retriever", cfg.run.models_dir)
         self.train_set, self.eval_set, self.corpus = load_train_eval(cfg.data, cfg.run.output_dir)
-        # the pages as the roles get them: bytes (they may run on hosts without this host's files)
-        self.portable_page = functools.lru_cache(maxsize=PORTABLE_PAGES_CACHED)(
-            lambda page_id: portable([self.corpus.pages[page_id]])[0])
         self.sampler = QuestionSampler(self.train_set.samples, cfg.run.seed)
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
         self._catch_stop_signals()  # ray.init installs its own SIGTERM handler (an immediate exit)
