@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from common.ray_helpers import task_device
-from common.shipping import ShippedFiles, local_copy, model_dir, pack_dir, ship_if_local
+from common.shipping import ShippedFiles, local_copy, model_dir, model_name, pack_dir, ship_if_local
 from deploy.api import (
     SSE_DONE, APIError, ChatCompletionRequest, Choice, Citation, Completion, DocQARequest, DocQAResponse,
     GenerationParams, RequestRefused, Retrieval, StreamEvent, UnknownDocument, chat_chunk, chat_completion_body, chat_input,
@@ -78,7 +78,8 @@ class Retriever:
         device = task_device(num_gpus)
         self.cfg = cfg
         index_dir, model_path = str(local_copy(index)), model_dir(model)
-        self.encoder = PageEncoder(model_path, cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens)
+        self.encoder = PageEncoder(model_path, cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens,
+                                   name=model_name(model))
         self.index = load_index(index_dir, pooling=cfg.pooling())  # memory-mapped
         self.search_method = cfg.search_method(len(self.index))
         settings = self.encoder.settings()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ray
 
 from common.ray_helpers import task_device
-from common.shipping import ShippedFiles, local_copy, model_dir, scratch_dir
+from common.shipping import ShippedFiles, local_copy, model_dir, model_name, scratch_dir
 from docvqa.sample import Page
 from retriever.config import RetrieverConfig
 
@@ -21,7 +21,8 @@ class RetrieverActor:
         torch.set_num_threads(max(1, int(cfg.num_cpus_per_actor)))
         device = task_device(cfg.num_gpus_per_actor)
         self.cfg = cfg
-        self.encoder = PageEncoder(model_dir(model), cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens)
+        self.encoder = PageEncoder(model_dir(model), cfg.model_class, cfg.dtype, device, cfg.max_visual_tokens,
+                                   name=model_name(model))
         self.index = PageIndex(self.encoder.settings(), cfg.pooling())
         self.search_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         self.scratch = scratch_dir("retriever-segments")  # the segments this actor writes and maps

@@ -133,11 +133,13 @@ class PageEncoder:
     per token, or a single pooled one: `single_vector`)."""
 
     def __init__(self, model: str, model_class: str = "auto", dtype: str = "float32", device: str = "cpu",
-                 max_visual_tokens: int | None = None):
+                 max_visual_tokens: int | None = None, name: str | None = None):
+        """`name`: what an index records as the model (default `model`), e.g. the path on the
+        driver's host of a model this process loads from its own copy."""
         family = infer_model_class(model) if model_class == "auto" else model_class
         if family not in FAMILIES:
             raise ValueError(f"retriever.model_class={family!r}: expected auto or one of {', '.join(FAMILIES)}")
-        self.model_id, self.family, self.device = model, family, torch.device(device)
+        self.model_id, self.family, self.device = name or model, family, torch.device(device)
         self.dtype = getattr(torch, dtype)
         self.single_vector = family in SINGLE_VECTOR_FAMILIES
         if family == "gme":
