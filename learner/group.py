@@ -54,8 +54,8 @@ class LearnerGroup:
         and trains softmax(logits / T), the distribution the answers were sampled from, so the PPO
         ratio, the TIS weights and the logged rollout-vs-learner mismatch compare like with like.
         `export_dir` keeps the exported LoRA adapters on the driver's host (they reach the rollout
-        workers as files, `ExportedWeights.adapter`); a temporary directory by default. `num_threads` per rank defaults to its CPUs
-        (`learner.num_cpus_per_rank`). The ranks' placement group must be ready within
+        workers as files, `ExportedWeights.adapter`); a temporary directory by default.
+        `num_threads` per rank defaults to its CPUs (`learner.num_cpus_per_rank`). The ranks' placement group must be ready within
         `placement_timeout_s` (default `start_timeout_s`)."""
         U.check_sampling_temperature(sampling_temperature)
         if algo.minibatch_size % cfg.num_ranks:
