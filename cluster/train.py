@@ -314,7 +314,6 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
 
     def setup(self, resume: bool = False) -> None:
-        import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from cluster.placement import (
@@ -376,7 +375,7 @@ class Trainer:
             self.rollout.ready()
         self.retriever = None
         if not cfg.retriever.use_gold_page:
-            self.retriever = RetrieverGroup(ray.put(retriever_source), cfg.retriever, timeout, self.placement["retriever"].strategies())
+            self.retriever = RetrieverGroup(retriever_source, cfg.retriever, timeout, self.placement["retriever"].strategies())
             if cfg.retriever.index_dir is None:  # the run's own index: kept in storage too
                 self.storage.restore_index(self.out / "index")
             self.retriever.open(list(self.corpus.pages.values()), cfg.retriever.index_dir or self.out / "index",

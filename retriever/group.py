@@ -102,6 +102,8 @@ class RetrieverGroup:
     def __init__(self, model: str | ShippedFiles, cfg: RetrieverConfig, timeout_s: float = 600.0, scheduling: Sequence | None = None):
         """`scheduling[i]`, when given, is a Ray scheduling strategy for actor i (placement group bundle)."""
         self.cfg, self.timeout_s = cfg, timeout_s
+        # a model from the driver's disk goes into the object store once, for every actor
+        self._model = model = ray.put(model) if isinstance(model, ShippedFiles) else model
         self.actors = [
             RetrieverActor.options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
                                    scheduling_strategy=scheduling[i] if scheduling else None).remote(model, cfg)
