@@ -40,15 +40,15 @@ class ShippedFiles:
         return self.origin
 
 
-def pack_dir(directory: str | Path, origin: str | None = None, skip: tuple[str, ...] = ()) -> ShippedFiles:
-    """Every regular file under `directory` (hidden temporary files and names in `skip` left out)."""
+def pack_dir(directory: str | Path, origin: str | None = None) -> ShippedFiles:
+    """Every regular file under `directory` (temporary files of an interrupted write left out)."""
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory: nothing to ship")
     files: dict[str, bytes] = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if path.is_file() and path.name not in skip and ".tmp" not in path.name:
+        if path.is_file() and ".tmp" not in path.name:
             files[rel] = path.read_bytes()
     return ShippedFiles(origin or str(root), files, _digest(files))
 
