@@ -218,7 +218,8 @@ def decode_image(url: str, limits: LimitsConfig, where: str) -> tuple[Image.Imag
             if pixels > limits.max_image_pixels:
                 raise APIError(400, f"{where}: image of {im.width}x{im.height} = {pixels} pixels exceeds the limit "
                                     f"of {limits.max_image_pixels} pixels (serve.limits.max_image_pixels)", param=where)
-            image = im.convert("RGB")
+            im.load()  # decodes (and keeps the pixels once the file is closed)
+            image = im if im.mode == "RGB" else im.convert("RGB")  # convert() would copy an RGB image
     except APIError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:

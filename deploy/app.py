@@ -2,14 +2,15 @@
 
     HTTP ─► Ingress (FastAPI: auth, limits, validation, response ids, SSE; feedback)
               ├─► Retriever  (PageEncoder + the saved PageIndex, masked MaxSim; the index's page images)
-              ├─► Policy     (vLLM via RolloutEngine, trained weights: merged, or base + LoRA adapter)
+              ├─► Policy     (vLLM AsyncLLM, trained weights: merged, or base + LoRA adapter)
               └─► InteractionRecorder (feedback package: every answer, queued and written to the
                   feedback database by a background thread; POST /v1/feedback rates an answer)
 
-The docqa prompt is built by `RolloutEngine.prepare`, exactly as in training; chat conversations go
-through the same engine and chat template (`RolloutEngine.prepare_chat`). `EngineLoop` steps the
-engine in a background thread, so concurrent requests share engine steps and tokens stream as
-they are sampled.
+The docqa prompt is built by `VLLMPrompts.prepare`, exactly as in training; chat conversations go
+through the same chat template (`VLLMPrompts.prepare_chat`). The policy runs on vLLM's asynchronous
+engine, its engine core in a process of its own (`deploy.policy_engine`): concurrent requests share
+engine steps, one request's input processing overlaps the others' model steps, and tokens stream
+as they are sampled.
 
 Entry points: `serve_app` (what `docrl serve` runs) and `build_application`, which
 `cluster.serve_entry:build_app` (the import path of `serve deploy deploy/serve_config.yaml`) calls
@@ -39,7 +40,7 @@ from deploy.api import (
     read_body, usage, validate,
 )
 from deploy.config import LimitsConfig
-from deploy.engine_loop import EngineDead
+from deploy.policy_engine import EngineDead
 from deploy.feedback_api import (
     UI_HEADERS, UI_PAGE, FeedbackPublisher, feedback_api_error, feedback_body, feedback_body_limit, queue_body,
     resolved_feedback_config, stats_body, timeline_body, ui_file,
@@ -154,28 +155,29 @@ def served_lora_rank(adapter_dir: str) -> int:
 
 @serve.deployment(name="policy")
 class Policy:
-    """vLLM over the trained policy (`rollout.policy.resolve_policy`'s answer), in-process in
-    this replica, driven by an `EngineLoop`."""
+    """The trained policy (`rollout.policy.resolve_policy`'s answer) on a vLLM engine of
+    `deploy.policy_engine` (`serve.policy_engine`)."""
 
-    def __init__(self, policy: dict, rollout_cfg: RolloutConfig, num_threads: int, seed: int):
+    async def __init__(self, policy: dict, rollout_cfg: RolloutConfig, num_threads: int, seed: int,
+                       engine: str = "in_process"):
         import ray
 
         from rollout.engine import vllm_env
 
-        os.environ.update(vllm_env(rollout_cfg, num_threads, gpu_ids=ray.get_gpu_ids()))
-        from deploy.engine_loop import EngineLoop  # noqa: I001 - vllm is imported after the environment is set
-        from rollout.engine import RolloutEngine
+        os.environ.update(vllm_env(rollout_cfg, num_threads, gpu_ids=ray.get_gpu_ids(),
+                                   engine_process=engine == "async_llm"))
+        from deploy.policy_engine import AsyncLLMPolicy, InProcessPolicy  # noqa: I001 - vllm is imported after the environment is set
 
         lora = policy["kind"] == "lora"
         # the base model and the adapter come as files (or a hub id): copied to this replica's host
-        policy = {**policy, "model": model_dir(policy["model"]),
-                  "adapter": model_dir(policy["adapter"]) if lora else None}
-        self.engine = RolloutEngine(policy["model"], rollout_cfg, seed=seed, name="serve policy",
-                                    max_lora_rank=served_lora_rank(policy["adapter"]) if lora else None)
+        adapter = model_dir(policy["adapter"]) if lora else None
         self.weights_version = policy.get("weights_version")
-        if lora:  # the engine counts versions from 0 (its base weights); an adapter is at least 1
-            self.engine.load_lora(policy["adapter"], max(1, self.weights_version or 1))
-        self.loop = EngineLoop(self.engine)
+        engine_cls = AsyncLLMPolicy if engine == "async_llm" else InProcessPolicy
+        self.engine = engine_cls(model_dir(policy["model"]), rollout_cfg, seed, adapter_dir=adapter,
+                                   max_lora_rank=served_lora_rank(adapter) if lora else None,
+                                   # an adapter is at least version 1 (the base weights are 0)
+                                   weights_version=max(1, self.weights_version or 1) if lora else self.weights_version)
+        await self.engine.start()
 
     def _sampling(self, p: GenerationParams, stream: bool):
         from vllm.sampling_params import RequestOutputKind
@@ -195,7 +197,7 @@ class Policy:
 
     def _prepare_chat(self, messages: list[dict], images: list, max_tokens: int) -> tuple[dict, int]:
         try:
-            prompt, _, length = self.engine.prepare_chat(messages, images)
+            prompt, _, length = self.engine.prompts.prepare_chat(messages, images)
         except ValueError as e:
             raise RequestRefused(str(e)) from None
         self._check_fits(length, max_tokens)
@@ -203,7 +205,7 @@ class Policy:
 
     async def _complete(self, request_id: str, prompt: dict, params: GenerationParams) -> Completion:
         final = None
-        async for out in self.loop.generate(request_id, prompt, self._sampling(params, stream=False)):
+        async for out in self.engine.generate(request_id, prompt, self._sampling(params, stream=False)):
             final = out
         outputs = sorted(final.outputs, key=lambda c: c.index)
         return Completion(choices=[Choice(c.index, c.text, str(c.finish_reason or "stop")) for c in outputs],
@@ -219,7 +221,7 @@ class Policy:
         prompt, length = self._prepare_chat(messages, images, params.max_tokens)
         yield StreamEvent(prompt_tokens=length)
         generated = 0
-        async for out in self.loop.generate(request_id, prompt, self._sampling(params, stream=True)):
+        async for out in self.engine.generate(request_id, prompt, self._sampling(params, stream=True)):
             delta = out.outputs[0] if out.outputs else None
             generated += len(delta.token_ids) if delta else 0
             yield StreamEvent(text=delta.text if delta else "",
@@ -227,11 +229,11 @@ class Policy:
                               completion_tokens=generated if out.finished else None)
 
     async def docqa(self, request_id: str, question: str, pages: list, params: GenerationParams) -> Completion:
-        """Answer from the retrieved pages with the training prompt (`RolloutEngine.prepare`)."""
+        """Answer from the retrieved pages with the training prompt (`VLLMPrompts.prepare`)."""
         from rollout.types import RolloutRequest
 
         try:
-            prompt, _, _, _, length = self.engine.prepare(RolloutRequest(request_id, question, tuple(pages)))
+            prompt, _, _, _, length = self.engine.prompts.prepare(RolloutRequest(request_id, question, tuple(pages)))
         except OSError as e:  # a page image of the index that does not decode: the server's data
             raise PageUnavailable(str(e)) from None
         except ValueError as e:
@@ -240,18 +242,18 @@ class Policy:
         return await self._complete(request_id, prompt, params)
 
     def info(self) -> dict:
-        return {"weights_version": self.weights_version, "engine_healthy": self.loop.healthy()}
+        return {"weights_version": self.weights_version, "engine_healthy": self.engine.healthy(),
+                "requests_in_flight": self.engine.in_flight()}
 
     def check_health(self) -> None:
-        """Serve replaces a replica whose engine loop died."""
-        if not self.loop.healthy():
-            raise RuntimeError(f"the vLLM engine loop stopped: {self.loop.error!r}")
+        """Serve replaces a replica whose engine core died."""
+        if not self.engine.healthy():
+            raise RuntimeError("the vLLM engine stopped")
 
     def __del__(self):
-        loop = getattr(self, "loop", None)
-        if loop is not None:
-            loop.stop()
-            self.engine.shutdown()
+        engine, self.engine = getattr(self, "engine", None), None  # once: Serve, then the garbage collector
+        if engine is not None:
+            engine.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,13 +468,16 @@ class Ingress:
             self._check_model(req.model)
         k = docqa_k(req, self.s.limits, self.s.docqa_k)
         rid = new_id("docqa")
+        started = time.monotonic()
         retrieval = await self._await(self.retriever.search.remote(req.question, k, min(k, self.s.docqa_read_pages),
                                                                     req.doc_id), "the retriever", deadline)
+        retrieved = time.monotonic()
         s = self.s.docqa_sampling
         params = GenerationParams(max_tokens=req.max_tokens or s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                   n=1, stop=tuple(s.stop), seed=s.seed)
         completion = await self._await(self.policy.docqa.remote(rid, req.question, retrieval.pages, params), "the policy",
                                        deadline)
+        answered = time.monotonic()
         from reward.extract import extract_answer
 
         choice = completion.choices[0]
@@ -480,10 +485,13 @@ class Ingress:
         self._record(Interaction(rid, "docqa", req.question, answer, page_ids=tuple(c.page_id for c in retrieval.citations),
                                  model=self.s.model_name, weights_version=completion.weights_version,
                                  checkpoint=self.s.checkpoint))
-        return DocQAResponse(id=rid, created=int(time.time()), model=self.s.model_name, question=req.question,
+        body = DocQAResponse(id=rid, created=int(time.time()), model=self.s.model_name, question=req.question,
                              answer=answer, text=choice.text, finish_reason=choice.finish_reason,
                              citations=retrieval.citations, usage=usage(completion.prompt_tokens, completion.completion_tokens),
                              weights_version=completion.weights_version).model_dump()
+        # where the request's time went, in the standard header (browsers' developer tools show it)
+        timing = f"retrieve;dur={1000 * (retrieved - started):.1f}, generate;dur={1000 * (answered - retrieved):.1f}"
+        return JSONResponse(body, headers={"Server-Timing": timing})
 
     @api.post("/v1/feedback")
     async def feedback(self, request: Request):
@@ -637,7 +645,7 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     shipped = {**policy, "model": ship_if_local(policy["model"]),
                "adapter": pack_dir(policy["adapter"]) if policy["adapter"] else None}
     policy_app = Policy.options(**sc.policy.serve_options()).bind(
-        shipped, rollout_cfg, int(max(1, sc.policy.num_cpus)), cfg.run.seed)
+        shipped, rollout_cfg, int(max(1, sc.policy.num_cpus)), cfg.run.seed, sc.policy_engine)
     return ingress.bind(retriever, policy_app, settings)
 
 

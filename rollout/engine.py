@@ -21,17 +21,17 @@ import torch
 
 from common.ray_helpers import ray_narrows_visible_gpus
 from rollout.config import RolloutConfig, SamplingConfig
-from rollout.prompts import (build_chat_text, build_conversation_text, count_image_parts, fit_image, pixel_bounds,
-                             processor_pixel_cap, vision_token_ids)
+from rollout.prompts import VLLMPrompts, vision_token_ids
 from rollout.types import GenerateOutput, RolloutRequest, RolloutResult, SampledAnswer
 from rollout.weights import check_full_weights, check_lora_adapter, checkpoint_shapes, local_model_dir
 
 
-def vllm_env(cfg: RolloutConfig, num_threads: int, gpu_ids: Sequence = ()) -> dict[str, str]:
+def vllm_env(cfg: RolloutConfig, num_threads: int, gpu_ids: Sequence = (), engine_process: bool = False) -> dict[str, str]:
     """Environment for a vLLM worker process: in-process engine, bounded KV cache, own threads.
-    `gpu_ids`: the GPUs Ray gave the process (`ray.get_gpu_ids()`, inside the actor)."""
+    `gpu_ids`: the GPUs Ray gave the process (`ray.get_gpu_ids()`, inside the actor).
+    `engine_process`: run the engine core in a process of its own (the Serve policy's `AsyncLLM`)."""
     env = {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if engine_process else "0",
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(math.ceil(cfg.kv_cache_gb)))),
         # Auto binding pins every engine on a node to the same cores; let the OS spread them.
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -113,61 +113,16 @@ class RolloutEngine:
         from vllm import LLM
 
         self.cfg, self.model_path, self.name = cfg, model_path, name
-        self.processor = AutoProcessor.from_pretrained(model_path)
-        self.tokenizer = self.processor.tokenizer
+        self.prompts = VLLMPrompts(AutoProcessor.from_pretrained(model_path), cfg)
         self.max_lora_rank = max_lora_rank
-        image_max_pixels = processor_pixel_cap(cfg.max_image_pixels, pixel_bounds(self.processor.image_processor)[1])
         self.llm = LLM(**engine_args(model_path, cfg, seed, max_lora_rank, cuda=torch.cuda.is_available(),
-                                     image_max_pixels=image_max_pixels))
+                                     image_max_pixels=self.prompts.image_max_pixels))
         # never sampled: see rollout.prompts.vision_token_ids (the learner masks the same ids)
         self.banned_token_bias = {i: float("-inf") for i in vision_token_ids(AutoConfig.from_pretrained(model_path))}
         self.expected_shapes = checkpoint_shapes(local_model_dir(model_path))
         self.weights_version = 0
         self.lora_request = None
         self._next_lora_id = 1
-
-    # -- prompts -------------------------------------------------------------------------------
-
-    def _image_tokens(self, image) -> int:
-        """Visual tokens the model's own image processor gives an image (its resize rule counts the
-        patches, then merge_size x merge_size patches become one token), in every family."""
-        ip = self.processor.image_processor
-        min_pixels, max_pixels = pixel_bounds(ip)
-        patches = ip.get_number_of_image_patches(image.height, image.width,
-                                                 {"min_pixels": min_pixels, "max_pixels": max_pixels})
-        return patches // ip.merge_size ** 2
-
-    def prepare(self, req: RolloutRequest) -> tuple[dict, str, tuple, tuple, int]:
-        """The vLLM prompt (chat text with one pad per image), and its length once expanded."""
-        pages = req.pages
-        if len(pages) > self.cfg.max_images_per_prompt:
-            if self.cfg.on_too_many_images == "refuse":
-                raise ValueError(f"request {req.request_id}: {len(pages)} pages exceed rollout.max_images_per_prompt="
-                                 f"{self.cfg.max_images_per_prompt}")
-            pages = pages[: self.cfg.max_images_per_prompt]
-        images = [fit_image(p.load_image(), self.cfg.max_image_pixels) for p in pages]
-        text = build_chat_text(self.processor, req.question, len(images), self.cfg.system_prompt, self.cfg.instruction)
-        prompt, length = self._vllm_prompt(text, images)
-        return prompt, text, tuple(p.page_id for p in pages), tuple(im.size for im in images), length
-
-    def prepare_chat(self, messages: list[dict], images: Sequence) -> tuple[dict, str, int]:
-        """A whole conversation as a vLLM prompt: `messages` in the transformers multimodal format
-        with one {"type": "image"} part per image of `images` (PIL, in order). The images are fitted
-        to rollout.max_image_pixels like pages. Returns (prompt, chat text, expanded length)."""
-        if count_image_parts(messages) != len(images):
-            raise ValueError(f"the messages have {count_image_parts(messages)} image parts but {len(images)} images were given")
-        if len(images) > self.cfg.max_images_per_prompt:
-            raise ValueError(f"{len(images)} images exceed the engine's limit of {self.cfg.max_images_per_prompt} per prompt")
-        images = [fit_image(im, self.cfg.max_image_pixels) for im in images]
-        text = build_conversation_text(self.processor, messages)
-        prompt, length = self._vllm_prompt(text, images)
-        return prompt, text, length
-
-    def _vllm_prompt(self, text: str, images: list) -> tuple[dict, int]:
-        """The prompt dict vLLM takes (one pad per image, which it expands) and its expanded length."""
-        length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + sum(self._image_tokens(im) - 1 for im in images)
-        prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
-        return prompt, length
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -177,7 +132,7 @@ class RolloutEngine:
         prepared, kept, skipped = [], [], {}
         for req in requests:
             try:
-                p = self.prepare(req)
+                p = self.prompts.prepare(req)
             except (OSError, ValueError) as e:
                 skipped[req.request_id] = str(e)
                 continue
@@ -203,26 +158,6 @@ class RolloutEngine:
                                              page_ids=page_ids, image_sizes=sizes, answers=answers,
                                              weights_version=self.weights_version))
         return GenerateOutput(results=results, skipped=skipped)
-
-    # -- one request at a time (the Serve endpoint's engine loop drives these from one thread) ---
-
-    def submit(self, request_id: str, prompt: dict, params) -> None:
-        """Queue one prompt in the engine without running it, with the current LoRA adapter. The
-        prompt is preprocessed exactly as `LLM.generate` does; `step()` then advances every queued
-        request by one scheduler iteration. Not to be mixed with `generate`, which runs the engine
-        until *all* queued requests finish."""
-        engine_input = self.llm._preprocess_cmpl_one(prompt)  # what LLM.generate does to each prompt
-        self.llm.llm_engine.add_request(request_id, engine_input, params, lora_request=self.lora_request)
-
-    def step(self) -> list:
-        """One engine iteration; returns vLLM RequestOutputs (per the params' output kind)."""
-        return self.llm.llm_engine.step()
-
-    def has_unfinished(self) -> bool:
-        return self.llm.llm_engine.has_unfinished_requests()
-
-    def abort(self, request_ids: list[str]) -> None:
-        self.llm.llm_engine.abort_request(list(request_ids))
 
     # -- weights -------------------------------------------------------------------------------
 

@@ -97,3 +97,56 @@ def vision_token_ids(model_config) -> tuple[int, ...]:
     same banned distribution."""
     names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
     return tuple(sorted({int(getattr(model_config, n)) for n in names if getattr(model_config, n, None) is not None}))
+
+
+class VLLMPrompts:
+    """Requests as vLLM prompts for one policy: the chat text with one pad per image, the images
+    fitted to `rollout.max_image_pixels`, and the prompt's length once vLLM expands the images
+    (checked against the context before the engine sees it). Rollout workers and the Serve
+    policy build their prompts here."""
+
+    def __init__(self, processor, cfg):
+        self.processor, self.tokenizer, self.cfg = processor, processor.tokenizer, cfg
+        # the image processor's bound for the pages this engine gets (vLLM profiles for it)
+        self.image_max_pixels = processor_pixel_cap(cfg.max_image_pixels, pixel_bounds(processor.image_processor)[1])
+
+    def image_tokens(self, image) -> int:
+        """Visual tokens the model's own image processor gives an image (its resize rule counts the
+        patches, then merge_size x merge_size patches become one token), in every family."""
+        ip = self.processor.image_processor
+        min_pixels, max_pixels = pixel_bounds(ip)
+        patches = ip.get_number_of_image_patches(image.height, image.width,
+                                                 {"min_pixels": min_pixels, "max_pixels": max_pixels})
+        return patches // ip.merge_size ** 2
+
+    def prepare(self, req) -> tuple[dict, str, tuple, tuple, int]:
+        """A `RolloutRequest` as (vLLM prompt, chat text, page ids read, image sizes, expanded length)."""
+        pages = req.pages
+        if len(pages) > self.cfg.max_images_per_prompt:
+            if self.cfg.on_too_many_images == "refuse":
+                raise ValueError(f"request {req.request_id}: {len(pages)} pages exceed rollout.max_images_per_prompt="
+                                 f"{self.cfg.max_images_per_prompt}")
+            pages = pages[: self.cfg.max_images_per_prompt]
+        images = [fit_image(p.load_image(), self.cfg.max_image_pixels) for p in pages]
+        text = build_chat_text(self.processor, req.question, len(images), self.cfg.system_prompt, self.cfg.instruction)
+        prompt, length = self.vllm_prompt(text, images)
+        return prompt, text, tuple(p.page_id for p in pages), tuple(im.size for im in images), length
+
+    def prepare_chat(self, messages: list[dict], images) -> tuple[dict, str, int]:
+        """A whole conversation as a vLLM prompt: `messages` in the transformers multimodal format
+        with one {"type": "image"} part per image of `images` (PIL, in order). The images are fitted
+        to rollout.max_image_pixels like pages. Returns (prompt, chat text, expanded length)."""
+        if count_image_parts(messages) != len(images):
+            raise ValueError(f"the messages have {count_image_parts(messages)} image parts but {len(images)} images were given")
+        if len(images) > self.cfg.max_images_per_prompt:
+            raise ValueError(f"{len(images)} images exceed the engine's limit of {self.cfg.max_images_per_prompt} per prompt")
+        images = [fit_image(im, self.cfg.max_image_pixels) for im in images]
+        text = build_conversation_text(self.processor, messages)
+        prompt, length = self.vllm_prompt(text, images)
+        return prompt, text, length
+
+    def vllm_prompt(self, text: str, images: list) -> tuple[dict, int]:
+        """The prompt dict vLLM takes (one pad per image, which it expands) and its expanded length."""
+        length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + sum(self.image_tokens(im) - 1 for im in images)
+        prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
+        return prompt, length

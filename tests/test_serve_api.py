@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from dataclasses import dataclass, field
 
 import pytest
 from PIL import Image
 
 from deploy.api import (
-    APIError, ChatCompletionRequest, DocQARequest, RequestRefused, chat_input, chat_params, check_bearer, decode_image,
+    APIError, ChatCompletionRequest, DocQARequest, chat_input, chat_params, check_bearer, decode_image,
     docqa_k, key_digest, parse_json, read_body, validate,
 )
 from deploy.config import LimitsConfig
@@ -243,147 +242,6 @@ def test_page_store_reads_only_the_index_pages(tmp_path):
     for pid, words in (("b/p1", "serve.pages_folder"), ("c/p1", "does not exist"), ("/etc/passwd", "not in the index")):
         with pytest.raises(PageUnavailable, match=words):
             store.load(pid)
-
-
-# -- the engine loop --------------------------------------------------------------------------
-
-
-@dataclass
-class _Out:
-    request_id: str
-    text: str
-    finished: bool
-    outputs: list = field(default_factory=list)
-
-
-def _wait_for_abort(engine, request_id: str, timeout_s: float = 5.0) -> None:
-    """The engine thread aborts asynchronously: poll until `request_id` is aborted or time runs out."""
-    import time
-
-    deadline = time.time() + timeout_s
-    while request_id not in engine.aborted and time.time() < deadline:
-        time.sleep(0.01)
-
-
-class _FakeEngine:
-    """Each request yields `steps` outputs, one per engine step, all requests advancing together."""
-
-    def __init__(self, steps=3, fail_on_step=None):
-        self.steps, self.fail_on_step = steps, fail_on_step
-        self.active: dict[str, int] = {}
-        self.aborted: list[str] = []
-        self.batch_sizes: list[int] = []
-
-    def submit(self, request_id, prompt, params):
-        if prompt == "bad":
-            raise ValueError("prompt too long")
-        self.active[request_id] = 0
-
-    def has_unfinished(self):
-        return bool(self.active)
-
-    def abort(self, ids):
-        for i in ids:
-            self.active.pop(i, None)
-            self.aborted.append(i)
-
-    def step(self):
-        import time
-
-        time.sleep(0.01)
-        if self.fail_on_step is not None and len(self.batch_sizes) == self.fail_on_step:
-            raise RuntimeError("engine crashed")
-        self.batch_sizes.append(len(self.active))
-        outs = []
-        for rid in list(self.active):
-            self.active[rid] += 1
-            done = self.active[rid] == self.steps
-            outs.append(_Out(rid, f"{rid}:{self.active[rid]}", done))
-            if done:
-                del self.active[rid]
-        return outs
-
-
-def test_engine_loop_batches_concurrent_requests_and_streams_each_step():
-    from deploy.engine_loop import EngineLoop
-
-    engine = _FakeEngine(steps=3)
-    loop = EngineLoop(engine, idle_wait_s=0.01)
-
-    async def collect(rid):
-        return [o.text async for o in loop.generate(rid, "p", None)]
-
-    async def main():
-        return await asyncio.gather(*(collect(f"r{i}") for i in range(4)))
-
-    results = asyncio.run(main())
-    assert results == [[f"r{i}:1", f"r{i}:2", f"r{i}:3"] for i in range(4)]
-    assert max(engine.batch_sizes) > 1  # requests shared engine steps
-    loop.stop()
-
-
-def test_engine_loop_aborts_abandoned_requests_and_refuses_bad_ones():
-    from deploy.engine_loop import EngineLoop
-
-    engine = _FakeEngine(steps=50)
-    loop = EngineLoop(engine, idle_wait_s=0.01)
-
-    async def first_only():
-        async for out in loop.generate("quitter", "p", None):
-            return out.text
-
-    async def bad():
-        async for _ in loop.generate("bad-one", "bad", None):
-            pass
-
-    assert asyncio.run(first_only()) == "quitter:1"
-    with pytest.raises(RequestRefused, match="prompt too long"):
-        asyncio.run(bad())
-    _wait_for_abort(engine, "quitter")
-    assert engine.aborted == ["quitter"] and not engine.active
-    loop.stop()
-
-
-def test_engine_loop_failure_reaches_every_waiter_and_the_health_check():
-    from deploy.engine_loop import EngineDead, EngineLoop
-
-    loop = EngineLoop(_FakeEngine(steps=5, fail_on_step=1), idle_wait_s=0.01)
-
-    async def run(rid):
-        return [o async for o in loop.generate(rid, "p", None)]
-
-    async def main():
-        return await asyncio.gather(run("a"), run("b"), return_exceptions=True)
-
-    results = asyncio.run(main())
-    assert all(isinstance(r, EngineDead) and "engine crashed" in str(r) for r in results)
-    assert not loop.healthy()
-    with pytest.raises(EngineDead):
-        asyncio.run(run("c"))
-
-
-def test_engine_loop_aborts_a_cancelled_request():
-    """What a request timeout or a client that goes away does: the task is cancelled mid-generation."""
-    from deploy.engine_loop import EngineLoop
-
-    engine = _FakeEngine(steps=10_000)
-    loop = EngineLoop(engine, idle_wait_s=0.01)
-
-    async def main():
-        async def consume():
-            async for _ in loop.generate("slow", "p", None):
-                pass
-
-        task = asyncio.create_task(consume())
-        await asyncio.sleep(0.1)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(main())
-    _wait_for_abort(engine, "slow")
-    assert engine.aborted == ["slow"] and not engine.active
-    loop.stop()
 
 
 # -- feedback (deploy/feedback_api.py) --------------------------------------------------------
