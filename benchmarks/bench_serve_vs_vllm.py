@@ -56,6 +56,40 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+def process_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (process name, user + system CPU seconds so far), for every process of the machine."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        found[int(entry.name)] = (process_role(cmdline), (int(fields[11]) + int(fields[12])) / ticks)
+    return found
+
+
+def process_role(cmdline: str) -> str:
+    """A short name for what a process is in either server (Ray's and vLLM's process titles)."""
+    for marker in ("ServeReplica:docrl:ingress", "ServeReplica:docrl:policy", "ServeReplica:docrl:retriever",
+                   "ProxyActor", "ServeController", "VLLM::EngineCore", "VLLM::Worker", "vllm.entrypoints.openai.api_server",
+                   "bench_serve_vs_vllm"):
+        if marker in cmdline:
+            return marker.split(":")[-1] if marker.startswith("ServeReplica") else marker
+    return "other"
+
+
+def cpu_by_role(before: dict, after: dict) -> dict[str, float]:
+    spent: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        spent[role] = spent.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
+    return spent
+
+
 # ---------------------------------------------------------------------------------------------
 # The servers
 
@@ -157,6 +191,7 @@ class Level:
     latencies: list[float]
     load: float
     retrieve_s: list[float] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds spent during the level, per process role
 
     @property
     def rate(self) -> float:
@@ -187,9 +222,10 @@ async def run_level(client, make_request, concurrency: int, total: int) -> Level
             if m := SERVER_TIMING.search(r.headers.get("server-timing", "")):
                 retrieve.append(float(m.group(1)) / 1000)
 
-    t0 = time.perf_counter()
+    t0, cpu_before = time.perf_counter(), process_cpu_seconds()
     await asyncio.gather(*(one(i) for i in range(total)))
-    return Level(concurrency, total, time.perf_counter() - t0, latencies, before, retrieve)
+    seconds = time.perf_counter() - t0
+    return Level(concurrency, total, seconds, latencies, before, retrieve, cpu_by_role(cpu_before, process_cpu_seconds()))
 
 
 async def measure(url: str, endpoint: str, questions: list[str], image: str, args) -> dict[int, Level]:
@@ -237,7 +273,7 @@ def prepare(work: Path, model: str) -> tuple[Path, Path, list[str], str]:
             "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
 
 
-def servers(work: Path, policy: Path, retriever: Path, extra: list[str]) -> dict[str, Server]:
+def servers(work: Path, policy: Path, retriever: Path, extra: list[str], env: list[str]) -> dict[str, Server]:
     from cluster.config import load_config
 
     dport, vport = free_port(), free_port()
@@ -245,7 +281,8 @@ def servers(work: Path, policy: Path, retriever: Path, extra: list[str]) -> dict
     vcmd, venv = vllm_server_command(cfg, policy, vport)
     docrl = Server("docrl serve", [DOCRL, "serve", "--config", "configs/tiny.yaml", "--checkpoint", str(policy),
                                    "--index", str(work / "index"), *overrides(work, retriever, dport), *extra],
-                   {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}, "/healthz", dport, work / "docrl.log")
+                   {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **dict(e.split("=", 1) for e in env)},
+                   "/healthz", dport, work / "docrl.log")
     vllm = Server("vLLM server", vcmd, {**venv, "HF_HUB_OFFLINE": "1"}, "/health", vport, work / "vllm.log")
     return {"docrl": docrl, "vllm": vllm}
 
@@ -254,7 +291,7 @@ def compare(model: str, args) -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="docrl-bench-vs-vllm-")) / model
     work.mkdir(parents=True, exist_ok=True)
     policy, retriever, questions, image = prepare(work, model)
-    both = servers(work, policy, retriever, args.set)
+    both = servers(work, policy, retriever, args.set, args.env)
     chat: dict[str, list[dict[int, Level]]] = {"docrl": [], "vllm": []}
     docqa: list[dict[int, Level]] = []
     for r in range(args.rounds):
@@ -284,6 +321,8 @@ def report(model: str, chat, docqa, args) -> None:
             for levels in rounds:
                 print(name, {c: f"{lv.rate:.1f} req/s p50 {1000 * lv.pct(0.5):.0f} p95 {1000 * lv.pct(0.95):.0f} ms"
                              for c, lv in levels.items()})
+                print("  CPU ms per request at concurrency 8:", {r: round(1000 * t / levels[8].requests, 1)
+                                                               for r, t in levels[8].cpu_s.items() if t > 0.01})
         return
     print(f"\n### {model} policy: chat with one 612x792 page image, greedy, {args.max_tokens} new tokens "
           f"({args.rounds} rounds, servers alternated)\n")
@@ -297,6 +336,18 @@ def report(model: str, chat, docqa, args) -> None:
         print(f"| {c} | {rates['docrl']} | {rates['vllm']} | **{d.rate / v.rate:.2f}x** | {1000 * d.pct(0.5):.0f} | "
               f"{1000 * v.pct(0.5):.0f} | {1000 * d.pct(0.95):.0f} | {1000 * v.pct(0.95):.0f} | "
               f"{d.pct(0.95) / v.pct(0.95):.2f}x | {loads} |")
+    roles = sorted({r for n in chat for levels in chat[n] for r in levels[8].cpu_s}, key=lambda r: r != "bench_serve_vs_vllm")
+    print(f"\nCPU milliseconds per chat request at concurrency 8, by process (the best round of each server; "
+          f"both servers share the machine's {os.cpu_count()} cores with this benchmark's client):\n")
+    print("| process | docrl | vLLM server |")
+    print("|---|---:|---:|")
+    for role in roles + ["all"]:
+        cells = []
+        for n in ("docrl", "vllm"):
+            lv = best(chat[n], 8)
+            spent = sum(lv.cpu_s.values()) if role == "all" else lv.cpu_s.get(role, 0.0)
+            cells.append(f"{1000 * spent / lv.requests:.1f}" if spent > 0.0005 * lv.requests else "")
+        print(f"| {'this client' if role == 'bench_serve_vs_vllm' else role} | {cells[0]} | {cells[1]} |")
     print(f"\n### {model} policy: /v1/docqa (docrl only: k=3, one page read, greedy, {args.max_tokens} new tokens)\n")
     print("| concurrency | req/s (rounds) | p50 ms | p95 ms | retrieval share of the time |")
     print("|---:|---:|---:|---:|---:|")
@@ -317,6 +368,8 @@ def main() -> None:
     ap.add_argument("--servers", default="docrl,vllm", help="measure only these (the table needs both)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a docrl config override for `docrl serve`, e.g. serve.policy_engine=async_llm")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for `docrl serve` (and the local Ray cluster it starts)")
     ap.add_argument("--quick", action="store_true", help="tiny model only, one round, fewer requests")
     ap.add_argument("--workdir", help="keep models' index and logs here (default: a new temporary directory)")
     args = ap.parse_args()

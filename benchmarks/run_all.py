@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-QUICK_CAPABLE = {"bench_maxsim.py", "bench_rollout.py", "bench_learner.py", "bench_serve.py", "bench_train.py"}
+QUICK_CAPABLE = {"bench_maxsim.py", "bench_rollout.py", "bench_learner.py", "bench_serve.py", "bench_serve_vs_vllm.py", "bench_train.py"}
 
 
 def main() -> int:
