@@ -390,7 +390,8 @@ class Ingress:
         except APIError as e:
             return JSONResponse({"status": "unavailable", "error": e.message}, status_code=503)
         return {"status": "ok", "model": self.s.model_name, "weights_version": policy["weights_version"],
-                "index_pages": index["pages"], "readable_pages": index["readable_pages"]}
+                "requests_in_flight": policy["requests_in_flight"], "index_pages": index["pages"],
+                "readable_pages": index["readable_pages"]}
 
     @api.get("/v1/models")
     async def models(self, request: Request):

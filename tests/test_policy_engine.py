@@ -1,6 +1,8 @@
 """The Serve policy's two vLLM engines (deploy/policy_engine.py) on the tiny policy, each in a Ray
 actor of its own (vLLM sets thread settings of its process): concurrent streams, an abort in the
-middle of a stream that frees the request in the engine, and a prompt the engine refuses."""
+middle of a stream that frees the request in the engine, and a prompt the engine refuses. The
+in-process engine serves full weights here (tests/test_serve.py serves it a LoRA checkpoint too);
+AsyncLLM serves a LoRA adapter on the base weights."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ def _engine_actor():
 
     @ray.remote(num_cpus=0.5)
     class EngineUnderTest:
-        async def __init__(self, kind: str, model: str):
+        async def __init__(self, kind: str, model: str, adapter: str | None):
             import os
 
             from rollout.config import RolloutConfig
@@ -26,8 +28,13 @@ def _engine_actor():
             os.environ.update(vllm_env(self.cfg, 1, engine_process=kind == "async_llm"))
             from deploy.policy_engine import AsyncLLMPolicy, InProcessPolicy
 
-            self.engine = (AsyncLLMPolicy if kind == "async_llm" else InProcessPolicy)(model, self.cfg, seed=0)
+            engine_cls = AsyncLLMPolicy if kind == "async_llm" else InProcessPolicy
+            self.engine = engine_cls(model, self.cfg, seed=0, adapter_dir=adapter, max_lora_rank=8 if adapter else None,
+                                     weights_version=3 if adapter else None)
             await self.engine.start()
+
+        def lora(self) -> str | None:
+            return self.engine.lora_request.lora_name if self.engine.lora_request else None
 
         def _prompt(self, question: str, image: bool = True):
             from PIL import Image
@@ -134,12 +141,20 @@ def _engine_actor():
 
 
 @pytest.fixture(scope="module", params=["in_process", "async_llm"])
-def engine(request, ray_cluster, tiny_models):
+def engine(request, ray_cluster, tiny_models, tmp_path_factory):
     import ray
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
 
-    actor = _engine_actor().remote(request.param, str(tiny_models["policy"]))
+    from rollout.parity import random_lora_adapter
+
+    policy, adapter = str(tiny_models["policy"]), None
+    if request.param == "async_llm":
+        adapter = tmp_path_factory.mktemp("adapter") / "adapter"
+        random_lora_adapter(Qwen2VLForConditionalGeneration.from_pretrained(policy, dtype=torch.float32), adapter, r=8)
+    actor = _engine_actor().remote(request.param, policy, str(adapter) if adapter else None)
     try:
-        ray.get(actor.__ray_ready__.remote(), timeout=300)
+        assert ray.get(actor.lora.remote(), timeout=300) == ("docrl-v3" if adapter else None)
         yield actor
     finally:
         try:

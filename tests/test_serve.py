@@ -177,6 +177,8 @@ def test_fifty_concurrent_requests_all_succeed(served):
 
 def test_docqa_answers_with_pages_of_the_index_ranked_by_score(served):
     r = _post(served, "/v1/docqa", {"question": "What is the invoice total?", "k": 4})
+    timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+    assert set(timing) == {"retrieve", "generate"} and all(float(v) > 0 for v in timing.values())
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["id"].startswith("docqa-") and isinstance(body["answer"], str) and body["finish_reason"] in ("stop", "length")
@@ -238,6 +240,7 @@ def test_one_page_index_cites_that_page(served):
 def test_healthz_needs_no_key(served):
     r = httpx.get(served["url"] + "/healthz", timeout=30)
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["index_pages"] == 6
+    assert r.json()["requests_in_flight"] == 0  # nothing else runs in this module meanwhile
 
 
 # -- refusals ---------------------------------------------------------------------------------
