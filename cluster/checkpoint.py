@@ -4,11 +4,14 @@
     <root>/.tmp-step-00000012/ one being written: never read, removed on the next save
 
 A checkpoint becomes visible only by the final rename, after its marker file is written, so a
-crash or a stopped job leaves either the previous checkpoint or the new one, never half of one.
+crash or a stopped job leaves either the previous checkpoint or the new one, never half of one. A
+disk that fills while one is written loses only that one: what it had written is removed, and the
+error says how much room it needs.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,6 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 MARKER = "docrl_checkpoint.json"
+
+
+class CheckpointSpaceError(OSError):
+    """The disk filled while a checkpoint was written; the previous checkpoints are intact."""
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 class CheckpointManager:
@@ -38,13 +49,32 @@ class CheckpointManager:
         final = self.root / self.name(step)
         tmp = self.root / f".tmp-{self.name(step)}"
         tmp.mkdir()
-        write(tmp)
-        (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time(), **(meta or {})}, indent=2, sort_keys=True))
+        try:
+            write(tmp)
+            (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time(), **(meta or {})}, indent=2, sort_keys=True))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            written = tree_bytes(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            full = CheckpointSpaceError(self._no_space(step, written))
+            full.errno = e.errno
+            raise full from None
         if final.exists():  # re-saving a step (e.g. after a resume) replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
         self._prune()
         return final
+
+    def _no_space(self, step: int, written: int) -> str:
+        previous = self.latest()
+        needed = max(written, tree_bytes(previous)) if previous is not None else written
+        free = shutil.disk_usage(self.root).free
+        kept = (f"the previous checkpoint {previous.name} is intact; free space, then `docrl train --resume` "
+                f"continues from it") if previous is not None else "no earlier checkpoint exists"
+        return (f"checkpoint of step {step} in {self.root}: no space left on the device after {written:,} bytes; "
+                f"it needs about {needed:,} bytes (the size of the last checkpoint) and {free:,} bytes free remain. "
+                f"It was removed and {kept} (or move run.output_dir, or lower trainer.keep_last)")
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first by when they were written (then by step): after a

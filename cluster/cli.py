@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
 # importing cluster.train (torch) and Ray just to answer "no" took ~10 s before each message.
 _EXPECTED_ELSEWHERE = (("cluster.config", "ConfigError"), ("docvqa.loaders", "DataError"),
                        ("retriever.index", "IndexLoadError"), ("common.ray_helpers", "PlacementError"),
-                       ("cluster.train", "RunDirectoryInUse"), ("cluster.train", "NodeLost"))
+                       ("cluster.train", "RunDirectoryInUse"), ("cluster.train", "NodeLost"),
+                       ("cluster.checkpoint", "CheckpointSpaceError"))
 
 
 def expected_error(e: BaseException) -> BaseException | None:

@@ -136,6 +136,14 @@ def test_an_expected_error_raised_inside_an_actor_is_unwrapped():
     assert expected_error(RuntimeError("a bug")) is None
 
 
+def test_a_full_disk_at_a_checkpoint_is_a_one_line_error_not_a_bug():
+    from cluster.checkpoint import CheckpointSpaceError
+    from cluster.cli import expected_error
+
+    full = CheckpointSpaceError("checkpoint of step 2 in runs/x/checkpoints: no space left on the device")
+    assert expected_error(full) is full and expected_error(OSError(28, "No space left on device")) is None
+
+
 @pytest.mark.parametrize("bad", ["rollout.sampling.temprature=0.5"])
 def test_bad_config_is_one_message(bad, tmp_path):
     _clean_failure(docrl("train", bad, f"run.output_dir={tmp_path}"), "rollout.sampling.temprature: unknown key")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -211,3 +212,43 @@ def test_lr_decay_spans_the_run_unless_set():
     assert with_derived_lr_decay(cfg).learner.lr_decay_steps == 10 * 2 * 2  # 32 samples / 16 = 2 minibatches
     cfg = load_config(None, ["learner.lr_decay_steps=7"])
     assert with_derived_lr_decay(cfg).learner.lr_decay_steps == 7
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs mounted at a fresh directory (root only), unmounted afterwards."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("this machine refuses a tmpfs mount")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_path_and_the_bytes_and_loses_nothing(small_disk):
+    from cluster.checkpoint import CheckpointSpaceError
+
+    mgr = CheckpointManager(small_disk / "ckpt", keep_last=2)
+    mgr.save(1, lambda d: (d / "weights.bin").write_bytes(b"w" * 600_000))
+    filler = small_disk / "someone-else"
+    filler.write_bytes(b"f" * 1_000_000)  # what else filled the disk meanwhile
+
+    with pytest.raises(CheckpointSpaceError) as e:
+        mgr.save(2, lambda d: (d / "weights.bin").write_bytes(b"w" * 600_000))
+    message = str(e.value)
+    assert str(small_disk / "ckpt") in message and "step 2" in message
+    assert "600" in message and "bytes free" in message, message  # needs about the last checkpoint's size
+    assert "step-00000001" in message and "--resume" in message, message
+    assert [p.name for p in mgr.complete()] == ["step-00000001"]  # the previous checkpoint is intact
+    assert (mgr.latest() / "weights.bin").read_bytes() == b"w" * 600_000
+    assert not list((small_disk / "ckpt").glob(".tmp-*"))  # the half-written one is gone, its space freed
+
+    filler.unlink()  # space freed: the run continues
+    assert mgr.save(2, lambda d: (d / "weights.bin").write_bytes(b"w" * 600_000)).name == "step-00000002"
