@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -282,8 +283,8 @@ api = FastAPI(title="docrl", description="Document QA with retrieval, and chat, 
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    headers = {**exc.headers, **({"WWW-Authenticate": "Bearer"} if exc.status == 401 else {})}
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers or None)
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -346,7 +347,12 @@ class Ingress:
             raise self._classify(e, what) from None
 
     def _classify(self, e: BaseException, what: str) -> APIError:
+        from ray.serve.exceptions import BackPressureError
+
         cause = _cause(e)
+        if isinstance(cause, BackPressureError):  # the deployment's queue is full (its max_queued_requests)
+            return APIError(503, f"{what} is at capacity: {cause.message} Retry later.", type="server_error",
+                            code="overloaded", headers={"Retry-After": str(math.ceil(cause.retry_after_s or 1))})
         if isinstance(cause, RequestRefused):
             return APIError(400, str(cause.args[0] if cause.args else cause))
         if isinstance(cause, UnknownDocument):

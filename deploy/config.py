@@ -37,6 +37,11 @@ class DeploymentConfig(Section):
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
     max_ongoing_requests: int = Field(64, ge=1)  # per replica; more wait in Serve's queue
+    # How many more may wait in that queue (at each caller: Serve's proxy for the ingress, the
+    # ingress for the others); beyond it a request is refused at once with 503 and Retry-After
+    # instead of waiting. -1: no limit.
+    max_queued_requests: int = Field(-1, ge=-1)
+    retry_after_s: float = Field(1.0, ge=0.0)  # the Retry-After such a 503 carries
     # custom Ray resources per replica, to choose its nodes (e.g. {"inference_node": 1})
     resources: dict[str, float] = {}
 
@@ -44,6 +49,9 @@ class DeploymentConfig(Section):
         """Keyword arguments for `Deployment.options(...)`."""
         actor = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, **({"resources": self.resources} if self.resources else {})}
         opts: dict = {"max_ongoing_requests": self.max_ongoing_requests, "ray_actor_options": actor}
+        if self.max_queued_requests >= 0:
+            opts["max_queued_requests"] = self.max_queued_requests
+            opts["backpressure_config"] = {"status_code": 503, "retry_after_s": self.retry_after_s}
         if self.autoscaling is not None:
             opts["autoscaling_config"] = self.autoscaling.model_dump()
         else:

@@ -95,6 +95,13 @@ def served(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     try:
         wait_until_running(["docrl", "docrl-one"], timeout_s=300)
+        # an ingress over the same models that takes one request at a time and queues one more
+        busy_cfg = load_config(None, common + [f"serve.port={port}", "serve.ingress.max_ongoing_requests=1",
+                                               "serve.ingress.max_queued_requests=1", "serve.ingress.retry_after_s=2"])
+        serve.run_many([serve.api.RunTarget(build_application(busy_cfg, str(work / "full-ckpt"), "", share_models_of="docrl"),
+                                            name="docrl-busy", route_prefix="/busy")],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        wait_until_running(["docrl-busy"], timeout_s=120)
         yield {"url": f"http://127.0.0.1:{port}", "index_pages": [p.page_id for p in pages[:6]],
                "index_docs": {p.page_id: p.doc_id for p in pages[:6]}, "one_page": pages[0].page_id}
     finally:
@@ -156,6 +163,28 @@ def test_streaming_sends_tokens_as_server_sent_events(client):
     assert usage is not None and usage.completion_tokens >= len(deltas) >= 1  # several events, not one blob
     if finishes == ["length"]:
         assert usage.completion_tokens == 8
+
+
+def test_overload_beyond_the_queue_is_refused_at_once_with_503_and_retry_after(served):
+    """serve.ingress.max_queued_requests: past one running and one queued request, the rest are
+    refused at once (503, Retry-After) instead of waiting; none fails otherwise."""
+    import time
+
+    def one(i):
+        t0 = time.perf_counter()
+        r = httpx.post(served["url"] + "/busy/v1/chat/completions", timeout=60, json={
+            "model": "docrl", "max_tokens": 32, "temperature": 1.0, "seed": i, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": _png_data_url()}}, {"type": "text", "text": f"Question {i}"}]}]})
+        return r, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    codes = [r.status_code for r, _ in results]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 2 and codes.count(503) >= 4, codes
+    refused = [(r, s) for r, s in results if r.status_code == 503]
+    assert all(r.headers.get("retry-after") == "2" for r, _ in refused)
+    answered_s = min(s for r, s in results if r.status_code == 200)
+    assert max(s for _, s in refused) < max(1.0, answered_s * 3), (refused, answered_s)  # refused quickly, not queued
 
 
 def test_fifty_concurrent_requests_all_succeed(served):

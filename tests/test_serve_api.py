@@ -282,3 +282,16 @@ def test_feedback_errors_keep_their_status_in_the_openai_error_shape():
     cfg = FeedbackConfig(max_correction_chars=100, max_comment_chars=100)
     assert feedback_body_limit(cfg, 8 * 1024 * 1024) == 12 * (100 + 100 + 128) + 4096
     assert feedback_body_limit(FeedbackConfig(max_correction_chars=10**6), 65536) == 65536
+
+
+def test_a_full_deployment_queue_becomes_503_with_retry_after():
+    """The policy's or retriever's max_queued_requests reached: Serve raises BackPressureError at the
+    ingress's call, which answers 503 with the deployment's Retry-After (not a 500)."""
+    from ray.serve.exceptions import BackPressureError
+
+    from deploy.app import Ingress
+
+    error = Ingress.func_or_class._classify(None, BackPressureError(5, 4, retry_after_s=2.5), "the policy")
+    assert error.status == 503 and error.code == "overloaded" and error.headers == {"Retry-After": "3"}
+    assert "the policy is at capacity" in error.message and "max_queued_requests=4" in error.message
+    assert Ingress.func_or_class._classify(None, BackPressureError(5, 4), "the policy").headers == {"Retry-After": "1"}
