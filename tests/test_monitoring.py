@@ -206,3 +206,46 @@ def test_dashboard_shape(dashboard):
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
     ids = [p["id"] for p in _panels(dashboard)]
     assert len(ids) == len(set(ids))
+
+
+LISTENERS_OF_A_LOCAL_CLUSTER = r"""
+import json, sys, time
+import psutil
+sys.path.insert(0, sys.argv[1])
+from cluster.ray_setup import init_ray, monitoring_addresses
+init_ray(num_cpus=1, include_dashboard=True)
+import ray
+ray.get(ray.remote(lambda: 1).remote())  # a worker too
+addresses = monitoring_addresses()
+time.sleep(2)  # the agents open their ports after start
+me = psutil.Process()
+found = []
+for p in [me] + me.children(recursive=True):
+    try:
+        found += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="tcp") if c.status == "LISTEN"]
+    except psutil.Error:
+        pass
+print(json.dumps({"addresses": addresses, "listening": found}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_local_cluster_listens_on_loopback_only():
+    """What `docrl` starts when no RAY_ADDRESS is given: the GCS, the raylet, the workers, the
+    metrics endpoint and the dashboard all listen on 127.0.0.1, never on every interface."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", LISTENERS_OF_A_LOCAL_CLUSTER, str(root)], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    listening = report["listening"]
+    assert len(listening) >= 5, listening  # the check saw the cluster's servers
+    assert {ip for _, ip, _ in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+    ports = {port for _, _, port in listening}
+    for url in (report["addresses"]["dashboard"], report["addresses"]["metrics"]):
+        assert url.startswith("http://127.0.0.1:") and int(url.split(":")[2].split("/")[0]) in ports, (url, listening)
