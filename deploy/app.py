@@ -598,6 +598,7 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     e.g. another key or feedback database, over the same models; `index_dir` is then unused)."""
     from common.policy_family import policy_family
     from rollout.policy import resolve_policy
+    from rollout.weights import check_lora_adapter
     from retriever.finetune import run_retriever
     from retriever.index import read_manifest
 
@@ -607,6 +608,8 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
         return str(Path(p) if Path(p).is_absolute() else base / p)
 
     policy = resolve_policy(absolute(checkpoint))
+    if policy["kind"] == "lora":  # a malformed adapter is refused here, naming its file, before any replica starts
+        check_lora_adapter(policy["adapter"], VLLM_LORA_RANKS[-1], f"checkpoint {absolute(checkpoint)}")
     if Path(absolute(policy["model"])).exists():  # a local base model; a hub id stays as it is
         policy["model"] = absolute(policy["model"])
     policy_family(policy["model"])  # an unsupported family is refused here, naming the supported ones

@@ -50,16 +50,31 @@ def check_full_weights(named: dict[str, torch.Tensor], expected: dict[str, tuple
 
 
 def check_lora_adapter(adapter_dir: str | Path, max_rank: int | None, who: str) -> dict:
-    """The adapter directory must hold a peft config and weights with rank <= the engine's limit."""
+    """The adapter directory must hold a peft config with a rank <= the engine's limit and readable
+    safetensors weights; a malformed one is refused here, naming its file, before vLLM sees it."""
+    from safetensors import safe_open
+
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
     if max_rank is None:
         raise ValueError(f"{who}: LoRA push refused: the engine was started without LoRA (train with learner.lora.enabled)")
     if not cfg_path.exists() or not any(adapter_dir.glob("adapter_model.*")):
         raise ValueError(f"{who}: LoRA push refused: {adapter_dir} lacks adapter_config.json or adapter_model.*")
-    cfg = json.loads(cfg_path.read_text())
-    if int(cfg.get("r", 0)) > max_rank:
-        raise ValueError(f"{who}: LoRA push refused: adapter rank {cfg.get('r')} > the engine's max_lora_rank {max_rank}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        rank = int(cfg["r"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{who}: LoRA push refused: {cfg_path} is not a peft adapter config "
+                         f"({type(e).__name__}: {e})") from None
+    if rank > max_rank:
+        raise ValueError(f"{who}: LoRA push refused: {adapter_dir}: adapter rank {rank} > the engine's max_lora_rank {max_rank}")
+    for weights in adapter_dir.glob("adapter_model.safetensors"):
+        try:
+            with safe_open(str(weights), "pt") as f:
+                if not list(f.keys()):
+                    raise ValueError("it holds no tensors")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+            raise ValueError(f"{who}: LoRA push refused: {weights} is not a readable safetensors file ({e})") from None
     return cfg
 
 

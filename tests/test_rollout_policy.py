@@ -3,6 +3,9 @@ turns a checkpoint into one complete model directory, checked against a hand mer
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_serve import lora_checkpoint
@@ -53,3 +56,43 @@ def test_a_full_checkpoint_is_copied_and_reused_while_unchanged(tiny_models, tmp
     assert all(torch.equal(copied[k], weights[k]) for k in weights)
     first = (out / "model.safetensors").stat().st_mtime_ns
     assert (materialize_policy(tmp_path / "ckpt", tmp_path / "start") / "model.safetensors").stat().st_mtime_ns == first
+
+
+def _adapter(tmp_path, config: str | None, weights: bytes | None):
+    d = tmp_path / "adapter"
+    d.mkdir()
+    if config is not None:
+        (d / "adapter_config.json").write_text(config)
+    if weights is not None:
+        (d / "adapter_model.safetensors").write_bytes(weights)
+    return d
+
+
+def _tensors_file() -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({"base_model.model.q_proj.lora_A.weight": torch.zeros(8, 16)})
+
+
+@pytest.mark.parametrize("config, weights, words", [
+    (None, b"", "lacks adapter_config.json"),
+    ('{"r": 8}', None, "lacks adapter_config.json or adapter_model"),
+    ("{not json", "tensors", "adapter_config.json is not a peft adapter config"),
+    ('{"lora_alpha": 16}', "tensors", "adapter_config.json is not a peft adapter config"),
+    ('{"r": 8}', b"\x00\x01 truncated", "adapter_model.safetensors is not a readable safetensors file"),
+    ('{"r": 64}', "tensors", "adapter rank 64 > the engine's max_lora_rank 8"),
+])
+def test_a_malformed_lora_adapter_is_refused_naming_its_file(tmp_path, config, weights, words):
+    from rollout.weights import check_lora_adapter
+
+    adapter = _adapter(tmp_path, config, _tensors_file() if weights == "tensors" else weights)
+    with pytest.raises(ValueError, match=re.escape(words)) as e:
+        check_lora_adapter(adapter, 8, "serve policy")
+    assert str(adapter) in str(e.value) and str(e.value).startswith("serve policy: ")
+
+
+def test_a_well_formed_adapter_passes(tmp_path):
+    from rollout.weights import check_lora_adapter
+
+    assert check_lora_adapter(_adapter(tmp_path, '{"r": 8}', _tensors_file()), 8, "w")["r"] == 8

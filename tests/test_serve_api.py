@@ -295,3 +295,18 @@ def test_a_full_deployment_queue_becomes_503_with_retry_after():
     assert error.status == 503 and error.code == "overloaded" and error.headers == {"Retry-After": "3"}
     assert "the policy is at capacity" in error.message and "max_queued_requests=4" in error.message
     assert Ingress.func_or_class._classify(None, BackPressureError(5, 4), "the policy").headers == {"Retry-After": "1"}
+
+
+def test_serving_a_checkpoint_with_a_malformed_adapter_is_refused_naming_the_file(tmp_path):
+    """Before any replica starts (`docrl serve` prints it as one line)."""
+    from cluster.config import load_config
+    from deploy.app import build_application
+
+    spec = tmp_path / "ckpt" / "policy"
+    (spec / "adapter").mkdir(parents=True)
+    (spec / "docrl_policy.json").write_text('{"kind": "lora", "base_model": "Qwen/Qwen2-VL-2B-Instruct", "weights_version": 4}')
+    (spec / "adapter" / "adapter_config.json").write_text('{"r": 8}')
+    (spec / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file") as e:
+        build_application(load_config(None, [f"run.output_dir={tmp_path}"]), str(tmp_path / "ckpt"), str(tmp_path / "index"))
+    assert str(spec / "adapter" / "adapter_model.safetensors") in str(e.value)
