@@ -128,6 +128,13 @@ def render_pdf_page(path: str | Path, page_no: int, dpi: int = PDF_DPI) -> Image
             raise ValueError(f"the PDF has {len(pdf)} pages, not a page {page_no}")
         page = pdf[page_no - 1]
         try:
+            # A page's size is whatever the file says: check the pixels it would render to against
+            # PIL's decompression-bomb limit (what an image file of that size gets) before allocating.
+            width_pt, height_pt = page.get_size()
+            width, height = round(width_pt * dpi / 72), round(height_pt * dpi / 72)
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                raise ValueError(f"page {page_no} is {width_pt / 72:.0f}x{height_pt / 72:.0f} inches: {width}x{height} pixels "
+                                 f"at {dpi} dpi exceed the limit of {Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS)")
             return page.render(scale=dpi / 72).to_pil().convert("RGB")
         finally:
             page.close()

@@ -18,6 +18,9 @@ from PIL import Image
 from docvqa.sample import Page, make_page_id, pdf_page_count
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"}
+# More pages than this in one PDF is refused by name (a page-count bomb, or a scan of a whole
+# archive better split into its documents); raise it here for a corpus that needs more.
+MAX_PDF_PAGES = 10_000
 
 
 @dataclass
@@ -55,6 +58,10 @@ def ingest_folder(folder: str | Path) -> IngestReport:
                 continue
             if not count:
                 report.skipped.append(f"{path}: PDF has no pages")
+            if count > MAX_PDF_PAGES:
+                report.skipped.append(f"{path}: {count} pages exceed the limit of {MAX_PDF_PAGES} per PDF "
+                                      f"(retriever.ingest.MAX_PDF_PAGES); split it")
+                continue
             report.pages += [Page(make_page_id(doc_id, no), doc_id, no, image_path=str(path), pdf_page=no)
                              for no in range(1, count + 1)]
     return report

@@ -160,6 +160,39 @@ def test_folder_ingestion_renders_pdfs_and_skips_corrupt_files(tmp_path):
     assert any("broken.png" in s for s in report.skipped)
 
 
+def test_pdf_bombs_are_refused_by_name_without_rendering(tmp_path, monkeypatch):
+    """A page whose size would render to more pixels than PIL's decompression-bomb limit, and a PDF
+    with more pages than retriever.ingest.MAX_PDF_PAGES: refused naming the file (and the page),
+    before any pixel is allocated."""
+    import pypdfium2 as pdfium
+
+    import retriever.ingest
+    from docvqa.sample import render_pdf_page
+    from retriever.ingest import ingest_folder
+
+    (tmp_path / "docs").mkdir()
+    huge = pdfium.PdfDocument.new()
+    huge.new_page(612, 792)
+    huge.new_page(14400, 14400)  # 200 x 200 inches: 28,800 x 28,800 pixels at 144 dpi
+    huge.save(tmp_path / "docs" / "huge.pdf")
+    many = pdfium.PdfDocument.new()
+    for _ in range(5):
+        many.new_page(612, 792)
+    many.save(tmp_path / "docs" / "many.pdf")
+
+    assert render_pdf_page(tmp_path / "docs" / "huge.pdf", 1).size == (1224, 1584)
+    with pytest.raises(ValueError, match=r"page 2 is 200x200 inches: 28800x28800 pixels at 144 dpi exceed"):
+        render_pdf_page(tmp_path / "docs" / "huge.pdf", 2)
+
+    monkeypatch.setattr(retriever.ingest, "MAX_PDF_PAGES", 4)
+    report = ingest_folder(tmp_path / "docs")
+    assert [p.page_id for p in report.pages] == ["huge/p1", "huge/p2"]  # page 2 is refused when it is rendered
+    assert report.skipped == [f"{tmp_path / 'docs' / 'many.pdf'}: 5 pages exceed the limit of 4 per PDF "
+                              f"(retriever.ingest.MAX_PDF_PAGES); split it"]
+    with pytest.raises(OSError, match="huge.pdf#page=2"):
+        report.pages[1].load_image()
+
+
 def _assert_same_ranking(got, expected):
     """Same pages in the same order; scores equal up to float32 GEMM rounding (query batches and
     chunk shapes may differ between groups, see retriever/maxsim.py)."""
