@@ -371,7 +371,9 @@ def test_page_images_are_the_index_pages_by_id_with_the_key(rater_app):
     assert Image.open(io.BytesIO(r.content)).size[0] > 100
     assert _get(rater_app, f"/v1/pages/{page_id}/image").content == r.content  # the id's own slash, unescaped
     assert _get(rater_app, path, key=None).status_code == 401 and _get(rater_app, path, key="wrong").status_code == 401
-    for bad in ("nope/p1", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd"):  # escaped: the client would resolve "../"
+    # escaped: the client would resolve "../"; a NUL byte, a double-encoded dot-dot, a page id followed by a path
+    for bad in ("nope/p1", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", f"{page_id}%00.png", "%252e%252e%252fetc%252fpasswd",
+                f"{page_id}%2F..%2F..%2F..%2Fproc%2Fself%2Fenviron", "%2e%2e%2f%2e%2e%2fetc%2fpasswd"):
         r = _get(rater_app, f"/v1/pages/{bad}/image")
         assert r.status_code == 404, (bad, r.text)
         assert "is not in the index this server answers from" in r.json()["error"]["message"]
