@@ -44,14 +44,6 @@ DOCRL = str(ROOT / ".venv" / "bin" / "docrl")
 LEVELS = (1, 8, 32)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def load() -> float:
     return os.getloadavg()[0]
 
@@ -105,13 +97,12 @@ def vllm_server_command(cfg, policy: Path, port: int) -> tuple[list[str], dict]:
     """vLLM's own server with exactly the engine settings docrl's Serve replica uses."""
     from transformers import AutoProcessor
 
+    from deploy.app import served_rollout_config
     from rollout.engine import engine_args, vllm_env
-    from rollout.prompts import pixel_bounds, processor_pixel_cap
+    from rollout.prompts import VLLMPrompts
 
-    rollout_cfg = cfg.rollout.model_copy(update={
-        "max_images_per_prompt": max(cfg.rollout.max_images_per_prompt, cfg.serve.limits.max_images_per_request)})
-    processor = AutoProcessor.from_pretrained(policy)
-    cap = processor_pixel_cap(rollout_cfg.max_image_pixels, pixel_bounds(processor.image_processor)[1])
+    rollout_cfg = served_rollout_config(cfg)
+    cap = VLLMPrompts(AutoProcessor.from_pretrained(policy), rollout_cfg).image_max_pixels
     a = engine_args(str(policy), rollout_cfg, cfg.run.seed, None, cuda=False, image_max_pixels=cap)
     cmd = [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", a["model"], "--served-model-name", "docrl",
            "--host", "127.0.0.1", "--port", str(port), "--dtype", a["dtype"], "--max-model-len", str(a["max_model_len"]),
@@ -124,7 +115,7 @@ def vllm_server_command(cfg, policy: Path, port: int) -> tuple[list[str], dict]:
         cmd += ["--mm-processor-kwargs", json.dumps(a["mm_processor_kwargs"])]
     if "max_num_seqs" in a:
         cmd += ["--max-num-seqs", str(a["max_num_seqs"])]
-    env = {**vllm_env(rollout_cfg, num_threads=int(cfg.serve.policy.num_cpus)), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    env = vllm_env(rollout_cfg, num_threads=int(cfg.serve.policy.num_cpus), engine_process=True)  # as vLLM's server runs
     return cmd, env
 
 
@@ -275,6 +266,7 @@ def prepare(work: Path, model: str) -> tuple[Path, Path, list[str], str]:
 
 def servers(work: Path, policy: Path, retriever: Path, extra: list[str], env: list[str]) -> dict[str, Server]:
     from cluster.config import load_config
+    from common.ray_helpers import free_port
 
     dport, vport = free_port(), free_port()
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides(work, retriever, dport) + extra)

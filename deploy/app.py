@@ -2,15 +2,15 @@
 
     HTTP ─► Ingress (FastAPI: auth, limits, validation, response ids, SSE; feedback)
               ├─► Retriever  (PageEncoder + the saved PageIndex, masked MaxSim; the index's page images)
-              ├─► Policy     (vLLM AsyncLLM, trained weights: merged, or base + LoRA adapter)
+              ├─► Policy     (vLLM, trained weights: merged, or base + LoRA adapter; deploy/policy_engine.py)
               └─► InteractionRecorder (feedback package: every answer, queued and written to the
                   feedback database by a background thread; POST /v1/feedback rates an answer)
 
 The docqa prompt is built by `VLLMPrompts.prepare`, exactly as in training; chat conversations go
-through the same chat template (`VLLMPrompts.prepare_chat`). The policy runs on vLLM's asynchronous
-engine, its engine core in a process of its own (`deploy.policy_engine`): concurrent requests share
-engine steps, one request's input processing overlaps the others' model steps, and tokens stream
-as they are sampled.
+through the same chat template (`VLLMPrompts.prepare_chat`). The policy runs on one of the engines
+of `deploy.policy_engine` (`serve.policy_engine`: vLLM's engine stepped in a thread of the replica,
+or vLLM's AsyncLLM): concurrent requests share engine steps, one request's input processing
+overlaps the others' model steps, and tokens stream as they are sampled.
 
 Entry points: `serve_app` (what `docrl serve` runs) and `build_application`, which
 `cluster.serve_entry:build_app` (the import path of `serve deploy deploy/serve_config.yaml`) calls
@@ -247,7 +247,7 @@ class Policy:
                 "requests_in_flight": self.engine.in_flight()}
 
     def check_health(self) -> None:
-        """Serve replaces a replica whose engine core died."""
+        """Serve replaces a replica whose engine stopped."""
         if not self.engine.healthy():
             raise RuntimeError("the vLLM engine stopped")
 
@@ -585,6 +585,14 @@ class Ingress:
 # Building and running
 
 
+def served_rollout_config(cfg) -> RolloutConfig:
+    """The rollout settings the policy replica's engine runs with: training's, except that the engine
+    takes as many images as a chat request may send (docqa still reads only the pages training read,
+    rollout.max_images_per_prompt)."""
+    return cfg.rollout.model_copy(update={
+        "max_images_per_prompt": max(cfg.rollout.max_images_per_prompt, cfg.serve.limits.max_images_per_request)})
+
+
 def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None = None,
                       share_models_of: str | None = None):
     """The bound Serve application for a validated DocRLConfig. Relative paths (checkpoint, index,
@@ -626,10 +634,7 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
                              f"export the key, or set serve.api_key_env=null to serve without a key")
         key_sha256 = key_digest(key)
 
-    # The engine takes as many images as a chat request may send; docqa still reads only the
-    # pages training read (rollout.max_images_per_prompt).
-    rollout_cfg = cfg.rollout.model_copy(update={
-        "max_images_per_prompt": max(cfg.rollout.max_images_per_prompt, sc.limits.max_images_per_request)})
+    rollout_cfg = served_rollout_config(cfg)
     settings = IngressSettings(
         model_name=sc.model_name, policy={k: policy[k] for k in ("kind", "weights_version", "step", "parent")},
         checkpoint=absolute(checkpoint), limits=sc.limits,

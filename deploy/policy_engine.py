@@ -35,13 +35,39 @@ ENGINES = ("in_process", "async_llm")
 
 
 class EngineDead(RuntimeError):
-    """The engine core died; the replica must be replaced (its health check fails)."""
+    """The engine stopped; the replica must be replaced (its health check fails)."""
+
+
+def prompts_and_engine_args(model_path: str, cfg: RolloutConfig, seed: int, adapter_dir: str | None,
+                            max_lora_rank: int | None, name: str):
+    """What both engines start from: the policy's prompt builder and vLLM's engine arguments (those of
+    a rollout worker). A malformed adapter is refused here, naming its file, before vLLM starts."""
+    import torch
+    from transformers import AutoProcessor
+
+    from common.quiet import quiet_known_library_messages
+    from rollout.engine import engine_args
+    from rollout.prompts import VLLMPrompts
+    from rollout.weights import check_lora_adapter
+
+    quiet_known_library_messages()
+    prompts = VLLMPrompts(AutoProcessor.from_pretrained(model_path), cfg)
+    if adapter_dir is not None:
+        check_lora_adapter(adapter_dir, max_lora_rank, name)
+    args = engine_args(model_path, cfg, seed, max_lora_rank, cuda=torch.cuda.is_available(),
+                       image_max_pixels=prompts.image_max_pixels)
+    args.pop("worker_extension_cls")  # weight pushes are a training matter: nothing calls the workers here
+    return prompts, args
 
 
 def lora_request(adapter_dir: str | None, weights_version: int | None):
     from vllm.lora.request import LoRARequest
 
     return None if adapter_dir is None else LoRARequest(f"docrl-v{weights_version or 1}", 1, str(adapter_dir))
+
+
+def lora_load_error(name: str, adapter_dir: str, e: Exception) -> ValueError:
+    return ValueError(f"{name}: vLLM could not load the LoRA adapter {adapter_dir}: {e}")
 
 
 class AsyncLLMPolicy:
@@ -51,25 +77,12 @@ class AsyncLLMPolicy:
 
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, adapter_dir: str | None = None,
                  max_lora_rank: int | None = None, weights_version: int | None = None, name: str = "serve policy"):
-        import torch
-        from transformers import AutoProcessor
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from common.quiet import quiet_known_library_messages
-        from rollout.engine import engine_args
-        from rollout.prompts import VLLMPrompts
-        from rollout.weights import check_lora_adapter
-
-        quiet_known_library_messages()
         self.cfg, self.name, self.weights_version = cfg, name, weights_version
-        self.prompts = VLLMPrompts(AutoProcessor.from_pretrained(model_path), cfg)
         self.adapter_dir, self.lora_request = adapter_dir, None
-        if adapter_dir is not None:
-            check_lora_adapter(adapter_dir, max_lora_rank, name)  # a malformed adapter: refused here, by path
-        args = engine_args(model_path, cfg, seed, max_lora_rank, cuda=torch.cuda.is_available(),
-                           image_max_pixels=self.prompts.image_max_pixels)
-        args.pop("worker_extension_cls")  # weight pushes are a training matter: nothing calls the workers here
+        self.prompts, args = prompts_and_engine_args(model_path, cfg, seed, adapter_dir, max_lora_rank, name)
         # vLLM's periodic stats log line: docrl's metrics come from the ingress
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args, disable_log_stats=True))
 
@@ -82,7 +95,7 @@ class AsyncLLMPolicy:
         try:
             await self.engine.add_lora(request)
         except Exception as e:  # noqa: BLE001 - vLLM raises several types; name the adapter
-            raise ValueError(f"{self.name}: vLLM could not load the LoRA adapter {self.adapter_dir}: {e}") from e
+            raise lora_load_error(self.name, self.adapter_dir, e) from e
         self.lora_request = request
 
     async def generate(self, request_id: str, prompt: dict, params) -> AsyncIterator:
@@ -120,30 +133,17 @@ class InProcessPolicy:
     it adds each processed request, runs scheduler steps while anything is unfinished, and hands
     every step's outputs to the asyncio task awaiting that request (with `RequestOutputKind.DELTA`,
     each step's new text). vLLM's engine is not thread-safe: only that thread calls it; asyncio
-    tasks talk to it through a queue. Input processing needs no engine state and runs in the
-    renderer's worker threads, as `AsyncLLM` runs it."""
+    tasks talk to it through a queue. Input processing (vLLM's renderer and input processor) needs
+    no engine state and runs beforehand in one worker thread, in arrival order, as `AsyncLLM` runs it."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, adapter_dir: str | None = None,
                  max_lora_rank: int | None = None, weights_version: int | None = None, name: str = "serve policy",
                  idle_wait_s: float = 0.05):
-        import torch
-        from transformers import AutoProcessor
         from vllm import LLM
 
-        from common.quiet import quiet_known_library_messages
-        from rollout.engine import engine_args
-        from rollout.prompts import VLLMPrompts
-        from rollout.weights import check_lora_adapter
-
-        quiet_known_library_messages()
         self.cfg, self.name, self.weights_version = cfg, name, weights_version
-        self.prompts = VLLMPrompts(AutoProcessor.from_pretrained(model_path), cfg)
         self.adapter_dir, self.lora_request = adapter_dir, None
-        if adapter_dir is not None:
-            check_lora_adapter(adapter_dir, max_lora_rank, name)
-        args = engine_args(model_path, cfg, seed, max_lora_rank, cuda=torch.cuda.is_available(),
-                           image_max_pixels=self.prompts.image_max_pixels)
-        args.pop("worker_extension_cls")
+        self.prompts, args = prompts_and_engine_args(model_path, cfg, seed, adapter_dir, max_lora_rank, name)
         self.llm = LLM(**args)
         self.engine = self.llm.llm_engine
         self.supported_tasks = self.engine.get_supported_tasks()
@@ -167,7 +167,7 @@ class InProcessPolicy:
             try:
                 self.engine.add_lora(request)  # no engine thread yet: this thread may call the engine
             except Exception as e:  # noqa: BLE001 - vLLM raises several types; name the adapter
-                raise ValueError(f"{self.name}: vLLM could not load the LoRA adapter {self.adapter_dir}: {e}") from e
+                raise lora_load_error(self.name, self.adapter_dir, e) from e
             self.lora_request = request
         self._thread = threading.Thread(target=self._run, name="docrl-engine", daemon=True)
         self._thread.start()
