@@ -2,11 +2,16 @@
 
     <root>/step-00000010/      a complete checkpoint (whatever `write` put there + docrl_checkpoint.json)
     <root>/.tmp-step-00000012/ one being written: never read, removed on the next save
+    <root>/.old-step-00000010/ a step being saved again: moved aside whole, removed once the new
+                               one is in place (put back if the process died before that)
+    <root>/.pruned-step-00000004/ an old checkpoint being deleted: moved aside first, so a half
+                               deleted one is never taken for a complete one
 
-A checkpoint becomes visible only by the final rename, after its marker file is written, so a
-crash or a stopped job leaves either the previous checkpoint or the new one, never half of one. A
-disk that fills while one is written loses only that one: what it had written is removed, and the
-error says how much room it needs.
+A checkpoint becomes visible only by the final rename, after its marker file is written, and
+leaves only by a rename, so a process killed at any point (SIGKILL runs no handler) leaves every
+visible checkpoint whole, and the newest one is the one before the kill or the one being written.
+A disk that fills while one is written loses only that one: what it had written is removed, and
+the error says how much room it needs.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class CheckpointManager:
     def save(self, step: int, write: Callable[[Path], None], meta: dict | None = None) -> Path:
         """Call `write(tmp_dir)`, then publish the directory as the checkpoint of `step`."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self._recover()
         for stale in self.root.glob(".tmp-step-*"):  # left by a crash mid-save
             shutil.rmtree(stale, ignore_errors=True)
         final = self.root / self.name(step)
@@ -60,11 +66,28 @@ class CheckpointManager:
             full = CheckpointSpaceError(self._no_space(step, written))
             full.errno = e.errno
             raise full from None
-        if final.exists():  # re-saving a step (e.g. after a resume) replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # re-saving a step (the run's last save, a resume) replaces it
+            old = self.root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         self._prune()
         return final
+
+    def _recover(self) -> None:
+        """Finish what a killed process left half done: a step moved aside to be replaced comes
+        back unless its replacement is in place; a checkpoint moved aside to be pruned goes."""
+        for old in self.root.glob(".old-step-*"):
+            final = self.root / old.name[len(".old-"):]
+            if (final / MARKER).exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, final)
+        for pruned in self.root.glob(".pruned-step-*"):
+            shutil.rmtree(pruned, ignore_errors=True)
 
     def _no_space(self, step: int, written: int) -> str:
         previous = self.latest()
@@ -81,6 +104,7 @@ class CheckpointManager:
         resume from an earlier step, the new checkpoints are the newest whatever their numbers."""
         if not self.root.exists():
             return []
+        self._recover()
         found = [p for p in self.root.glob("step-*") if (p / MARKER).exists()]
         return sorted(found, key=lambda p: (self.meta(p).get("time", 0.0), int(p.name.split("-")[1])))
 
@@ -97,4 +121,6 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         for old in self.complete()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            pruned = self.root / f".pruned-{old.name}"
+            os.replace(old, pruned)
+            shutil.rmtree(pruned, ignore_errors=True)

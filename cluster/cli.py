@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 _EXPECTED_ELSEWHERE = (("cluster.config", "ConfigError"), ("docvqa.loaders", "DataError"),
                        ("retriever.index", "IndexLoadError"), ("common.ray_helpers", "PlacementError"),
                        ("cluster.train", "RunDirectoryInUse"), ("cluster.train", "NodeLost"),
-                       ("cluster.checkpoint", "CheckpointSpaceError"))
+                       ("cluster.checkpoint", "CheckpointSpaceError"), ("learner.group", "LearnerRankLost"))
 
 
 def expected_error(e: BaseException) -> BaseException | None:

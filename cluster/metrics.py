@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,29 @@ class MetricsLogger:
         self._ray = ray_metrics
         self._tags = dict(tags or {})
         self._gauges: dict[str, object] = {}
+
+    def truncate_after(self, step: int) -> None:
+        """Forget what was logged after `step` (a resumed run continues from the checkpoint of
+        `step`; a killed driver may have logged later steps, and perhaps half a line): the JSONL
+        log keeps its complete rows up to `step`, and TensorBoard hides its later events."""
+        self._jsonl.close()
+        kept = []
+        for line in self.jsonl_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the line a killed process was writing
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, self.jsonl_path)
+        self._jsonl = self.jsonl_path.open("a")
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=step + 1)
 
     def _gauge(self, name: str):
         from ray.util.metrics import Gauge

@@ -43,7 +43,7 @@ from cluster.metrics import MetricsLogger, plot_report, read_jsonl, training_sum
 from cluster.ray_setup import init_ray, monitoring_addresses
 from cluster.run_storage import RunStorage
 from common.lineage import run_dir_of, write_lineage
-from common.ray_helpers import get_with_timeout
+from common.ray_helpers import get_with_timeout, worker_process_died
 from common.shipping import ShippedFiles, land, model_dir, pack_dir, scratch_dir, ship_if_local
 from docvqa.data import load_train_eval
 from docvqa.sample import DocVQASample, portable
@@ -74,6 +74,8 @@ def _peer_lost(error: BaseException) -> bool:
 
     seen: BaseException | None = error
     while seen is not None:
+        if worker_process_died(seen):  # its node's raylet reported the death: the node is up
+            return False
         if isinstance(seen, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
                              ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError,
                              ray.exceptions.OwnerDiedError, ConnectionError, TimeoutError)):
@@ -686,6 +688,7 @@ class Trainer:
         self.step = state["step"]
         self.sampler.load(state["sampler"])
         self._saved_step = self.step
+        self.metrics.truncate_after(self.step)  # a killed driver may have logged steps past its checkpoint
         self.push_weights()
         log.info("resumed from %s at step %d (weights v%d)", latest, self.step, self.learner.version)
         return True
@@ -736,6 +739,7 @@ class Trainer:
                                     "(continue with --resume)") from None
         except Exception as e:
             self._name_lost_nodes(e)
+            self._name_lost_rank(e)
             raise
         finally:
             for sig, handler in handlers.items():
@@ -757,10 +761,21 @@ class Trainer:
             time.sleep(1.0)
             lost = lost_roles(placed)
         if lost:
-            saved = f"checkpoint of step {self._saved_step}" if self._saved_step else "no checkpoint yet"
-            raise NodeLost(f"{lost} (during step {self.step + 1}; the run stops: {saved} in {self.checkpoints.root}; "
-                           "with the node back, or roles placed elsewhere, continue with --resume). The role's error: "
+            raise NodeLost(f"{lost} (during step {self.step + 1}; {self._stops_at()}; with the node back, or roles "
+                           "placed elsewhere, continue with --resume). The role's error: "
                            f"{type(error).__name__}: {str(error)[:500]}") from error
+
+    def _name_lost_rank(self, error: Exception) -> None:
+        """A learner rank that died stops the run (its optimizer shard is gone): say where to continue from."""
+        from learner.group import LearnerRankLost
+
+        if isinstance(error, LearnerRankLost):
+            raise LearnerRankLost(f"{error} (during step {self.step + 1}; {self._stops_at()}; continue with --resume)",
+                                  error.rank, error.node_alive) from error
+
+    def _stops_at(self) -> str:
+        saved = f"checkpoint of step {self._saved_step}" if self._saved_step else "no checkpoint yet"
+        return f"the run stops: {saved} in {self.checkpoints.root}"
 
     def _evaluate(self, tag: str) -> dict[str, float]:
         self._phase = "collect"  # an evaluation holds no training state: a stop drops it

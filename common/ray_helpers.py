@@ -62,3 +62,9 @@ def gpu_device(num_gpus: float, gpu_ids: list, visible_devices_set_by_ray: bool,
     if num_gpus <= 0 or not cuda_available:
         return "cpu"
     return f"cuda:{visible_gpu_index(gpu_ids, visible_devices_set_by_ray)}"
+
+
+def worker_process_died(error: BaseException) -> bool:
+    """Ray's word that an actor's process died while its node lived on (the node's raylet reported
+    the death): a killed or crashed process, not a lost node."""
+    return "its worker process has died" in str(error)

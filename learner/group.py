@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.ray_helpers import PlacementError
+from common.ray_helpers import PlacementError, worker_process_died
 from common.shipping import ShippedFiles, land, model_name, pack_dir, pack_files
 from learner import update as U
 from learner.config import AlgorithmConfig, LearnerConfig
@@ -43,6 +43,21 @@ def rank_files(files: dict[str, bytes], rank: int) -> dict[str, bytes]:
     states, not the other ranks' (DeepSpeed's `zero_pp_rank_<r>_...`, docrl's `rng_rank<r>.pt`)."""
     return {rel: data for rel, data in files.items()
             if (m := _RANK_FILE.search(rel.rsplit("/", 1)[-1])) is None or int(m.group(1)) == rank}
+
+
+# How long a failed call waits for the other ranks' results: when a rank's process dies inside a
+# collective, its peers' "connection closed" errors can reach the driver before Ray reports the
+# death, and the dead rank is the one to name.
+RANK_DEATH_GRACE_S = 10.0
+
+
+class LearnerRankLost(RuntimeError):
+    """A learner rank's process died (killed, out of memory, crashed): the call it was in is lost,
+    and with it the update in progress (the other ranks' state is mid-collective)."""
+
+    def __init__(self, message: str, rank: int, node_alive: bool):
+        super().__init__(message)
+        self.rank, self.node_alive = rank, node_alive
 
 
 class LearnerGroup:
@@ -128,6 +143,7 @@ class LearnerGroup:
             local_ranks.append(seen.get(info["node_id"], 0))
             seen[info["node_id"]] = local_ranks[-1] + 1
         self.rank_nodes = [i["node_id"] for i in infos]
+        self.rank_infos = infos
         self._get([r.setup.remote(policy, cfg, self.algo, rank, cfg.num_ranks, local_ranks[rank],
                                   master_addr, master_port, self.seed, threads, self.sampling_temperature)
                    for rank, r in enumerate(self.ranks)],
@@ -156,8 +172,37 @@ class LearnerGroup:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    raise RuntimeError(f"learner group: {what}: rank {index[ref]} failed: {e}") from e
+                    raise self._failure(what, index[ref], e, pending, index) from e
         return ray.get(list(refs))
+
+    def _failure(self, what: str, rank: int, error: Exception, pending: list, index: dict) -> Exception:
+        """The error for a failed call. A rank whose process died is named, with its node and
+        process, even when a surviving rank's collective failed first."""
+        import ray
+
+        died = {rank: error} if isinstance(error, ray.exceptions.RayActorError) else {}
+        if not died and pending:
+            done, _ = ray.wait(pending, num_returns=len(pending), timeout=RANK_DEATH_GRACE_S)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    died[index[ref]] = e
+                except ray.exceptions.RayError:
+                    pass
+        if not died:
+            return RuntimeError(f"learner group: {what}: rank {rank} failed: {error}")
+        dead, cause = min(died.items())
+        info = self.rank_infos[dead]
+        node_alive = worker_process_died(cause)
+        how = ("its process ended (killed, out of memory, or crashed; the node is still up)" if node_alive
+               else "its process or its node is gone")
+        detail = next((line.strip() for line in str(cause).splitlines() if "Worker exit" in line), "")[:300]
+        return LearnerRankLost(
+            f"learner group: {what}: rank {dead} died on node {info['ip']} (node id {info['node_id'][:12]}, pid "
+            f"{info['pid']}): {how}. The call in progress on every rank is lost; the learner cannot go on without "
+            f"that rank's optimizer shard, so the run must continue from its last checkpoint. Ray: {detail}",
+            rank=dead, node_alive=node_alive)
 
     def _call(self, method: str, per_rank_args: list[tuple] | None = None, what: str = "",
               timeout_s: float | None = None) -> list:

@@ -98,21 +98,28 @@ class BuildProgress:
             self.callback(done, self.total)
 
 
+class RetrieverShardLost(RuntimeError):
+    """A retriever actor died and its shard could not be restored (no saved index, or it died again)."""
+
+
 class RetrieverGroup:
     def __init__(self, model: str | ShippedFiles, cfg: RetrieverConfig, timeout_s: float = 600.0, scheduling: Sequence | None = None):
         """`scheduling[i]`, when given, is a Ray scheduling strategy for actor i (placement group bundle)."""
         self.cfg, self.timeout_s = cfg, timeout_s
         # a model from the driver's disk goes into the object store once, for every actor
-        self._model = model = ray.put(model) if isinstance(model, ShippedFiles) else model
-        self.actors = [
-            RetrieverActor.options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
-                                   scheduling_strategy=scheduling[i] if scheduling else None).remote(model, cfg)
-            for i in range(cfg.num_actors)
-        ]
+        self._model = ray.put(model) if isinstance(model, ShippedFiles) else model
+        self._scheduling = scheduling
+        self.actors = [self._start_actor(i) for i in range(cfg.num_actors)]
         self.shard_sizes = [0] * len(self.actors)
         self.index_dir: Path | None = None
         self.manifest: Manifest | None = None
         self.skipped: list[str] = []
+        self.restarts = 0  # actors replaced after dying, their shards reloaded from the saved index
+
+    def _start_actor(self, i: int):
+        return RetrieverActor.options(num_cpus=self.cfg.num_cpus_per_actor, num_gpus=self.cfg.num_gpus_per_actor,
+                                      scheduling_strategy=self._scheduling[i] if self._scheduling else None,
+                                      ).remote(self._model, self.cfg)
 
     def _get(self, refs, what: str):
         return get_with_timeout(refs, self.timeout_s, f"retriever group: {what}")
@@ -330,17 +337,45 @@ class RetrieverGroup:
                 raise ValueError(f"query #{i} is empty: a retrieval query needs text")
         if candidates is not None and len(candidates) != len(queries):
             raise ValueError(f"{len(candidates)} candidate lists for {len(queries)} queries")
-        live = [a for a, n in zip(self.actors, self.shard_sizes) if n > 0]
-        if not live:
+        if not any(self.shard_sizes):
             raise ValueError("the page index is empty")
         results: list[list[tuple[str, float]]] = []
         bs = self.cfg.query_batch_size
         for i in range(0, len(queries), bs):
             batch = list(queries[i:i + bs])
             among = None if candidates is None else [list(c) for c in candidates[i:i + bs]]
-            per_shard = self._get([a.search.remote(batch, k, among) for a in live], f"searching {len(batch)} queries")
-            results += merge_topk(per_shard, k)
+            results += merge_topk(self._search_shards(batch, k, among), k)
         return results
+
+    def _search_shards(self, batch: list[str], k: int, among, restored: bool = False) -> list:
+        """Every non-empty shard's top-k for `batch`. An actor that died (killed, out of memory)
+        is replaced and the shards reloaded from the saved index, then the batch is searched again,
+        once; without a saved index, or when it dies again, the error names the shard."""
+        shards = [i for i, n in enumerate(self.shard_sizes) if n > 0]
+        refs = {i: self.actors[i].search.remote(batch, k, among) for i in shards}
+        per_shard, dead = {}, {}
+        for i, ref in refs.items():
+            try:
+                per_shard[i] = self._get(ref, f"searching {len(batch)} queries on shard {i}")
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                dead[i] = e
+        if not dead:
+            return [per_shard[i] for i in shards]
+        first = min(dead)
+        what = (f"retriever group: shard {first} of {len(self.actors)} ({self.shard_sizes[first]} pages) lost its actor "
+                f"while searching {len(batch)} queries (first: {batch[0][:80]!r})")
+        if restored:
+            raise RetrieverShardLost(f"{what}, again after it was restored from {self.index_dir}: {dead[first]}")
+        if self.index_dir is None:
+            raise RetrieverShardLost(f"{what}; the index is held in memory only (not saved to an index directory), "
+                                     f"so the shard cannot be restored: {dead[first]}")
+        log.warning("%s; starting a new actor and reloading the shards from %s", what, self.index_dir)
+        for i in dead:
+            ray.kill(self.actors[i], no_restart=True)
+            self.actors[i] = self._start_actor(i)
+            self.restarts += 1
+        self.load(self.index_dir)  # every shard: their split follows the saved index, adds and deletes included
+        return self._search_shards(batch, k, among, restored=True)
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -141,6 +141,56 @@ def test_zero3_full_fine_tuning_partitions_the_reference(ray_cluster, policy, ex
         group.shutdown()
 
 
+def test_a_rank_sigkilled_mid_update_is_named_with_its_node_and_the_resumed_update_equals_the_uninterrupted_one(
+        ray_cluster, policy, experiences, tmp_path):
+    """Rank 1's process is SIGKILLed (the OOM killer, a node agent) while the 2 ranks are in an
+    update, rank 0 inside a gloo collective with it. The driver must hear of it at once (not after
+    learner.collective_timeout_s), with the rank, its node and process named; and the update,
+    redone from the checkpoint taken before it by a new group, must equal the update that was
+    never interrupted. (Before: the error could name the surviving rank, whose collective failed
+    first, and did not say where the dead one ran.)"""
+    import os
+    import signal
+    import threading
+    import time
+
+    from learner.group import LearnerGroup, LearnerRankLost
+
+    cfg, algo = _cfgs(2)
+    before = tmp_path / "before"
+    group = LearnerGroup(policy, cfg, algo, export_dir=str(tmp_path / "exports"), start_timeout_s=300)
+    try:
+        group.save_checkpoint(str(before))
+        uninterrupted = group.update(TrainBatch(experiences))
+        expected_hash = group.param_hashes()[0]
+        group.load_checkpoint(str(before))
+        rank1 = group.describe()[1]
+        kill = threading.Timer(uninterrupted["update_seconds"] / 3, os.kill, (rank1["pid"], signal.SIGKILL))
+        t0 = time.monotonic()
+        kill.start()
+        with pytest.raises(LearnerRankLost) as lost:
+            group.update(TrainBatch(experiences))
+        waited = time.monotonic() - t0
+    finally:
+        group.shutdown()
+    message = str(lost.value)
+    assert lost.value.rank == 1 and lost.value.node_alive, message
+    assert "rank 1" in message and "rank 0" not in message.split(". ")[0], message
+    assert f"pid {rank1['pid']}" in message and rank1["node_id"][:12] in message and "127.0.0.1" in message, message
+    assert waited < 60 < cfg.collective_timeout_s, waited  # heard of at once, not at the timeout
+
+    resumed = LearnerGroup(policy, cfg, algo, export_dir=str(tmp_path / "exports-2"), start_timeout_s=300)
+    try:
+        resumed.load_checkpoint(str(before))
+        again = resumed.update(TrainBatch(experiences))
+        assert resumed.param_hashes() == [expected_hash] * 2
+    finally:
+        resumed.shutdown()
+    compared = [k for k in uninterrupted if not k.endswith(("seconds", "tokens_per_s", "tokens_per_s_per_rank"))]
+    assert {"policy_loss", "grad_norm", "optimizer_steps", "weights_version"} <= set(compared)
+    assert {k: again[k] for k in compared} == {k: uninterrupted[k] for k in compared}
+
+
 @pytest.fixture(scope="module")
 def rollout(ray_cluster, policy):
     from rollout.config import RolloutConfig

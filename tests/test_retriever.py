@@ -247,7 +247,24 @@ def test_sharded_group_equals_single_actor_and_persists(ray_cluster, tiny_models
     _assert_same_ranking(sharded.search(questions, k=2), before)
     with pytest.raises(ValueError, match="query #1 is empty"):
         sharded.search(["fine", ""], k=1)
+
+    # an actor that dies (killed, out of memory) is replaced and the shards reloaded from the saved
+    # index; the search answers as before. (Before: the search failed with Ray's ActorDiedError.)
+    ray_cluster.kill(sharded.actors[1], no_restart=True)
+    _assert_same_ranking(sharded.search(questions, k=2), before)
+    assert sharded.restarts == 1 and sharded.shard_sizes[1] > 0
     sharded.shutdown()
+
+    # an index held only in memory cannot be restored: the error names the shard and why
+    in_memory = RetrieverGroup(str(tiny_models["retriever"]), RetrieverConfig(num_actors=2, num_cpus_per_actor=0.5))
+    in_memory.add(pages[:2])
+    ray_cluster.kill(in_memory.actors[1], no_restart=True)
+    from retriever.group import RetrieverShardLost
+
+    with pytest.raises(RetrieverShardLost, match=r"shard 1 of 2 \(2 pages\) lost its actor while searching 6 queries.*"
+                                                 r"in memory only"):
+        in_memory.search(questions, k=1)
+    in_memory.shutdown()
 
 
 def test_delete_then_readd_lives_in_the_new_segment_only(tmp_path):

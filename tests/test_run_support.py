@@ -44,6 +44,92 @@ def test_checkpoints_are_kept_by_recency_not_by_step_number(tmp_path):
     assert mgr.latest().name == "step-00000002"
 
 
+class Killed(BaseException):
+    """The process dying at this point (SIGKILL runs no handler: nothing after it happens)."""
+
+
+def _killed_after_first_file(path, *args, **kwargs):
+    """shutil.rmtree that dies after removing one file of the tree (the first by name)."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        return
+    first = sorted(p for p in Path(path).rglob("*") if p.is_file())
+    first[0].unlink()
+    raise Killed(path)
+
+
+@pytest.mark.parametrize("where", ["removing the replaced checkpoint", "between the two renames", "pruning"])
+def test_a_process_killed_while_a_checkpoint_is_replaced_or_pruned_leaves_only_complete_ones(tmp_path, monkeypatch, where):
+    """The driver SIGKILLed while it re-saves a step (the final checkpoint of a run rewrites the
+    step just saved) or prunes an old one. Before: the checkpoint being removed lost files while
+    its marker still stood, and a resume loaded it; or the step vanished between the removal and
+    the rename."""
+    import cluster.checkpoint as checkpoint
+
+    root = tmp_path / "ckpt"
+
+    def files(tag):
+        def write(d):
+            (d / "a.bin").write_text(tag)
+            (d / "b.bin").write_text(tag)
+        return write
+
+    mgr = CheckpointManager(root, keep_last=2)
+    mgr.save(1, files("one"))
+    mgr.save(2, files("two"))
+    if where == "pruning":
+        monkeypatch.setattr(checkpoint.shutil, "rmtree", _killed_after_first_file)
+        with pytest.raises(Killed):
+            mgr.save(3, files("three"))
+    else:
+        if where == "between the two renames":
+            renames = []
+            real_replace = os.replace
+
+            def killed_at_the_second_rename(src, dst):
+                renames.append((src, dst))
+                if len(renames) == 2:
+                    raise Killed(src)
+                real_replace(src, dst)
+
+            monkeypatch.setattr(checkpoint.os, "replace", killed_at_the_second_rename)
+        else:
+            monkeypatch.setattr(checkpoint.shutil, "rmtree", _killed_after_first_file)
+        with pytest.raises(Killed):
+            mgr.save(2, files("two, again"))
+    monkeypatch.undo()
+
+    after = CheckpointManager(root, keep_last=2)  # the next process
+    for ckpt in after.complete():
+        assert sorted(p.name for p in ckpt.iterdir()) == ["a.bin", "b.bin", MARKER], ckpt
+        assert (ckpt / "a.bin").read_text() == (ckpt / "b.bin").read_text()
+    latest = after.latest()
+    expected = {"pruning": ("step-00000003", {"three"}), "between the two renames": ("step-00000002", {"two", "two, again"}),
+                "removing the replaced checkpoint": ("step-00000002", {"two, again"})}[where]
+    assert latest.name == expected[0] and (latest / "a.bin").read_text() in expected[1]
+    after.save(4, files("four"))  # and the directory works on: nothing half-removed stays behind
+    assert sorted(p.name for p in root.iterdir()) == [after.name(s) for s in (3 if where == "pruning" else 2, 4)]
+
+
+def test_a_resumed_metrics_log_drops_the_steps_after_the_checkpoint_and_a_torn_line(tmp_path):
+    """A driver SIGKILLed after logging steps its last checkpoint does not hold (and perhaps in the
+    middle of a line). Before: the resume appended the redone steps after the lost ones (two rows
+    for a step) and read_jsonl failed on the torn line."""
+    log = MetricsLogger(tmp_path, tensorboard=False, ray_metrics=False)
+    for step in (0, 1, 2, 2, 3):
+        log.log(step, {"reward/mean": float(step)})
+    log.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "reward/me')  # the kill landed inside a write
+    resumed = MetricsLogger(tmp_path, tensorboard=False, ray_metrics=False, append=True)
+    resumed.truncate_after(2)
+    resumed.log(3, {"reward/mean": 30.0})
+    resumed.close()
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["reward/mean"]) for r in rows] == [(0, 0.0), (1, 1.0), (2, 2.0), (2, 2.0), (3, 30.0)]
+
+
 def test_metrics_go_to_jsonl_tensorboard_and_png(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

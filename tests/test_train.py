@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -71,35 +72,43 @@ def _signal_in_weight_push(trainer, step: int) -> None:
 EPOCH_BOUNDARY = ("run.seed=2", "data.max_train_samples=3")
 
 
-def test_two_steps_over_an_epoch_boundary_then_an_interrupt_and_an_exact_resume(ray_cluster, tiny_models, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tiny_models, tmp_path_factory):
+    """Two synchronous steps over an epoch boundary, checkpointed after each: the run that the
+    interrupted and killed runs below must reproduce."""
     from cluster.train import Trainer
 
-    first = tmp_path / "first"
-    trainer = Trainer(load_config(None, _overrides(first, tiny_models, *EPOCH_BOUNDARY)))
+    out = tmp_path_factory.mktemp("uninterrupted")
+    trainer = Trainer(load_config(None, _overrides(out, tiny_models, *EPOCH_BOUNDARY)))
     try:
         final = trainer.run()
-        assert trainer.rollout.version == trainer.learner.version == 2  # every update reached the rollout
-        # LoRA training with CPU rollout workers pushes merged full weights (rollout.lora_push: auto)
-        assert trainer.push_kind == "full" and trainer.rollout.cfg.lora_push_mode() == "merged"
-        assert trainer.sampler.epoch == 1  # step 2 crossed into the second epoch
+        held = {"versions": (trainer.rollout.version, trainer.learner.version), "push_kind": trainer.push_kind,
+                "lora_push_mode": trainer.rollout.cfg.lora_push_mode(), "epoch": trainer.sampler.epoch}
     finally:
         trainer.shutdown()
-    logs = first / "logs"
-    steps = _step_rows(first)
-    assert [r["step"] for r in steps] == [1, 2]
-    for r in steps:
-        assert r["learner/first_micro_batch/ratio_mean"] == 1.0 and r["learner/num_experiences"] == 4.0
-        assert r["learner/logprob_mismatch_max"] < 1e-3  # rollout vs learner, measured every step
-        assert r["time/step_s"] > 0 and r["weights/version"] == r["step"] and r["weights/staleness"] == 0
-    assert "eval/anls" in final and "eval/retrieval_recall@1" in final and final["eval/questions"] == 2
-    assert (logs / "report.png").stat().st_size > 1000 and list((logs / "tensorboard").iterdir())
-    assert (logs / "eval-step-0.jsonl").exists() and (logs / "eval-step-2.jsonl").exists()
-    checkpoints = sorted(p.name for p in (first / "checkpoints").iterdir())
-    assert checkpoints == ["step-00000001", "step-00000002"]
-    policy = first / "checkpoints" / "step-00000002" / "policy"
-    assert json.loads((policy / "docrl_policy.json").read_text())["weights_version"] == 2
-    assert (policy / "adapter" / "adapter_config.json").exists()
+    return SimpleNamespace(out=out, final=final, steps=_step_rows(out), **held)
 
+
+def _assert_same_step(expected: dict, again: dict) -> None:
+    """Every figure of a step but the wall-clock ones is the same (to float rounding)."""
+    compared = [k for k in expected if not k.startswith(TIMING_PREFIXES) and k != "step"]
+    assert len(compared) > 20
+    differ = {k: (expected[k], again.get(k)) for k in compared
+              if not (again.get(k) == expected[k] or (isinstance(expected[k], float) and again.get(k) is not None
+                                                      and math.isclose(again[k], expected[k], rel_tol=1e-6, abs_tol=1e-9)))}
+    assert not differ, differ
+
+
+def test_two_steps_over_an_epoch_boundary_then_an_interrupt_and_an_exact_resume(uninterrupted, tiny_models, tmp_path):
+    from cluster.train import Trainer
+
+    first, final = uninterrupted.out, uninterrupted.final
+    assert uninterrupted.versions == (2, 2)  # every update reached the rollout
+    # LoRA training with CPU rollout workers pushes merged full weights (rollout.lora_push: auto)
+    assert uninterrupted.push_kind == "full" and uninterrupted.lora_push_mode == "merged"
+    assert uninterrupted.epoch == 1  # step 2 crossed into the second epoch
+    logs = first / "logs"
+    steps = uninterrupted.steps
     # The same run, interrupted by SIGINT while step 2's answers are being collected (as `ray job
     # stop` mostly lands): it drops step 2 at once, checkpoints step 1 with the sampler from before
     # step 2's questions, and stops; the resume must redo step 2 exactly as the uninterrupted run
@@ -123,14 +132,53 @@ def test_two_steps_over_an_epoch_boundary_then_an_interrupt_and_an_exact_resume(
         assert resumed.step == 2 and resumed.learner.version == 2 == resumed.rollout.version
     finally:
         resumed.shutdown()
-    again = _step_rows(second)[-1]
-    expected = steps[1]
-    compared = [k for k in expected if not k.startswith(TIMING_PREFIXES) and k != "step"]
-    assert len(compared) > 20
-    differ = {k: (expected[k], again.get(k)) for k in compared
-              if not (again.get(k) == expected[k] or (isinstance(expected[k], float) and again.get(k) is not None
-                                                      and math.isclose(again[k], expected[k], rel_tol=1e-6, abs_tol=1e-9)))}
-    assert not differ, differ
+    _assert_same_step(steps[1], _step_rows(second)[-1])
+
+
+KILL_POINTS = ("rollout", "reward", "update", "push", "checkpoint")
+
+
+def test_the_driver_sigkilled_at_five_points_of_a_step_always_resumes_from_a_complete_checkpoint(
+        uninterrupted, ray_cluster, tiny_models, tmp_path):
+    """`kill -9` of the driver (no handler runs) inside step 2, at each of five points in turn:
+    while its answers are generated, scored, trained on, pushed, and checkpointed. Each killed
+    run is resumed by the next, which is killed at the next point; the last resume finishes. Every
+    resume must find the complete checkpoint of step 1 (never the half-written one of step 2),
+    and the finished run must log steps 1 and 2 once each, step 2 equal to the uninterrupted
+    run's. (Before: the run killed after logging step 2 logged it twice.)"""
+    import subprocess
+    import sys
+
+    from cluster.checkpoint import MARKER, CheckpointManager
+    from cluster.train import Trainer
+
+    overrides = _overrides(tmp_path, tiny_models, *EPOCH_BOUNDARY)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    checkpoints = CheckpointManager(tmp_path / "checkpoints")
+    for i, point in enumerate(KILL_POINTS):
+        record, log_file = tmp_path / f"killed-{point}.json", tmp_path / f"driver-{point}.log"
+        command = [sys.executable, str(ROOT / "tests" / "kill_driver.py"), point, "2", str(record), "--",
+                   "train", *(["--resume"] if i else []), *overrides]
+        with log_file.open("w") as log:
+            done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300)
+        assert done.returncode == -signal.SIGKILL and json.loads(record.read_text())["point"] == point, \
+            log_file.read_text()[-3000:]
+        latest = checkpoints.latest()
+        assert latest.name == "step-00000001", (point, [p.name for p in checkpoints.complete()])
+        assert sorted(p.name for p in latest.iterdir()) == [MARKER, "driver.json", "learner", "policy"]
+        assert json.loads((latest / "driver.json").read_text())["step"] == 1
+        assert (tmp_path / "checkpoints" / ".tmp-step-00000002").exists() == (point == "checkpoint")
+    resumed = Trainer(load_config(None, overrides))
+    try:
+        resumed.run(resume=True)
+        assert resumed.step == 2 and resumed.learner.version == 2 == resumed.rollout.version
+    finally:
+        resumed.shutdown()
+    steps = _step_rows(tmp_path)
+    assert [r["step"] for r in steps] == [1, 2]
+    _assert_same_step(uninterrupted.steps[0], steps[0])
+    _assert_same_step(uninterrupted.steps[1], steps[1])
+    assert [p.name for p in checkpoints.complete()] == ["step-00000001", "step-00000002"]
 
 
 def test_async_mode_through_actor_faults_and_an_interrupt(ray_cluster, tiny_models, tmp_path):
