@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+import ray
 from ray import serve
 
 from common.ray_helpers import task_device
@@ -287,6 +288,9 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers or None)
 
 
+REPLICA_LOST_RETRY_AFTER_S = 2  # a request that died with its replica; its retry queues for the replacement
+
+
 def _cause(e: BaseException) -> BaseException:
     """The exception a replica raised, unwrapped from Ray's task error."""
     return getattr(e, "cause", None) or e
@@ -353,6 +357,12 @@ class Ingress:
         if isinstance(cause, BackPressureError):  # the deployment's queue is full (its max_queued_requests)
             return APIError(503, f"{what} is at capacity: {cause.message} Retry later.", type="server_error",
                             code="overloaded", headers={"Retry-After": str(math.ceil(cause.retry_after_s or 1))})
+        if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+            # the replica died with the request (killed, out of memory): Serve starts another, and a
+            # retried request waits in the deployment's queue until it is up
+            return APIError(503, f"{what}: the replica answering this request was lost ({type(cause).__name__}); "
+                            "Serve is replacing it. Retry.", type="server_error", code="replica_lost",
+                            headers={"Retry-After": str(REPLICA_LOST_RETRY_AFTER_S)})
         if isinstance(cause, RequestRefused):
             return APIError(400, str(cause.args[0] if cause.args else cause))
         if isinstance(cause, UnknownDocument):

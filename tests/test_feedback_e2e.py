@@ -515,3 +515,82 @@ def test_database_outage_does_not_fail_answers_and_shows_in_stats(feedback_apps)
     assert stats["error"] is None and stats["versions"]
     for rid in during:
         assert _rate(app, rid, "up").status_code == 200
+
+
+def test_a_policy_replica_killed_under_load_costs_only_the_requests_in_flight(feedback_apps):
+    """32 clients ask without pause (document questions and chats with an image) while the policy
+    replica's process is SIGKILLed. Serve starts a new replica; the requests the dead one held get
+    503 with Retry-After (before: 500), the ones queued behind them are answered by the new replica,
+    /healthz says "unavailable" in the gap and "ok" after it, and every answer given, before and
+    after, is in the feedback store once. Nothing else fails."""
+    import os
+    import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = _app(feedback_apps, "sqlite")
+
+    def policy_replica_pids() -> list[int]:
+        # the GCS's actor table (ray.util.state needs the dashboard, which the test cluster lacks)
+        from ray._private.state import actors
+
+        return [a["Pid"] for a in actors().values()
+                if a["ActorClassName"] == "ServeReplica:fb-sqlite:policy" and a["State"] == "ALIVE"]
+
+    replicas = policy_replica_pids()
+    assert len(replicas) == 1, replicas
+    image_url, _ = _image("teal")
+    started = datetime.now(timezone.utc)
+    stop, killed_at = threading.Event(), {}
+    outcomes: list[tuple[float, int, str | None, str | None]] = []  # (time, status, response id, Retry-After)
+    health: list[tuple[float, int, str]] = []
+
+    def client_loop(i: int) -> None:
+        with httpx.Client(base_url=app["url"], headers={"Authorization": f"Bearer {API_KEY}"}, timeout=90) as http:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                if (i + n) % 2:
+                    r = http.post("/v1/docqa", json={"question": f"What is the total of invoice {i}-{n}?", "k": 2,
+                                                     "max_tokens": 4})
+                else:
+                    r = http.post("/v1/chat/completions", json={"model": "docrl", "max_tokens": 4, "messages": [
+                        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                     {"type": "text", "text": f"Question {i}-{n}"}]}]})
+                rid = r.json().get("id") if r.status_code == 200 else None
+                outcomes.append((time.monotonic(), r.status_code, rid, r.headers.get("retry-after")))
+                if r.status_code != 200:
+                    assert r.status_code == 503, r.text
+
+    def health_loop() -> None:
+        while not stop.is_set():
+            r = httpx.get(app["url"] + "/healthz", timeout=30)
+            health.append((time.monotonic(), r.status_code, r.json()["status"]))
+            time.sleep(0.25)
+
+    with ThreadPoolExecutor(33) as pool:
+        running = [pool.submit(client_loop, i) for i in range(32)] + [pool.submit(health_loop)]
+        _wait_until(lambda: sum(1 for o in outcomes if o[1] == 200) >= 32, 120, "32 answers before the kill")
+        killed_at["t"] = time.monotonic()
+        os.kill(replicas[0], signal.SIGKILL)
+        _wait_until(lambda: sum(1 for o in outcomes if o[0] > killed_at["t"] + 1 and o[1] == 200) >= 64
+                    and any(h[0] > killed_at["t"] and h[2] == "ok" for h in health if h[1] == 200) or None,
+                    240, "64 answers and a healthy /healthz after the kill")
+        stop.set()
+        for f in running:
+            f.result()
+    statuses = [o[1] for o in outcomes]
+    refused = [o for o in outcomes if o[1] == 503]
+    assert set(statuses) <= {200, 503} and refused, statuses  # the requests in flight, refused, not failed
+    assert all(o[0] > killed_at["t"] and o[3] and int(o[3]) >= 1 for o in refused), refused
+    gap = [h for h in health if h[0] > killed_at["t"] and h[1] == 503]
+    assert gap and all(h[2] == "unavailable" for h in gap) and health[-1][2] == "ok", health
+    answered = [o[2] for o in outcomes if o[1] == 200]
+    assert len(answered) == len(set(answered))
+    _wait_until(lambda: _stats(app).json()["recorder"]["queue_depth"] == 0, 60, "every answer written")
+    stored = [i.response_id for i in _store(app).interactions(since=started)]
+    assert sorted(stored) == sorted(answered)  # each answer once; nothing refused was recorded
+    replacement = policy_replica_pids()
+    assert len(replacement) == 1 and replacement != replicas
+    print(f"policy replica killed under load: {len(answered)} answered, {len(refused)} refused with 503, "
+          f"/healthz unavailable for {gap[-1][0] - gap[0][0]:.1f}s")

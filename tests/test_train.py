@@ -182,8 +182,9 @@ def test_the_driver_sigkilled_at_five_points_of_a_step_always_resumes_from_a_com
 
 
 def test_async_mode_through_actor_faults_and_an_interrupt(ray_cluster, tiny_models, tmp_path):
-    """Async mode, with the rollout worker and a reward actor killed before step 2 (the worker is
-    restarted and re-synced, the reward actor replaced, the batch retried: no step or sample lost),
+    """Async mode, with the rollout worker, a reward actor and the retriever actor killed before
+    step 2 (the worker is restarted and re-synced, the reward actor replaced, the retriever actor
+    replaced with its shard reloaded from the run's index, the batch retried: no step or sample lost),
     then SIGINT during step 3's weight push (on the rollout thread): step 3 completes, its
     checkpoint is written, with the sampler state from before the batch drawn ahead."""
     from cluster.checkpoint import CheckpointManager
@@ -199,6 +200,7 @@ def test_async_mode_through_actor_faults_and_an_interrupt(ray_cluster, tiny_mode
         if step == 2:  # step 2 starts the collection of batch 3 on the killed actors
             ray.kill(trainer.rollout.workers[0], no_restart=False)
             ray.kill(trainer.rewards.actors[0], no_restart=True)
+            ray.kill(trainer.retriever.actors[0], no_restart=True)  # replaced, its shard reloaded from the index
         return train_step(step)
 
     trainer.train_step = train_step_with_faults
@@ -207,7 +209,7 @@ def test_async_mode_through_actor_faults_and_an_interrupt(ray_cluster, tiny_mode
         with pytest.raises(KeyboardInterrupt, match="stopped after step 3"):
             trainer.run()
         assert trainer.rollout.version == trainer.learner.version == 3
-        assert trainer.rewards.restarts >= 1
+        assert trainer.rewards.restarts >= 1 and trainer.retriever.restarts == 1
     finally:
         trainer.shutdown()
     steps = _step_rows(tmp_path)
