@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 import time
 from datetime import datetime, timezone
@@ -517,6 +518,57 @@ def test_database_outage_does_not_fail_answers_and_shows_in_stats(feedback_apps)
         assert _rate(app, rid, "up").status_code == 200
 
 
+def _replica_pids(app_name: str) -> dict[int, str]:
+    """pid -> deployment of the application's live Serve replicas (from the GCS's actor table:
+    ray.util.state needs the dashboard, which the test cluster lacks)."""
+    from ray._private.state import actors
+
+    prefix = f"ServeReplica:{app_name}:"
+    return {a["Pid"]: a["ActorClassName"][len(prefix):] for a in actors().values()
+            if a["ActorClassName"].startswith(prefix) and a["State"] == "ALIVE"}
+
+
+def test_two_minutes_of_load_at_concurrency_32_answer_everything_and_record_it_once(feedback_apps, synthetic_corpus):
+    """The soak benchmark's load (benchmarks/soak_serve.py: document questions, chats with an image
+    and ratings of the answers, 32 clients without pause), 2 minutes in 30-second windows against
+    the SQLite application: no 5xx and no other refusal, every answer in the feedback store once,
+    every rating stored. The 30-minute run, with its latency and memory targets, is in RESULTS.md."""
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from soak_serve import soak
+
+    from docvqa.loaders import load_docvqa_json
+
+    app = _app(feedback_apps, "sqlite")
+    questions = [s.question for s in load_docvqa_json(synthetic_corpus / "train_v1.0.json").samples]
+    image_url, _ = _image("olive")
+    page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def replicas_rss_mb() -> dict[str, float]:
+        found: dict[str, float] = {}
+        for pid, deployment in _replica_pids("fb-sqlite").items():
+            found[deployment] = found.get(deployment, 0.0) + int(open(f"/proc/{pid}/statm").read().split()[1]) * page_mb
+        return found
+
+    started = datetime.now(timezone.utc)
+    answered: list[str] = []
+    windows = asyncio.run(soak(app["url"], 120, 30, 32, questions, image_url, replicas_rss_mb, api_key=API_KEY,
+                               max_tokens=4, answered_ids=answered))
+    for i, w in enumerate(windows, 1):
+        print(f"window {i}: {len(w.latencies)} answers, {w.ratings} ratings, p50 {1000 * w.pct(0.5):.0f} ms, "
+              f"p95 {1000 * w.pct(0.95):.0f} ms, replicas' RSS {w.rss_mb}")
+    assert len(windows) == 4 and all(w.latencies and w.ratings for w in windows)
+    assert sum(w.server_errors + w.other_errors for w in windows) == 0
+    _wait_until(lambda: _stats(app).json()["recorder"]["queue_depth"] == 0, 60, "every answer written")
+    stored = [i.response_id for i in _store(app).interactions(since=started)]
+    assert sorted(stored) == sorted(answered)
+    rated = {r.interaction.response_id for r in _store(app).feedback(since=started)}
+    assert rated and rated <= set(answered)
+
+
 def test_a_policy_replica_killed_under_load_costs_only_the_requests_in_flight(feedback_apps):
     """32 clients ask without pause (document questions and chats with an image) while the policy
     replica's process is SIGKILLed. Serve starts a new replica; the requests the dead one held get
@@ -531,11 +583,7 @@ def test_a_policy_replica_killed_under_load_costs_only_the_requests_in_flight(fe
     app = _app(feedback_apps, "sqlite")
 
     def policy_replica_pids() -> list[int]:
-        # the GCS's actor table (ray.util.state needs the dashboard, which the test cluster lacks)
-        from ray._private.state import actors
-
-        return [a["Pid"] for a in actors().values()
-                if a["ActorClassName"] == "ServeReplica:fb-sqlite:policy" and a["State"] == "ALIVE"]
+        return [pid for pid, deployment in _replica_pids("fb-sqlite").items() if deployment == "policy"]
 
     replicas = policy_replica_pids()
     assert len(replicas) == 1, replicas
