@@ -47,11 +47,6 @@ class RequestRefused(ValueError):
     fit the context, images the engine cannot take); the ingress answers 400 with the message."""
 
 
-class UnknownDocument(LookupError):
-    """Raised by the retriever deployment for a `doc_id` its index holds no page of; the ingress
-    answers 404 naming it."""
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

@@ -37,14 +37,14 @@ from common.ray_helpers import task_device
 from common.shipping import ShippedFiles, local_copy, model_dir, model_name, pack_dir, ship_if_local
 from deploy.api import (
     SSE_DONE, APIError, ChatCompletionRequest, Choice, Citation, Completion, DocQARequest, DocQAResponse,
-    GenerationParams, RequestRefused, Retrieval, StreamEvent, UnknownDocument, chat_chunk, chat_completion_body, chat_input,
+    GenerationParams, RequestRefused, Retrieval, StreamEvent, chat_chunk, chat_completion_body, chat_input,
     chat_params, check_bearer, docqa_k, key_digest, new_id, page_image_body, parse_json, query_int, query_time,
     read_body, usage, validate,
 )
 from deploy.config import LimitsConfig
 from deploy.policy_engine import EngineDead
 from deploy.feedback_api import (
-    UI_HEADERS, UI_PAGE, FeedbackPublisher, feedback_api_error, feedback_body, feedback_body_limit, queue_body,
+    UI_ASSETS, UI_HEADERS, UI_PAGE, FeedbackPublisher, feedback_api_error, feedback_body, feedback_body_limit, feedback_body_schema, queue_body,
     resolved_feedback_config, stats_body, timeline_body, ui_file,
 )
 from deploy.pages import PageStore, PageUnavailable
@@ -118,11 +118,12 @@ class Retriever:
         checks and the batching of the next questions). One batch runs at a time."""
         return await asyncio.to_thread(self._search_now, queries)
 
-    async def search(self, question: str, k: int, read: int, doc_id: str | None = None) -> Retrieval:
+    async def search(self, question: str, k: int, read: int, doc_id: str | None = None) -> Retrieval | None:
         """The top-k pages by score (of document `doc_id` only, when given), and the best `read` of
-        them with their images."""
+        them with their images; None for a `doc_id` the index holds no page of (the client's
+        mistake: returned, not raised, so that Serve does not log it as this replica's error)."""
         if doc_id is not None and doc_id not in self.documents:
-            raise UnknownDocument(f"doc_id {doc_id!r}: the index this server answers from holds no page of that document")
+            return None
         hits = await self._search((question, k, doc_id))
         citations = [Citation(rank=rank, page_id=pid, doc_id=self.index.meta[pid].get("doc_id"),
                               page_no=self.index.meta[pid].get("page_no"), score=score, read=rank <= read)
@@ -282,6 +283,61 @@ class IngressSettings:
 api = FastAPI(title="docrl", description="Document QA with retrieval, and chat, over a docrl-trained policy")
 
 
+# what the endpoints read by hand (to bound a body's size before decoding it), for /openapi.json
+_JSON_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/docqa": DocQARequest}
+_QUERIES = {"/v1/feedback/queue": {"limit": {"type": "integer", "minimum": 1, "maximum": 200}},
+            "/v1/feedback/timeline": {"bucket": {"type": "string", "enum": list(TIMELINE_BUCKETS)},
+                                      "since": {"type": "string", "format": "date-time"}}}
+_OPEN_PATHS = ("/healthz", "/ui", "/ui/{name}")  # answered without the API key
+_ANSWER_TYPES = {"/v1/chat/completions": ["application/json", "text/event-stream"], "/ui": ["text/html"],
+                 "/ui/{name}": sorted({m.split(";")[0] for m in UI_ASSETS.values()}),
+                 "/v1/pages/{page_id}/image": ["image/png", "image/jpeg", "image/gif", "image/webp"]}
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "null"]}}}}}
+
+
+def openapi_schema() -> dict:
+    """FastAPI's description of the API, with what it cannot see: the JSON bodies and query
+    parameters the endpoints parse themselves, and the bearer key the others require."""
+    if api.openapi_schema:
+        return api.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=api.title, version="1", description=api.description, routes=api.routes)
+    components = schema.setdefault("components", {})
+    models = components.setdefault("schemas", {})
+    bodies = {path: model.model_json_schema(ref_template="#/components/schemas/{model}")
+              for path, model in _JSON_BODIES.items()}
+    bodies["/v1/feedback"] = feedback_body_schema()
+    for path, body in bodies.items():
+        models.update(body.pop("$defs", {}))
+        schema["paths"][path]["post"]["requestBody"] = {"required": True,
+                                                        "content": {"application/json": {"schema": body}}}
+    for path, params in _QUERIES.items():
+        schema["paths"][path]["get"]["parameters"] = [{"name": name, "in": "query", "required": False, "schema": s}
+                                                      for name, s in params.items()]
+    for path, media_types in _ANSWER_TYPES.items():
+        for operation in schema["paths"][path].values():
+            operation["responses"]["200"]["content"] = {m: {"schema": {}} for m in media_types}
+    models["Error"] = _ERROR_SCHEMA  # every refusal: the OpenAI error shape
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            if path != "/healthz":  # its 503 says {"status": "unavailable", "error": ...}
+                operation["responses"]["default"] = {
+                    "description": "a refusal or failure", "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Error"}}}}
+            if path not in _OPEN_PATHS:
+                operation["security"] = [{"bearer": []}]
+    api.openapi_schema = schema
+    return schema
+
+
+api.openapi = openapi_schema
+
+
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     headers = {**exc.headers, **({"WWW-Authenticate": "Bearer"} if exc.status == 401 else {})}
@@ -365,8 +421,6 @@ class Ingress:
                             headers={"Retry-After": str(REPLICA_LOST_RETRY_AFTER_S)})
         if isinstance(cause, RequestRefused):
             return APIError(400, str(cause.args[0] if cause.args else cause))
-        if isinstance(cause, UnknownDocument):
-            return APIError(404, str(cause), type="not_found_error", param="doc_id", code="document_not_found")
         if isinstance(cause, (PageUnavailable, EngineDead)):  # the server's state, not the request's fault
             return APIError(503, f"{what}: {cause}", type="server_error")
         log.error("%s failed: %r", what, e)
@@ -488,6 +542,9 @@ class Ingress:
         started = time.monotonic()
         retrieval = await self._await(self.retriever.search.remote(req.question, k, min(k, self.s.docqa_read_pages),
                                                                     req.doc_id), "the retriever", deadline)
+        if retrieval is None:
+            raise APIError(404, f"doc_id {req.doc_id!r}: the index this server answers from holds no page of that "
+                           "document", type="not_found_error", param="doc_id", code="document_not_found")
         retrieved = time.monotonic()
         s = self.s.docqa_sampling
         params = GenerationParams(max_tokens=req.max_tokens or s.max_tokens, temperature=s.temperature, top_p=s.top_p,

@@ -69,6 +69,18 @@ def feedback_body_limit(cfg: FeedbackConfig, max_request_bytes: int) -> int:
     return min(max_request_bytes, 12 * (cfg.max_correction_chars + cfg.max_comment_chars + MAX_RESPONSE_ID_CHARS) + 4096)
 
 
+def feedback_body_schema(cfg: FeedbackConfig | None = None) -> dict:
+    """The JSON schema of a POST /v1/feedback body (FeedbackIn), for the OpenAPI description."""
+    cfg = cfg or FeedbackConfig()
+    return {"type": "object", "additionalProperties": False, "required": ["response_id", "rating"], "properties": {
+        "response_id": {"type": "string", "maxLength": MAX_RESPONSE_ID_CHARS,
+                        "description": "the `id` of a /v1/chat/completions or /v1/docqa answer"},
+        "rating": {"type": "string", "enum": ["up", "down"]},
+        "correction": {"type": ["string", "null"], "maxLength": cfg.max_correction_chars,
+                       "description": "the right answer (a down-vote's correction)"},
+        "comment": {"type": ["string", "null"], "maxLength": cfg.max_comment_chars}}}
+
+
 def feedback_api_error(e: FeedbackError) -> APIError:
     type_, code = _ERROR_KINDS.get(e.status, ("invalid_request_error", None))
     return APIError(e.status, e.message, type=type_, code=code)

@@ -376,6 +376,42 @@ def test_refusals_have_their_status_and_the_openai_error_shape(app):
             "/feedback", cast_to=object, body={"response_id": rid, "rating": "up"})
 
 
+NASTY = "'); DROP TABLE feedback; -- \"%s\" \u00e9\u4e2d\U0001F600 {{7*7}} <script>alert(1)</script> \\x00"
+
+
+def test_hostile_text_is_stored_and_exported_verbatim_and_bad_bytes_are_refused(app, feedback_apps, tmp_path):
+    """SQL and template metacharacters, quotes, emoji and markup in a question and a correction go
+    through the API, the store and `docrl feedback export` unchanged; a body that is not UTF-8 is a
+    400 and one of 1 MB a 413, both naming the problem, and neither leaves a row behind."""
+    from cluster.cli import main
+    from docvqa.loaders import load_docvqa_json
+
+    since = datetime.now(timezone.utc)
+    answer = _docqa(app, NASTY)
+    correction = NASTY[::-1]
+    r = _rate(app, answer["id"], "down", correction=correction, comment=NASTY)
+    assert r.status_code == 200, r.text
+    stored = _wait_until(lambda: _store(app).feedback(since=since), 30, "the rating stored")
+    assert [(x.interaction.question, x.feedback.correction, x.feedback.comment) for x in stored] == [
+        (NASTY, correction, NASTY)]
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    not_utf8 = b'{"response_id": "' + answer["id"].encode() + b'", "rating": "down", "correction": "\xff\xfe\xc3("}'
+    r = httpx.post(app["url"] + "/v1/feedback", content=not_utf8, headers=headers, timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"], r.text
+    r = _rate(app, answer["id"], "down", correction="x" * 2**20)
+    assert r.status_code == 413 and f"limit of {BODY_LIMIT} bytes" in r.json()["error"]["message"], r.text
+    r = httpx.post(app["url"] + "/v1/docqa", content=b'{"question": "\\ud800 a lone surrogate"}', headers=headers,
+                   timeout=60)  # valid JSON, not valid text: answered or refused, never a 500
+    assert r.status_code in (200, 400), r.text
+    assert [x.feedback.correction for x in _store(app).feedback(since=since)] == [correction]
+
+    out = tmp_path / "export"
+    assert main(["feedback", "export", "--since", since.isoformat(), "--index", str(feedback_apps["index"]), str(out),
+                 f"feedback.database_url={app['db_url']}", f"run.output_dir={feedback_apps['work']}"]) == 0
+    exported = load_docvqa_json(out / "train.json").samples
+    assert [(x.question, x.answers) for x in exported] == [(NASTY, (correction,))]
+
+
 def test_duplicates_and_down_votes_follow_the_feedback_config(app):
     import openai
 

@@ -343,6 +343,41 @@ def test_body_that_is_not_json_or_too_large_is_refused(served):
     assert r.status_code == 413 and "serve.limits.max_request_bytes" in r.json()["error"]["message"]
 
 
+# Examples per endpoint and key setting: about 250 requests in all by default. The run recorded in
+# benchmarks/RESULTS.md sets DOCRL_FUZZ_EXAMPLES=100 (over 2,000 requests).
+FUZZ_EXAMPLES = int(os.environ.get("DOCRL_FUZZ_EXAMPLES", "12"))
+
+
+@pytest.mark.parametrize("key", [API_KEY, None], ids=["with the key", "without the key"])
+def test_requests_generated_from_the_openapi_schema_get_no_5xx_and_match_it(served, key):
+    """schemathesis generates requests for every endpoint of /openapi.json (bodies, queries, path
+    parameters: valid ones and, from the schema's edges, invalid ones) and checks every answer:
+    no 5xx, and the status code, content type and body are ones the schema describes."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance
+
+    spec = httpx.get(served["url"] + "/openapi.json", timeout=30).json()
+    schema = schemathesis.openapi.from_dict(spec)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    sent: dict[str, int] = {}
+    for found in schema.get_all_operations():
+        operation = found.ok()
+
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def exercise(case):
+            response = case.call(base_url=served["url"], headers=headers, timeout=60)
+            sent[operation.label] = sent.get(operation.label, 0) + 1
+            case.validate_response(response, checks=[not_a_server_error, content_type_conformance,
+                                                     response_schema_conformance], headers=headers)
+
+        exercise()
+    assert len(sent) == sum(len(operations) for operations in spec["paths"].values()) >= 11, sent  # every endpoint
+    print(f"fuzzed {sum(sent.values())} requests {'with' if key else 'without'} the key: {sent}")
+
+
 def test_serve_deploy_yaml_builds_the_same_application(tiny_models):
     """The shipped `serve deploy` file is a valid Serve config whose builder args name this module."""
     from pathlib import Path
