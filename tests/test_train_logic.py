@@ -114,3 +114,37 @@ def test_heldout_metrics_count_every_question_and_skipped_ones_score_zero():
     assert scored.kept() == [0, 1, 2]
     nothing = ScoredRollouts(questions[:2], [(), ()], skipped={0: "x", 1: "y"})
     assert heldout_metrics(nothing)["eval/mean"] == 0.0 and "eval/anls" not in heldout_metrics(nothing)
+
+
+def test_a_process_death_on_a_live_node_is_not_waited_on_as_a_lost_node():
+    """A role's process that died while its node lived on (Ray: "its worker process has died") must
+    not make the driver wait NODE_DEATH_WAIT_S (45 s) for a node death that will not come; a closed
+    connection still does."""
+    from cluster.train import _peer_lost
+    from learner.group import LearnerRankLost
+
+    process_died = RuntimeError("The actor died unexpectedly before finishing this task.\n\tpid: 7\n"
+                                "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR")
+    lost = LearnerRankLost("learner group: PPO update: rank 1 died on node 10.0.0.2", rank=1, node_alive=True)
+    lost.__cause__ = process_died
+    assert not _peer_lost(process_died) and not _peer_lost(lost)
+    assert _peer_lost(ConnectionError("Connection reset by peer")) and _peer_lost(RuntimeError("x ActorDiedError y"))
+
+
+def test_a_learner_rank_lost_says_where_the_run_continues_from(tmp_path):
+    """The driver adds to a learner rank's death the step it was in and the checkpoint to resume."""
+    from types import SimpleNamespace
+
+    from cluster.checkpoint import CheckpointManager
+    from cluster.train import Trainer
+    from learner.group import LearnerRankLost
+
+    driver = SimpleNamespace(step=4, _saved_step=4, checkpoints=CheckpointManager(tmp_path / "checkpoints"))
+    driver._stops_at = lambda: Trainer._stops_at(driver)
+    died = LearnerRankLost("learner group: PPO update: rank 1 died on node 127.0.0.1 (pid 9)", rank=1, node_alive=True)
+    with pytest.raises(LearnerRankLost) as raised:
+        Trainer._name_lost_rank(driver, died)
+    assert raised.value.rank == 1 and raised.value.__cause__ is died
+    assert str(raised.value) == (f"{died} (during step 5; the run stops: checkpoint of step 4 in {tmp_path / 'checkpoints'}; "
+                                 "continue with --resume)")
+    Trainer._name_lost_rank(driver, RuntimeError("anything else"))  # not a rank's death: left as it is
