@@ -123,8 +123,11 @@ def test_a_process_death_on_a_live_node_is_not_waited_on_as_a_lost_node():
     from cluster.train import _peer_lost
     from learner.group import LearnerRankLost
 
-    process_died = RuntimeError("The actor died unexpectedly before finishing this task.\n\tpid: 7\n"
-                                "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR")
+    from ray.exceptions import ActorDiedError
+
+    process_died = ActorDiedError()  # as Ray 2.60 words a SIGKILLed actor's death (seen in tests/test_learner_group.py)
+    process_died.error_msg = ("The actor died unexpectedly before finishing this task.\n\tpid: 7\n\tip: 127.0.0.1\n"
+                              "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR")
     lost = LearnerRankLost("learner group: PPO update: rank 1 died on node 10.0.0.2", rank=1, node_alive=True)
     lost.__cause__ = process_died
     assert not _peer_lost(process_died) and not _peer_lost(lost)
