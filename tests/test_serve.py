@@ -286,6 +286,20 @@ def test_unauthorized_requests_get_401(served):
     assert httpx.get(served["url"] + "/one/v1/models", timeout=30).status_code == 200  # that app has no key
 
 
+def test_paths_and_methods_that_match_no_endpoint_get_the_api_error_shape(served):
+    """Found by fuzzing: a page id holding an encoded newline matches no route (`{page_id:path}`
+    stops at a newline), and FastAPI answered with its own `{"detail": "Not Found"}`, a body the
+    API's description does not allow; so did any unknown path or method."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for method, path, status in (("GET", "/v1/pages/a%0Ab/image", 404), ("GET", "/v1/nothing", 404),
+                                 ("DELETE", "/v1/docqa", 405)):
+        r = httpx.request(method, served["url"] + path, headers=headers, timeout=30)
+        assert r.status_code == status, (path, r.text)
+        error = r.json()["error"]
+        assert error["message"].startswith("no endpoint at /v1/" if status == 404 else "method DELETE is not allowed on"), error
+        assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
 def _image_message(url):
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]
 
