@@ -99,6 +99,18 @@ def _assert_same_step(expected: dict, again: dict) -> None:
     assert not differ, differ
 
 
+def _resume_to_step_2(overrides: list[str]) -> None:
+    """`docrl train --resume`, in this process: the run finishes step 2, and every update reaches the rollout."""
+    from cluster.train import Trainer
+
+    resumed = Trainer(load_config(None, overrides))
+    try:
+        resumed.run(resume=True)
+        assert resumed.step == 2 and resumed.learner.version == 2 == resumed.rollout.version
+    finally:
+        resumed.shutdown()
+
+
 def test_two_steps_over_an_epoch_boundary_then_an_interrupt_and_an_exact_resume(uninterrupted, tiny_models, tmp_path):
     from cluster.train import Trainer
 
@@ -126,12 +138,7 @@ def test_two_steps_over_an_epoch_boundary_then_an_interrupt_and_an_exact_resume(
         interrupted.shutdown()
     assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["step-00000001"]
     assert [r["step"] for r in _step_rows(second)] == [1]
-    resumed = Trainer(load_config(None, overrides))
-    try:
-        resumed.run(resume=True)
-        assert resumed.step == 2 and resumed.learner.version == 2 == resumed.rollout.version
-    finally:
-        resumed.shutdown()
+    _resume_to_step_2(overrides)
     _assert_same_step(steps[1], _step_rows(second)[-1])
 
 
@@ -155,7 +162,6 @@ def test_the_driver_sigkilled_at_five_points_of_a_step_always_resumes_from_a_com
     import sys
 
     from cluster.checkpoint import MARKER, CheckpointManager
-    from cluster.train import Trainer
 
     overrides = _overrides(tmp_path, tiny_models, *EPOCH_BOUNDARY)
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
@@ -173,12 +179,7 @@ def test_the_driver_sigkilled_at_five_points_of_a_step_always_resumes_from_a_com
         assert sorted(p.name for p in latest.iterdir()) == [MARKER, "driver.json", "learner", "policy"]
         assert json.loads((latest / "driver.json").read_text())["step"] == 1
         assert (tmp_path / "checkpoints" / ".tmp-step-00000002").exists() == (point == "checkpoint")
-    resumed = Trainer(load_config(None, overrides))
-    try:
-        resumed.run(resume=True)
-        assert resumed.step == 2 and resumed.learner.version == 2 == resumed.rollout.version
-    finally:
-        resumed.shutdown()
+    _resume_to_step_2(overrides)
     steps = _step_rows(tmp_path)
     assert [r["step"] for r in steps] == [1, 2]
     _assert_same_step(uninterrupted.steps[0], steps[0])
