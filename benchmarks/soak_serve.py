@@ -49,6 +49,12 @@ LATENCY_BAND = 0.20  # p50 / p95 of each window within this fraction of the firs
 RSS_GROWTH_LIMIT = 0.05  # total resident memory after the first window may grow this much
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The value at fraction `q` of the sorted values (NaN for none)."""
+    xs = sorted(values)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
 @dataclass
 class Window:
     start_s: float
@@ -61,8 +67,7 @@ class Window:
     load: float = 0.0
 
     def pct(self, q: float) -> float:
-        xs = sorted(self.latencies)
-        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+        return percentile(self.latencies, q)
 
     @property
     def answered_per_s(self) -> float:
@@ -230,10 +235,6 @@ async def overload(url: str, burst: int, rounds: int, image: str, max_tokens: in
 
 
 def overload_report(outcomes: list[tuple[int, float, bool]], max_ongoing: int) -> list[str]:
-    def pct(xs, q):
-        xs = sorted(xs)
-        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
-
     answered = [t for status, t, _ in outcomes if status == 200]
     refused = [t for status, t, retry in outcomes if status == 503 and retry]
     other = [(status, retry) for status, _, retry in outcomes if status != 200 and not (status == 503 and retry)]
@@ -243,8 +244,8 @@ def overload_report(outcomes: list[tuple[int, float, bool]], max_ongoing: int) -
           "answer p50 / p95 / max ms |")
     print("|---:|---:|---:|---:|---|---|")
     print(f"| {len(outcomes)} | {len(answered)} | {len(refused)} | {len(other)} | "
-          f"{1000 * pct(refused, 0.5):.0f} / {1000 * pct(refused, 0.95):.0f} / {1000 * max(refused, default=0):.0f} | "
-          f"{1000 * pct(answered, 0.5):.0f} / {1000 * pct(answered, 0.95):.0f} / {1000 * max(answered, default=0):.0f} |")
+          f"{1000 * percentile(refused, 0.5):.0f} / {1000 * percentile(refused, 0.95):.0f} / {1000 * max(refused, default=0):.0f} | "
+          f"{1000 * percentile(answered, 0.5):.0f} / {1000 * percentile(answered, 0.95):.0f} / {1000 * max(answered, default=0):.0f} |")
     missed = []
     if other:
         missed.append(f"{len(other)} answers neither 200 nor 503 with Retry-After: {other[:5]}")

@@ -349,9 +349,9 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 async def _no_such_endpoint(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """FastAPI's own refusals (no route for the path, a method the route lacks) in the API's error shape."""
     what = {404: "no endpoint at", 405: f"method {request.method} is not allowed on"}.get(exc.status_code, "refused:")
-    error = APIError(exc.status_code, f"{what} {request.url.path}",
-                     type="not_found_error" if exc.status_code == 404 else "invalid_request_error")
-    return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    return await _api_error(request, APIError(exc.status_code, f"{what} {request.url.path}",
+                                              type="not_found_error" if exc.status_code == 404 else "invalid_request_error",
+                                              headers=dict(exc.headers or {})))
 
 
 REPLICA_LOST_RETRY_AFTER_S = 2  # a request that died with its replica; its retry queues for the replacement

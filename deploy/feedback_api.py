@@ -69,9 +69,10 @@ def feedback_body_limit(cfg: FeedbackConfig, max_request_bytes: int) -> int:
     return min(max_request_bytes, 12 * (cfg.max_correction_chars + cfg.max_comment_chars + MAX_RESPONSE_ID_CHARS) + 4096)
 
 
-def feedback_body_schema(cfg: FeedbackConfig | None = None) -> dict:
-    """The JSON schema of a POST /v1/feedback body (FeedbackIn), for the OpenAPI description."""
-    cfg = cfg or FeedbackConfig()
+def feedback_body_schema() -> dict:
+    """The JSON schema of a POST /v1/feedback body (FeedbackIn), for the OpenAPI description, with
+    the feedback section's default limits (a server configured lower answers longer texts 422)."""
+    cfg = FeedbackConfig()
     return {"type": "object", "additionalProperties": False, "required": ["response_id", "rating"], "properties": {
         "response_id": {"type": "string", "maxLength": MAX_RESPONSE_ID_CHARS,
                         "description": "the `id` of a /v1/chat/completions or /v1/docqa answer"},

@@ -142,8 +142,7 @@ class LearnerGroup:
         for info in infos:
             local_ranks.append(seen.get(info["node_id"], 0))
             seen[info["node_id"]] = local_ranks[-1] + 1
-        self.rank_nodes = [i["node_id"] for i in infos]
-        self.rank_infos = infos
+        self.rank_infos = infos  # node id, address and pid of each rank: what a failure names
         self._get([r.setup.remote(policy, cfg, self.algo, rank, cfg.num_ranks, local_ranks[rank],
                                   master_addr, master_port, self.seed, threads, self.sampling_temperature)
                    for rank, r in enumerate(self.ranks)],
