@@ -49,3 +49,58 @@ def page(synthetic_corpus):
 
     ds = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
     return ds.pages[ds.samples[0].gold_page]
+
+
+LAST_SERVE_USER = pytest.StashKey[str]()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Note the last test of the last module that uses the shared models (its module fixtures,
+    which delete that module's applications, end with it)."""
+    users = [item for item in items if "served_models" in getattr(item, "fixturenames", ())]
+    if users:
+        module = users[-1].nodeid.split("::")[0]
+        config.stash[LAST_SERVE_USER] = [item.nodeid for item in items if item.nodeid.split("::")[0] == module][-1]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Serve, with the shared models, ends after the last test that uses it (not at the end of the
+    session): the tests after it get the whole Ray cluster, as if Serve had never run."""
+    if item.config.stash.get(LAST_SERVE_USER, None) == item.nodeid:
+        from ray import serve
+
+        serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served_models(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
+    """Serve on 127.0.0.1 with the shared models (tests/serving.py): the tiny retriever over an
+    index of the corpus's first six pages (by id), and the tiny policy with a random LoRA adapter
+    (weights version 3). Started at the first test that needs it; Serve is shut down at the end."""
+    from ray import serve
+    from serving import COMMON_OVERRIDES, SHARED_MODELS, lora_checkpoint, page_index
+
+    from cluster.config import load_config
+    from common.ray_helpers import free_port
+    from deploy.app import build_application, wait_until_running
+    from docvqa.loaders import load_docvqa_json
+
+    work = tmp_path_factory.mktemp("served-models")
+    checkpoint = lora_checkpoint(str(tiny_models["policy"]), work, version=3)
+    corpus = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
+    pages = sorted(corpus.pages.values(), key=lambda p: p.page_id)[:6]
+    index = page_index(str(tiny_models["retriever"]), pages, work / "index")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        cfg = load_config(None, [f"run.output_dir={work}", f"retriever.model={tiny_models['retriever']}",
+                                 f"serve.port={port}", *COMMON_OVERRIDES])
+        serve.run_many([serve.api.RunTarget(build_application(cfg, str(checkpoint), str(index)), name=SHARED_MODELS,
+                                            route_prefix=f"/{SHARED_MODELS}")],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        wait_until_running([SHARED_MODELS], timeout_s=300)
+        yield {"port": port, "url": f"http://127.0.0.1:{port}", "work": work, "checkpoint": checkpoint, "index": index,
+               "pages": pages}
+    finally:
+        serve.shutdown()

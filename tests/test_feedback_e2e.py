@@ -3,10 +3,10 @@ loopback (the real `openai` client and httpx) are recorded, rated through POST /
 exported by `docrl feedback export` in the DocVQA layout, read back by `load_docvqa_json`, and
 trained on by `cluster.train.Trainer` (mixed into the main data through `data.extra_sources`).
 
-One Serve application starts the models (retriever + policy) with an SQLite feedback store at /;
-a second application at /pg is an ingress alone, over the same models (`build_application(...,
-share_models_of=...)`), with a PostgreSQL store (tests/pg_server.py; skipped without a server,
-failed under DOCRL_REQUIRE_POSTGRES=1). The two stores have opposite policies, so each rule is
+Two ingress applications over the session's shared models (retriever + policy, tests/serving.py;
+`build_application(..., share_models_of=...)`): one with an SQLite feedback store at /, one at /pg
+with a PostgreSQL store (tests/pg_server.py; skipped without a server, failed under
+DOCRL_REQUIRE_POSTGRES=1). The two stores have opposite policies, so each rule is
 seen both ways: SQLite replaces duplicate ratings and takes down-votes without a correction;
 PostgreSQL refuses duplicates (409) and requires a correction on down-votes (422). One training
 run reads the exports of both backends. The PostgreSQL database is taken offline last: answering
@@ -26,9 +26,7 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 from pg_server import admin_execute, create_database, drop_database, postgres_server  # noqa: F401 - fixture
-from test_serve import API_KEY, KEY_ENV, _png_data_url, lora_checkpoint, page_index
-
-from common.ray_helpers import free_port
+from serving import API_KEY, COMMON_OVERRIDES, KEY_ENV, SHARED_MODELS, delete_apps, png_data_url, replica_pids
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
@@ -55,25 +53,18 @@ def postgres_db(request):
 
 
 @pytest.fixture(scope="module")
-def feedback_apps(ray_cluster, tiny_models, synthetic_corpus, postgres_db, tmp_path_factory):
-    import os
-
+def feedback_apps(served_models, tiny_models, postgres_db):
     from ray import serve
 
     from cluster.config import load_config
     from deploy.app import build_application, wait_until_running
-    from docvqa.loaders import load_docvqa_json
 
-    work = tmp_path_factory.mktemp("feedback-e2e")
-    checkpoint = lora_checkpoint(str(tiny_models["policy"]), work, version=3)
-    corpus = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
-    pages = sorted(corpus.pages.values(), key=lambda p: p.page_id)[:6]
-    index = page_index(str(tiny_models["retriever"]), pages, work / "index")
-
+    work = served_models["work"] / "feedback-e2e"
+    work.mkdir()
+    checkpoint, index = served_models["checkpoint"], served_models["index"]
     os.environ[KEY_ENV] = API_KEY
-    port = free_port()
-    common = [f"run.output_dir={work}", f"retriever.model={tiny_models['retriever']}", "rollout.max_model_len=1024",
-              "serve.retriever.num_cpus=0.5", "serve.policy.num_cpus=1", "serve.request_timeout_s=60",
+    port = served_models["port"]
+    common = [f"run.output_dir={work}", f"retriever.model={tiny_models['retriever']}", *COMMON_OVERRIDES,
               f"serve.port={port}", f"serve.api_key_env={KEY_ENV}", "retriever.top_k=3",
               "serve.limits.max_request_bytes=262144", "serve.limits.max_image_pixels=250000",
               "serve.limits.max_tokens=64", "serve.default_max_tokens=8", "serve.feedback_metrics_interval_s=1",
@@ -84,28 +75,27 @@ def feedback_apps(ray_cluster, tiny_models, synthetic_corpus, postgres_db, tmp_p
         return [f"feedback.{k}={str(v).lower()}" for k, v in RULES[backend].items()]
 
     sqlite_url = f"sqlite:///{work / 'sqlite' / 'feedback.db'}"
-    apps: dict = {"sqlite": {"backend": "sqlite", "url": f"http://127.0.0.1:{port}", "db_url": sqlite_url, "prefix": ""}}
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    apps: dict = {"sqlite": {"backend": "sqlite", "url": served_models["url"], "db_url": sqlite_url, "prefix": ""}}
+    deployed = ["fb-sqlite"]
     try:
         cfg = load_config(None, common + rules("sqlite") + [f"feedback.database_url={sqlite_url}"])
-        serve.run_many([serve.api.RunTarget(build_application(cfg, str(checkpoint), str(index)), name="fb-sqlite",
-                                            route_prefix="/")],
-                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-        wait_until_running(["fb-sqlite"], timeout_s=300)
+        targets = [serve.api.RunTarget(build_application(cfg, str(checkpoint), "", share_models_of=SHARED_MODELS),
+                                       name="fb-sqlite", route_prefix="/")]
         if isinstance(postgres_db, BaseException):
             apps["postgresql"] = postgres_db
         else:
             cfg = load_config(None, common + rules("postgresql") + [f"feedback.database_url={postgres_db['url']}"])
-            app = build_application(cfg, str(checkpoint), str(index), share_models_of="fb-sqlite")
-            serve.run_many([serve.api.RunTarget(app, name="fb-pg", route_prefix="/pg")],
-                           wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-            wait_until_running(["fb-pg"], timeout_s=120)
-            apps["postgresql"] = {"backend": "postgresql", "url": f"http://127.0.0.1:{port}/pg", "prefix": "/pg",
+            targets.append(serve.api.RunTarget(build_application(cfg, str(checkpoint), "", share_models_of=SHARED_MODELS),
+                                               name="fb-pg", route_prefix="/pg"))
+            deployed.append("fb-pg")
+            apps["postgresql"] = {"backend": "postgresql", "url": f"{served_models['url']}/pg", "prefix": "/pg",
                                   "db_url": postgres_db["url"], "server": postgres_db["server"]}
+        serve.run_many(targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        wait_until_running(deployed, timeout_s=300)
         yield {"work": work, "index": index, "checkpoint": checkpoint, "apps": apps, "exports": {},
                "serve_cfg": load_config(None, common + rules("sqlite") + [f"feedback.database_url={sqlite_url}"]).serve}
     finally:
-        serve.shutdown()
+        delete_apps(*deployed)
 
 
 def _app(feedback_apps, backend: str) -> dict:
@@ -166,7 +156,7 @@ def _wait_until(condition, timeout_s: float, what: str, every_s: float = 0.25):
 
 
 def _image(color) -> tuple[str, bytes]:
-    url = _png_data_url(size=(64, 48), color=color)
+    url = png_data_url(size=(64, 48), color=color)
     return url, base64.b64decode(url.split(",", 1)[1])
 
 
@@ -493,8 +483,8 @@ def test_feedback_disabled_or_misconfigured(feedback_apps, tiny_models):
                             ("feedback.database_url=not a url", "is not a database URL"),
                             ("feedback.password_env=DOCRL_TEST_FEEDBACK_PASSWORD_UNSET", "is not set")]:
         with pytest.raises(ValueError, match=re.escape(words)):
-            build_application(load_config(None, base + [override]), ckpt, index, share_models_of="fb-sqlite")
-    app = build_application(load_config(None, base + ["feedback.enabled=false"]), ckpt, index, share_models_of="fb-sqlite")
+            build_application(load_config(None, base + [override]), ckpt, index, share_models_of=SHARED_MODELS)
+    app = build_application(load_config(None, base + ["feedback.enabled=false"]), ckpt, index, share_models_of=SHARED_MODELS)
     serve.run_many([serve.api.RunTarget(app, name="fb-off", route_prefix="/off")],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     try:
@@ -554,16 +544,6 @@ def test_database_outage_does_not_fail_answers_and_shows_in_stats(feedback_apps)
         assert _rate(app, rid, "up").status_code == 200
 
 
-def _replica_pids(app_name: str) -> dict[int, str]:
-    """pid -> deployment of the application's live Serve replicas (from the GCS's actor table:
-    ray.util.state needs the dashboard, which the test cluster lacks)."""
-    from ray._private.state import actors
-
-    prefix = f"ServeReplica:{app_name}:"
-    return {a["Pid"]: a["ActorClassName"][len(prefix):] for a in actors().values()
-            if a["ActorClassName"].startswith(prefix) and a["State"] == "ALIVE"}
-
-
 def test_two_minutes_of_load_at_concurrency_32_answer_everything_and_record_it_once(feedback_apps, synthetic_corpus):
     """The soak benchmark's load (benchmarks/soak_serve.py: document questions, chats with an image
     and ratings of the answers, 32 clients without pause), 2 minutes in 30-second windows against
@@ -585,7 +565,7 @@ def test_two_minutes_of_load_at_concurrency_32_answer_everything_and_record_it_o
 
     def replicas_rss_mb() -> dict[str, float]:
         found: dict[str, float] = {}
-        for pid, deployment in _replica_pids("fb-sqlite").items():
+        for pid, deployment in replica_pids("fb-sqlite", SHARED_MODELS).items():
             found[deployment] = found.get(deployment, 0.0) + int(open(f"/proc/{pid}/statm").read().split()[1]) * page_mb
         return found
 
@@ -619,7 +599,7 @@ def test_a_policy_replica_killed_under_load_costs_only_the_requests_in_flight(fe
     app = _app(feedback_apps, "sqlite")
 
     def policy_replica_pids() -> list[int]:
-        return [pid for pid, deployment in _replica_pids("fb-sqlite").items() if deployment == "policy"]
+        return [pid for pid, deployment in replica_pids("fb-sqlite", SHARED_MODELS).items() if deployment == "policy"]
 
     replicas = policy_replica_pids()
     assert len(replicas) == 1, replicas

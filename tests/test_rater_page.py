@@ -175,44 +175,38 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rater_app(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
-    """One Serve application with a key and an SQLite feedback store, whose database already holds
-    a week of rated answers of two earlier model versions (so the chart has history)."""
+def rater_app(served_models, tiny_models):
+    """An ingress over the session's shared models (tests/serving.py) with a key and an SQLite
+    feedback store, whose database already holds a week of rated answers of two earlier model
+    versions (so the chart has history)."""
     from ray import serve
-    from test_serve import lora_checkpoint, page_index
+    from serving import COMMON_OVERRIDES, SHARED_MODELS, delete_apps
 
     from cluster.config import load_config
-    from common.ray_helpers import free_port
     from deploy.app import build_application, wait_until_running
-    from docvqa.loaders import load_docvqa_json
 
-    work = tmp_path_factory.mktemp("rater")
-    checkpoint = lora_checkpoint(str(tiny_models["policy"]), work, version=3)
-    corpus = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
-    pages = sorted(corpus.pages.values(), key=lambda p: p.page_id)[:6]
-    index = page_index(str(tiny_models["retriever"]), pages, work / "index")
+    work = served_models["work"] / "rater"
+    work.mkdir()
+    checkpoint, index, pages = served_models["checkpoint"], served_models["index"], served_models["pages"]
     db_url = f"sqlite:///{work / 'feedback.db'}"
     _earlier_versions(db_url, [p.page_id for p in pages])
 
     os.environ[KEY_ENV] = API_KEY
-    port = free_port()
-    overrides = [f"run.output_dir={work}", f"retriever.model={tiny_models['retriever']}", "rollout.max_model_len=1024",
-                 "serve.retriever.num_cpus=0.5", "serve.policy.num_cpus=1", "serve.request_timeout_s=60",
-                 f"serve.port={port}", f"serve.api_key_env={KEY_ENV}", "retriever.top_k=3",
+    overrides = [f"run.output_dir={work}", f"retriever.model={tiny_models['retriever']}", *COMMON_OVERRIDES,
+                 f"serve.port={served_models['port']}", f"serve.api_key_env={KEY_ENV}", "retriever.top_k=3",
                  "serve.limits.max_request_bytes=1048576", "serve.limits.max_image_pixels=250000",
                  "serve.limits.max_tokens=64", "serve.default_max_tokens=8", "rollout.eval_sampling.max_tokens=8",
                  f"feedback.database_url={db_url}", "feedback.flush_interval_s=0.2"]
     cfg = load_config(None, overrides)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        app = build_application(cfg, str(checkpoint), str(index))
+        app = build_application(cfg, str(checkpoint), "", share_models_of=SHARED_MODELS)
         serve.run_many([serve.api.RunTarget(app, name="rater", route_prefix="/")],
                        wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
         wait_until_running(["rater"], timeout_s=300)
-        yield {"url": f"http://127.0.0.1:{port}", "db_url": db_url, "work": work, "index": index,
+        yield {"url": served_models["url"], "db_url": db_url, "work": work, "index": index,
                "checkpoint": str(checkpoint), "pages": [p.page_id for p in pages], "cfg": cfg}
     finally:
-        serve.shutdown()
+        delete_apps("rater")
 
 
 def _earlier_versions(db_url: str, page_ids: list[str]) -> None:

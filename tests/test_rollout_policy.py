@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_serve import lora_checkpoint
+from serving import lora_checkpoint
 
 from learner.types import ExportedWeights
 from rollout.parity import perturbed_state_dict

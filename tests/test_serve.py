@@ -1,111 +1,69 @@
-"""The Ray Serve endpoint, end to end on loopback: two applications in the shared Ray cluster, one
-serving a LoRA checkpoint over a multi-page index, one a merged (full) checkpoint over a one-page
-index, driven with the real `openai` client and plain HTTP."""
+"""The Ray Serve endpoint, end to end on loopback: applications in the shared Ray cluster, one
+serving a LoRA checkpoint over a multi-page index (the session's shared models, tests/serving.py),
+one a merged (full) checkpoint over a one-page index, driven with the real `openai` client and
+plain HTTP."""
 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from PIL import Image
 
-from common.ray_helpers import free_port
+from serving import API_KEY, COMMON_OVERRIDES, KEY_ENV, SHARED_MODELS, delete_apps, png_data_url
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
-API_KEY = "test-key-not-secret"
-KEY_ENV = "DOCRL_TEST_SERVE_KEY"
-
-
-def _png_data_url(size=(64, 48), color="white") -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def lora_checkpoint(policy: str, work, version: int = 3):
-    """A training checkpoint holding a random LoRA adapter (rank 8) on the tiny policy."""
-    import torch
-    from transformers import Qwen2VLForConditionalGeneration
-
-    from learner.types import ExportedWeights
-    from rollout.parity import random_lora_adapter
-    from rollout.policy import write_policy
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(policy, dtype=torch.float32)
-    random_lora_adapter(model, work / "adapter", r=8)
-    write_policy(work / "lora-ckpt" / "policy", policy, ExportedWeights(version, "lora", adapter_dir=str(work / "adapter")),
-                 step=version)
-    return work / "lora-ckpt"
-
-
-def page_index(retriever_model: str, pages, out):
-    """A page index of `pages`, built as `docrl index` does."""
-    from retriever.config import RetrieverConfig
-    from retriever.group import RetrieverGroup
-
-    group = RetrieverGroup(retriever_model, RetrieverConfig(model=retriever_model, num_cpus_per_actor=0.5))
-    group.build(pages, out)
-    group.shutdown()
-    return out
-
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
-    """Checkpoints and indexes built once; both applications started together; Serve shut down at the end."""
+def served(served_models, tiny_models):
+    """The session's shared models behind this module's ingress (LoRA checkpoint, six-page index, an
+    API key); a second application with its own models (a full checkpoint over a one-page index);
+    a third ingress over the shared models that takes one request at a time. Deleted at the end."""
     from ray import serve
 
     from cluster.config import load_config
     from deploy.app import build_application, wait_until_running
-    from docvqa.loaders import load_docvqa_json
     from learner.types import ExportedWeights
     from retriever.index import load_index, save_index
     from rollout.parity import perturbed_state_dict
     from rollout.policy import write_policy
 
-    work = tmp_path_factory.mktemp("serve")
+    work = served_models["work"] / "serve"
+    work.mkdir()
     policy = str(tiny_models["policy"])
-    lora_checkpoint(policy, work, version=3)
     write_policy(work / "full-ckpt" / "policy", policy,
                  ExportedWeights(5, "full", tensors=perturbed_state_dict(policy, scale=0.1)), step=5)
-
-    corpus = load_docvqa_json(synthetic_corpus / "train_v1.0.json")
-    pages = sorted(corpus.pages.values(), key=lambda p: p.page_id)
-    page_index(str(tiny_models["retriever"]), pages[:6], work / "index")
-    save_index(load_index(work / "index", page_range=(0, 1)), work / "one-page-index")  # its first page alone
+    pages = served_models["pages"]
+    save_index(load_index(served_models["index"], page_range=(0, 1)), work / "one-page-index")  # its first page alone
 
     os.environ[KEY_ENV] = API_KEY
-    common = [f"run.output_dir={work}", f"retriever.model={tiny_models['retriever']}", "rollout.max_model_len=1024",
-              "serve.retriever.num_cpus=0.5", "serve.policy.num_cpus=1", "serve.request_timeout_s=60",
-              "serve.limits.max_request_bytes=262144", "serve.limits.max_images_per_request=2",
+    port = served_models["port"]
+    common = [f"run.output_dir={work}", f"retriever.model={tiny_models['retriever']}", *COMMON_OVERRIDES,
+              f"serve.port={port}", "serve.limits.max_request_bytes=262144", "serve.limits.max_images_per_request=2",
               "serve.limits.max_image_pixels=250000", "serve.limits.max_tokens=64", "serve.default_max_tokens=8"]
-    port = free_port()
-    cfg = load_config(None, common + [f"serve.port={port}", f"serve.api_key_env={KEY_ENV}", "retriever.top_k=3"])
-    one_cfg = load_config(None, common + [f"serve.port={port}"])
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run_many([serve.api.RunTarget(build_application(cfg, str(work / "lora-ckpt"), str(work / "index")),
+    cfg = load_config(None, common + [f"serve.api_key_env={KEY_ENV}", "retriever.top_k=3"])
+    one_cfg = load_config(None, common)
+    # an ingress over the shared models that takes one request at a time and queues one more
+    busy_cfg = load_config(None, common + ["serve.ingress.max_ongoing_requests=1", "serve.ingress.max_queued_requests=1",
+                                           "serve.ingress.retry_after_s=2"])
+    checkpoint = str(served_models["checkpoint"])
+    serve.run_many([serve.api.RunTarget(build_application(cfg, checkpoint, "", share_models_of=SHARED_MODELS),
                                         name="docrl", route_prefix="/"),
                     serve.api.RunTarget(build_application(one_cfg, str(work / "full-ckpt"), str(work / "one-page-index")),
-                                        name="docrl-one", route_prefix="/one")],
+                                        name="docrl-one", route_prefix="/one"),
+                    serve.api.RunTarget(build_application(busy_cfg, str(work / "full-ckpt"), "", share_models_of=SHARED_MODELS),
+                                        name="docrl-busy", route_prefix="/busy")],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     try:
-        wait_until_running(["docrl", "docrl-one"], timeout_s=300)
-        # an ingress over the same models that takes one request at a time and queues one more
-        busy_cfg = load_config(None, common + [f"serve.port={port}", "serve.ingress.max_ongoing_requests=1",
-                                               "serve.ingress.max_queued_requests=1", "serve.ingress.retry_after_s=2"])
-        serve.run_many([serve.api.RunTarget(build_application(busy_cfg, str(work / "full-ckpt"), "", share_models_of="docrl"),
-                                            name="docrl-busy", route_prefix="/busy")],
-                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-        wait_until_running(["docrl-busy"], timeout_s=120)
-        yield {"url": f"http://127.0.0.1:{port}", "index_pages": [p.page_id for p in pages[:6]],
-               "index_docs": {p.page_id: p.doc_id for p in pages[:6]}, "one_page": pages[0].page_id}
+        wait_until_running(["docrl", "docrl-one", "docrl-busy"], timeout_s=300)
+        yield {"url": served_models["url"], "index_pages": [p.page_id for p in pages],
+               "index_docs": {p.page_id: p.doc_id for p in pages}, "one_page": pages[0].page_id}
     finally:
-        serve.shutdown()
+        delete_apps("docrl", "docrl-one", "docrl-busy")
 
 
 @pytest.fixture
@@ -131,7 +89,7 @@ def test_models_list_names_the_served_checkpoint(client):
 
 def test_chat_with_an_image(client):
     out = client.chat.completions.create(model="docrl", max_tokens=6, temperature=0, messages=[
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_data_url()}},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}},
                                      {"type": "text", "text": "What does this page say?"}]}])
     assert out.id.startswith("chatcmpl-") and out.object == "chat.completion"
     (choice,) = out.choices
@@ -151,7 +109,7 @@ def test_multi_turn_chat_and_n_completions(client):
 def test_streaming_sends_tokens_as_server_sent_events(client):
     stream = client.chat.completions.create(model="docrl", max_tokens=8, temperature=1.0, seed=3, stream=True,
                                             stream_options={"include_usage": True}, messages=[
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_data_url(color="gray")}},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(color="gray")}},
                                      {"type": "text", "text": "Read it."}]}])
     chunks = list(stream)
     ids = {c.id for c in chunks}
@@ -174,7 +132,7 @@ def test_overload_beyond_the_queue_is_refused_at_once_with_503_and_retry_after(s
         t0 = time.perf_counter()
         r = httpx.post(served["url"] + "/busy/v1/chat/completions", timeout=60, json={
             "model": "docrl", "max_tokens": 32, "temperature": 1.0, "seed": i, "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": _png_data_url()}}, {"type": "text", "text": f"Question {i}"}]}]})
+                {"type": "image_url", "image_url": {"url": png_data_url()}}, {"type": "text", "text": f"Question {i}"}]}]})
         return r, time.perf_counter() - t0
 
     with ThreadPoolExecutor(12) as pool:
@@ -192,7 +150,7 @@ def test_fifty_concurrent_requests_all_succeed(served):
         if i % 2:
             return _post(served, "/v1/docqa", {"question": f"What is the total of invoice {i}?", "k": 2})
         return _post(served, "/v1/chat/completions", {"model": "docrl", "max_tokens": 4, "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_data_url()}},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}},
                                          {"type": "text", "text": f"Question {i}"}]}]})
 
     with ThreadPoolExecutor(50) as pool:
@@ -321,9 +279,9 @@ def test_image_urls_other_than_data_are_refused(served, url):
     ({"model": "docrl", "messages": _image_message("data:image/png;base64," + base64.b64encode(b"not an image").decode())},
      400, "not a readable image"),
     ({"model": "docrl", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": _png_data_url()}}] * 3}]}, 400, "serve.limits.max_images_per_request"),
-    ({"model": "docrl", "messages": _image_message(_png_data_url(size=(600, 500)))}, 400, "serve.limits.max_image_pixels"),
-    ({"model": "docrl", "messages": _image_message(_png_data_url(size=(1000, 2)))}, 400, "aspect ratio"),
+        {"type": "image_url", "image_url": {"url": png_data_url()}}] * 3}]}, 400, "serve.limits.max_images_per_request"),
+    ({"model": "docrl", "messages": _image_message(png_data_url(size=(600, 500)))}, 400, "serve.limits.max_image_pixels"),
+    ({"model": "docrl", "messages": _image_message(png_data_url(size=(1000, 2)))}, 400, "aspect ratio"),
     ({"model": "docrl", "messages": [{"role": "user", "content": "word " * 900}], "max_tokens": 64}, 400,
      "rollout.max_model_len"),
     ({"model": "docrl", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),

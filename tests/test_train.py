@@ -111,23 +111,38 @@ def _resume_to_step_2(overrides: list[str]) -> None:
         resumed.shutdown()
 
 
-def test_two_steps_over_an_epoch_boundary_then_an_interrupt_and_an_exact_resume(uninterrupted, tiny_models, tmp_path):
+KILL_POINTS = ("rollout", "reward", "update", "push", "checkpoint")
+# The suite kills at the point that leaves the most behind (a half-written checkpoint of step 2,
+# after step 2 and the final evaluation were logged): each kill costs a driver start of about
+# 40-60 s on 2 cores. DOCRL_KILL_POINTS=all runs all five (as recorded in benchmarks/RESULTS.md).
+SUITE_KILL_POINTS = KILL_POINTS if os.environ.get("DOCRL_KILL_POINTS") == "all" else ("checkpoint",)
+
+
+def test_two_steps_over_an_epoch_boundary_an_interrupt_kills_and_an_exact_resume(
+        uninterrupted, ray_cluster, tiny_models, tmp_path):
+    """The uninterrupted run's two steps; then the same run stopped by SIGINT inside step 2, and
+    resumed with `kill -9` of its driver (no handler runs) inside step 2, at each kill point in turn
+    (KILL_POINTS; SUITE_KILL_POINTS in the suite): while step 2's answers are generated, scored,
+    trained on, pushed, and checkpointed. Every resume must find the complete checkpoint of step 1
+    (never the half-written one of step 2); the last resume finishes, and the run must log steps 1
+    and 2 once each, equal to the uninterrupted run's. (Before: the run killed after logging step 2
+    logged it twice.)"""
+    import subprocess
+    import sys
+
+    from cluster.checkpoint import MARKER, CheckpointManager
     from cluster.train import Trainer
 
-    first, final = uninterrupted.out, uninterrupted.final
     assert uninterrupted.versions == (2, 2)  # every update reached the rollout
     # LoRA training with CPU rollout workers pushes merged full weights (rollout.lora_push: auto)
     assert uninterrupted.push_kind == "full" and uninterrupted.lora_push_mode == "merged"
     assert uninterrupted.epoch == 1  # step 2 crossed into the second epoch
-    logs = first / "logs"
     steps = uninterrupted.steps
     # The same run, interrupted by SIGINT while step 2's answers are being collected (as `ray job
     # stop` mostly lands): it drops step 2 at once, checkpoints step 1 with the sampler from before
-    # step 2's questions, and stops; the resume must redo step 2 exactly as the uninterrupted run
-    # did it. (Before, ray.init replaced the driver's SIGTERM handler with an immediate exit, and a
-    # stop waited for the whole step.)
-    second = tmp_path / "second"
-    overrides = _overrides(second, tiny_models, *EPOCH_BOUNDARY, "trainer.save_every=0")
+    # step 2's questions, and stops. (Before, ray.init replaced the driver's SIGTERM handler with an
+    # immediate exit, and a stop waited for the whole step.)
+    overrides = _overrides(tmp_path, tiny_models, *EPOCH_BOUNDARY, "trainer.save_every=0")
     interrupted = Trainer(load_config(None, overrides))
     _signal_in_collection(interrupted, step=2)
     try:
@@ -136,40 +151,15 @@ def test_two_steps_over_an_epoch_boundary_then_an_interrupt_and_an_exact_resume(
         assert interrupted.step == 1 and interrupted.learner.version == 1 == interrupted.rollout.version
     finally:
         interrupted.shutdown()
-    assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["step-00000001"]
-    assert [r["step"] for r in _step_rows(second)] == [1]
-    _resume_to_step_2(overrides)
-    _assert_same_step(steps[1], _step_rows(second)[-1])
-
-
-KILL_POINTS = ("rollout", "reward", "update", "push", "checkpoint")
-# The suite kills at the three points that leave different state behind (a learner mid-update,
-# rollout workers mid-push, a half-written checkpoint): each kill costs a driver start of about
-# 40 s. DOCRL_KILL_POINTS=all runs all five (as recorded in benchmarks/RESULTS.md).
-SUITE_KILL_POINTS = KILL_POINTS if os.environ.get("DOCRL_KILL_POINTS") == "all" else ("update", "push", "checkpoint")
-
-
-def test_the_driver_sigkilled_at_five_points_of_a_step_always_resumes_from_a_complete_checkpoint(
-        uninterrupted, ray_cluster, tiny_models, tmp_path):
-    """`kill -9` of the driver (no handler runs) inside step 2, at each of five points in turn
-    (three in the suite, SUITE_KILL_POINTS): while its answers are generated, scored, trained on,
-    pushed, and checkpointed. Each killed
-    run is resumed by the next, which is killed at the next point; the last resume finishes. Every
-    resume must find the complete checkpoint of step 1 (never the half-written one of step 2),
-    and the finished run must log steps 1 and 2 once each, step 2 equal to the uninterrupted
-    run's. (Before: the run killed after logging step 2 logged it twice.)"""
-    import subprocess
-    import sys
-
-    from cluster.checkpoint import MARKER, CheckpointManager
-
-    overrides = _overrides(tmp_path, tiny_models, *EPOCH_BOUNDARY)
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     checkpoints = CheckpointManager(tmp_path / "checkpoints")
-    for i, point in enumerate(SUITE_KILL_POINTS):
+    assert [p.name for p in checkpoints.complete()] == ["step-00000001"]
+    assert [r["step"] for r in _step_rows(tmp_path)] == [1]
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    for point in SUITE_KILL_POINTS:
         record, log_file = tmp_path / f"killed-{point}.json", tmp_path / f"driver-{point}.log"
         command = [sys.executable, str(ROOT / "tests" / "kill_driver.py"), point, "2", str(record), "--",
-                   "train", *(["--resume"] if i else []), *overrides]
+                   "train", "--resume", *overrides]
         with log_file.open("w") as log:
             done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300)
         assert done.returncode == -signal.SIGKILL and json.loads(record.read_text())["point"] == point, \
@@ -179,11 +169,12 @@ def test_the_driver_sigkilled_at_five_points_of_a_step_always_resumes_from_a_com
         assert sorted(p.name for p in latest.iterdir()) == [MARKER, "driver.json", "learner", "policy"]
         assert json.loads((latest / "driver.json").read_text())["step"] == 1
         assert (tmp_path / "checkpoints" / ".tmp-step-00000002").exists() == (point == "checkpoint")
+    # the resume redoes step 2 exactly as the uninterrupted run did it
     _resume_to_step_2(overrides)
-    steps = _step_rows(tmp_path)
-    assert [r["step"] for r in steps] == [1, 2]
-    _assert_same_step(uninterrupted.steps[0], steps[0])
-    _assert_same_step(uninterrupted.steps[1], steps[1])
+    again = _step_rows(tmp_path)
+    assert [r["step"] for r in again] == [1, 2]
+    _assert_same_step(steps[0], again[0])
+    _assert_same_step(steps[1], again[1])
     assert [p.name for p in checkpoints.complete()] == ["step-00000001", "step-00000002"]
 
 
