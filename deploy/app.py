@@ -670,6 +670,26 @@ def served_rollout_config(cfg) -> RolloutConfig:
         "max_images_per_prompt": max(cfg.rollout.max_images_per_prompt, cfg.serve.limits.max_images_per_request)})
 
 
+TCMALLOC = "libtcmalloc_minimal.so.4"  # Debian's libtcmalloc-minimal4; found through ld.so's cache
+
+
+def allocator_env(allocator: str, num_gpus: float) -> dict[str, str]:
+    """The environment that gives a policy replica's process its C allocator (`serve.policy.allocator`):
+    tcmalloc preloaded for a CPU replica where this host has the library, else nothing (the
+    system's malloc), with a warning when tcmalloc was asked for and is missing."""
+    import ctypes.util
+
+    if allocator != "tcmalloc" or num_gpus > 0:
+        return {}
+    if ctypes.util.find_library("tcmalloc_minimal") is None:
+        log.warning("serve.policy.allocator=tcmalloc but %s is not installed here (Debian: apt-get install "
+                    "libtcmalloc-minimal4): the policy replica uses glibc's malloc, under which its memory grows "
+                    "as it serves", TCMALLOC)
+        return {}
+    # tcmalloc reports every allocation over 1 GiB on stderr by default (the KV cache is one)
+    return {"LD_PRELOAD": TCMALLOC, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+
+
 def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None = None,
                       share_models_of: str | None = None):
     """The bound Serve application for a validated DocRLConfig. Relative paths (checkpoint, index,
@@ -736,7 +756,11 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
         index, ship_if_local(retriever_model), cfg.retriever, int(max(1, sc.retriever.num_cpus)), sc.retriever.num_gpus)
     shipped = {**policy, "model": ship_if_local(policy["model"]),
                "adapter": pack_dir(policy["adapter"]) if policy["adapter"] else None}
-    policy_app = Policy.options(**sc.policy.serve_options()).bind(
+    policy_options = sc.policy.serve_options()
+    allocator = allocator_env(sc.policy.allocator, sc.policy.num_gpus)
+    if allocator:
+        policy_options["ray_actor_options"]["runtime_env"] = {"env_vars": allocator}
+    policy_app = Policy.options(**policy_options).bind(
         shipped, rollout_cfg, int(max(1, sc.policy.num_cpus)), cfg.run.seed, sc.policy_engine)
     return ingress.bind(retriever, policy_app, settings)
 

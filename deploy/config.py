@@ -59,6 +59,18 @@ class DeploymentConfig(Section):
         return opts
 
 
+class PolicyDeploymentConfig(DeploymentConfig):
+    """The policy's deployment: its replicas run vLLM."""
+
+    # The C allocator of a CPU replica's process. Under glibc's malloc the engine's resident memory
+    # kept growing for as long as it served (by about 3% per 12,000 requests after the first
+    # 3,000, measured with the engine alone); with tcmalloc, which vLLM's CPU guide recommends, it
+    # stayed flat (benchmarks/RESULTS.md, the soak). "tcmalloc" preloads it (LD_PRELOAD) where the
+    # library is installed (Debian: libtcmalloc-minimal4) and warns where it is not; "glibc" does not.
+    # A replica with a GPU keeps the system allocator.
+    allocator: Literal["tcmalloc", "glibc"] = "tcmalloc"
+
+
 class IngressConfig(DeploymentConfig):
     """The HTTP ingress mostly waits on the other two: little CPU, many requests in flight."""
 
@@ -91,7 +103,7 @@ class ServeConfig(Section):
     feedback_metrics_interval_s: float = Field(5.0, gt=0.0)
     ingress: IngressConfig = IngressConfig()
     retriever: DeploymentConfig = DeploymentConfig()
-    policy: DeploymentConfig = DeploymentConfig()
+    policy: PolicyDeploymentConfig = PolicyDeploymentConfig()
     # The policy replica's vLLM engine (deploy/policy_engine.py): "in_process" steps vLLM's engine in
     # a thread of the replica; "async_llm" is vLLM's AsyncLLM, its engine core in processes of its
     # own (as vLLM's own server). Measured on a 2-core CPU machine, in_process was the faster one.

@@ -583,6 +583,14 @@ def test_two_minutes_of_load_at_concurrency_32_answer_everything_and_record_it_o
     assert sorted(stored) == sorted(answered)
     rated = {r.interaction.response_id for r in _store(app).feedback(since=started)}
     assert rated and rated <= set(answered)
+    # the policy replica runs on tcmalloc where it is installed (serve.policy.allocator: under glibc's
+    # malloc its memory grows as it serves); CI installs it and sets DOCRL_REQUIRE_TCMALLOC=1
+    import ctypes.util
+
+    installed = ctypes.util.find_library("tcmalloc_minimal") is not None
+    assert installed or os.environ.get("DOCRL_REQUIRE_TCMALLOC") != "1", "libtcmalloc-minimal4 is not installed"
+    (policy_pid,) = [pid for pid, deployment in replica_pids(SHARED_MODELS).items() if deployment == "policy"]
+    assert ("libtcmalloc_minimal" in Path(f"/proc/{policy_pid}/maps").read_text()) == installed
 
 
 def test_a_policy_replica_killed_under_load_costs_only_the_requests_in_flight(feedback_apps):

@@ -310,3 +310,22 @@ def test_serving_a_checkpoint_with_a_malformed_adapter_is_refused_naming_the_fil
     with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file") as e:
         build_application(load_config(None, [f"run.output_dir={tmp_path}"]), str(tmp_path / "ckpt"), str(tmp_path / "index"))
     assert str(spec / "adapter" / "adapter_model.safetensors") in str(e.value)
+
+
+def test_a_cpu_policy_replica_preloads_tcmalloc_where_it_is_installed(monkeypatch, caplog):
+    """`serve.policy.allocator`: tcmalloc for a CPU replica (the soak's memory target), found
+    through ld.so's cache; nothing for a GPU replica or with "glibc"; a warning, and glibc, where
+    the library is missing."""
+    import ctypes.util
+
+    from deploy.app import TCMALLOC, allocator_env
+    from deploy.config import ServeConfig
+
+    assert ServeConfig().policy.allocator == "tcmalloc"
+    assert allocator_env("glibc", 0.0) == {} and allocator_env("tcmalloc", 1.0) == {}
+    if ctypes.util.find_library("tcmalloc_minimal"):
+        env = allocator_env("tcmalloc", 0.0)
+        assert env["LD_PRELOAD"] == TCMALLOC and int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)  # a host without the library
+    assert allocator_env("tcmalloc", 0.0) == {}
+    assert "apt-get install libtcmalloc-minimal4" in caplog.text
