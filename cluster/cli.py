@@ -449,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
 _EXPECTED_ELSEWHERE = (("cluster.config", "ConfigError"), ("docvqa.loaders", "DataError"),
                        ("retriever.index", "IndexLoadError"), ("common.ray_helpers", "PlacementError"),
                        ("cluster.train", "RunDirectoryInUse"), ("cluster.train", "NodeLost"),
-                       ("cluster.checkpoint", "CheckpointSpaceError"), ("learner.group", "LearnerRankLost"))
+                       ("cluster.checkpoint", "CheckpointSpaceError"), ("learner.group", "LearnerRankLost"),
+                       ("retriever.group", "RetrieverShardLost"))
 
 
 def expected_error(e: BaseException) -> BaseException | None:

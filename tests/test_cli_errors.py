@@ -144,6 +144,16 @@ def test_a_full_disk_at_a_checkpoint_is_a_one_line_error_not_a_bug():
     assert expected_error(full) is full and expected_error(OSError(28, "No space left on device")) is None
 
 
+def test_a_lost_retriever_shard_is_a_one_line_error_not_a_bug():
+    """An index held only in memory cannot be restored when its actor dies: the message names the
+    shard and what to do (tests/test_retriever.py), and is no bug to print a traceback for."""
+    from cluster.cli import expected_error
+    from retriever.group import RetrieverShardLost
+
+    lost = RetrieverShardLost("retriever group: shard 0 of 1 (2 pages) lost its actor while searching 6 queries")
+    assert expected_error(lost) is lost
+
+
 @pytest.mark.parametrize("bad", ["rollout.sampling.temprature=0.5"])
 def test_bad_config_is_one_message(bad, tmp_path):
     _clean_failure(docrl("train", bad, f"run.output_dir={tmp_path}"), "rollout.sampling.temprature: unknown key")
