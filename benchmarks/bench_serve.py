@@ -110,8 +110,10 @@ async def first_token_seconds(client, url: str, image: str, max_tokens: int, rep
 
 
 def pct(values: list[float], q: float) -> float:
+    """The value at fraction `q` of the sorted values, the nearest rank (NaN for none): the one
+    percentile of every Serve benchmark."""
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
 async def bench(url: str, questions: list[str], image: str, args) -> None:

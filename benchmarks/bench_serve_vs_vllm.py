@@ -189,8 +189,9 @@ class Level:
         return self.requests / self.seconds
 
     def pct(self, q: float) -> float:
-        values = sorted(self.latencies)
-        return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+        from bench_serve import pct
+
+        return pct(self.latencies, q)
 
 
 SERVER_TIMING = re.compile(r"retrieve;dur=([0-9.]+)")

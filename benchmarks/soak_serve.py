@@ -45,14 +45,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from bench_serve import pct  # noqa: E402 - found through the path set above
+
 LATENCY_BAND = 0.20  # p50 / p95 of each window within this fraction of the first window's
 RSS_GROWTH_LIMIT = 0.05  # total resident memory after the first window may grow this much
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The value at fraction `q` of the sorted values (NaN for none)."""
-    xs = sorted(values)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 @dataclass
@@ -67,7 +63,7 @@ class Window:
     load: float = 0.0
 
     def pct(self, q: float) -> float:
-        return percentile(self.latencies, q)
+        return pct(self.latencies, q)
 
     @property
     def answered_per_s(self) -> float:
@@ -244,8 +240,8 @@ def overload_report(outcomes: list[tuple[int, float, bool]], max_ongoing: int) -
           "answer p50 / p95 / max ms |")
     print("|---:|---:|---:|---:|---|---|")
     print(f"| {len(outcomes)} | {len(answered)} | {len(refused)} | {len(other)} | "
-          f"{1000 * percentile(refused, 0.5):.0f} / {1000 * percentile(refused, 0.95):.0f} / {1000 * max(refused, default=0):.0f} | "
-          f"{1000 * percentile(answered, 0.5):.0f} / {1000 * percentile(answered, 0.95):.0f} / {1000 * max(answered, default=0):.0f} |")
+          f"{1000 * pct(refused, 0.5):.0f} / {1000 * pct(refused, 0.95):.0f} / {1000 * max(refused, default=0):.0f} | "
+          f"{1000 * pct(answered, 0.5):.0f} / {1000 * pct(answered, 0.95):.0f} / {1000 * max(answered, default=0):.0f} |")
     missed = []
     if other:
         missed.append(f"{len(other)} answers neither 200 nor 503 with Retry-After: {other[:5]}")
