@@ -20,6 +20,11 @@ so that on the scores of one question, sample i adds to d loss / d s_j
 (tests/test_page_policy.py checks both against a hand computation on three pages). A candidate
 that is not there (padding of a batch of questions with fewer pages) has score -inf: probability 0,
 never sampled, no gradient.
+
+What learns is a query-side adapter (`QueryAdapter`): a residual linear map on the retriever's
+query token vectors, zero at the start (the retriever as it was). Pages never pass through it, so
+the page vectors, and the index built from them, stay valid while it trains; `candidate_scores`
+is the MaxSim of an adapted query against its candidates with the gradient kept.
 """
 
 from __future__ import annotations
@@ -59,3 +64,23 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Te
     if logprobs.shape != advantages.shape or logprobs.dim() != 1:
         raise ValueError(f"logprobs {tuple(logprobs.shape)} and advantages {tuple(advantages.shape)} must be [N] alike")
     return -(advantages.detach().to(logprobs.dtype) * logprobs).mean()
+
+
+class QueryAdapter(torch.nn.Module):
+    """q -> normalize(q + q W) on each query token vector q [D], W [D, D] zero at the start."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(dim, dim))
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(queries + queries @ self.weight, dim=-1)
+
+
+def candidate_scores(query: torch.Tensor, pages: list[torch.Tensor]) -> torch.Tensor:
+    """MaxSim of one query's valid token vectors [Lq, D] against each candidate page's valid token
+    vectors [Lp, D]: [P], differentiable in the query (the search's scores, retriever/maxsim.py,
+    computed without the gradient, equal these to float32 rounding)."""
+    if not pages:
+        raise ValueError("a question has no candidate pages")
+    return torch.stack([(query @ page.T).amax(dim=1).sum() for page in pages])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from learner.ppo import group_advantages
-from retriever.page_policy import page_logprobs, reinforce_loss, sample_pages
+from retriever.page_policy import QueryAdapter, candidate_scores, page_logprobs, reinforce_loss, sample_pages
 
 SCORES = [1.0, 2.0, 0.5]  # MaxSim of one question against its three candidate pages
 T = 0.5
@@ -59,3 +59,49 @@ def test_sampled_pages_follow_the_distribution_and_carry_their_logprobs():
     assert frequencies.tolist() == pytest.approx([0.1141952, 0.8437947, 0.0420101], abs=0.01)
     with pytest.raises(ValueError, match="no candidate page with a finite score"):
         sample_pages(torch.full((3,), -math.inf), 2, T)
+
+
+def test_the_query_adapter_starts_as_the_identity_and_its_gradient_by_hand():
+    """One query token q = (1, 0); its best token on the page p* = (0.6, 0.8). At W = 0 the adapted
+    token is q itself, and d <normalize(q + qW), p*> / dW = outer(q, p* - <q, p*> q) = [[0, 0.8], [0, 0]]:
+    only the direction away from q can grow, towards p*."""
+    adapter = QueryAdapter(2)
+    q = torch.tensor([[1.0, 0.0]])
+    pages = [torch.tensor([[0.6, 0.8], [-1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
+    assert torch.equal(adapter(q), q)
+    scores = candidate_scores(adapter(q), pages)
+    assert scores.tolist() == pytest.approx([0.6, 0.0])
+    scores[0].backward()
+    assert adapter.weight.grad.flatten().tolist() == pytest.approx([0.0, 0.8, 0.0, 0.0])
+    with pytest.raises(ValueError, match="no candidate pages"):
+        candidate_scores(q, [])
+
+
+def test_reward_alone_teaches_the_adapter_which_page_answers():
+    """A question whose answers are right only from page 1, which the untrained retriever ranks
+    last of three: sampling pages from pi and REINFORCE on the answers' rewards alone (no gold
+    page) moves pi's mass onto page 1."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    query = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    pages = [torch.nn.functional.normalize(torch.randn(5, 8), dim=-1) for _ in range(3)]
+    adapter = QueryAdapter(8)
+    optimizer = torch.optim.Adam(adapter.parameters(), lr=0.05)
+
+    def pi() -> torch.Tensor:
+        with torch.no_grad():
+            return page_logprobs(candidate_scores(adapter(query), pages), T).exp()
+
+    before = pi()
+    start = int(before.argmin())
+    for _ in range(60):
+        drawn, _ = sample_pages(candidate_scores(adapter(query), pages).detach(), 8, T, generator)
+        rewards = (drawn == start).float()
+        if rewards.min() == rewards.max():
+            continue  # no baseline to move against (all right or all wrong)
+        advantages = group_advantages(rewards, [0] * 8, scale_by_std=False)
+        loss = reinforce_loss(page_logprobs(candidate_scores(adapter(query), pages), T)[drawn], advantages)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before[start] < 0.34 and pi()[start] > 0.9, (before, pi())
