@@ -65,7 +65,7 @@ class PolicyDeploymentConfig(DeploymentConfig):
     # The C allocator of a CPU replica's process. Under glibc's malloc the engine's resident memory
     # kept growing for as long as it served (by about 3% per 12,000 requests after the first
     # 3,000, measured with the engine alone); with tcmalloc, which vLLM's CPU guide recommends, it
-    # stayed flat (benchmarks/RESULTS.md, the soak). "tcmalloc" preloads it (LD_PRELOAD) where the
+    # stayed flat (benchmarks/RESULTS.md: the engine alone, and the soak). "tcmalloc" preloads it (LD_PRELOAD) where the
     # library is installed (Debian: libtcmalloc-minimal4) and warns where it is not; "glibc" does not.
     # A replica with a GPU keeps the system allocator.
     allocator: Literal["tcmalloc", "glibc"] = "tcmalloc"
