@@ -77,7 +77,8 @@ def pytest_runtest_teardown(item, nextitem):
 def served_models(ray_cluster, tiny_models, synthetic_corpus, tmp_path_factory):
     """Serve on 127.0.0.1 with the shared models (tests/serving.py): the tiny retriever over an
     index of the corpus's first six pages (by id), and the tiny policy with a random LoRA adapter
-    (weights version 3). Started at the first test that needs it; Serve is shut down at the end."""
+    (weights version 3). Started at the first test that needs it; Serve is shut down after the
+    last test of the last module that uses it (pytest_runtest_teardown above), or here at the end."""
     from ray import serve
     from serving import COMMON_OVERRIDES, SHARED_MODELS, lora_checkpoint, page_index
 
