@@ -25,8 +25,9 @@ $(VENV)/.docrl-$(EXTRA): pyproject.toml
 demo: setup
 	$(VENV)/bin/docrl train --config $(CONFIG)
 
+# unbuffered: the summary reaches a piped log even if a library ends the process hard at exit
 test: setup
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	PYTHONUNBUFFERED=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/python benchmarks/run_all.py
