@@ -25,9 +25,19 @@ What learns is a query-side adapter (`QueryAdapter`): a residual linear map on t
 query token vectors, zero at the start (the retriever as it was). Pages never pass through it, so
 the page vectors, and the index built from them, stay valid while it trains; `candidate_scores`
 is the MaxSim of an adapted query against its candidates with the gradient kept.
+
+`AdapterLearner` holds the adapter and its optimizer and makes one update per step from a
+`PageUpdateBatch` (the draws of the step's answers, `draw_pages`). Pages drawn by the adapter being
+trained (sync mode) are exactly on-policy, which the update checks by recomputing their logprobs
+(`retriever/logprob_mismatch_max`); pages drawn by an older version (async mode) are reweighted by
+truncated importance weights min(pi / pi_sampler, cap).
 """
 
 from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -58,12 +68,28 @@ def sample_pages(scores: torch.Tensor, n: int, temperature: float,
     return drawn, logprobs[drawn]
 
 
-def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """-(1/N) sum_i A_i log pi(a_i | q_i): `logprobs` [N] of the sampled pages under the retriever
-    being trained (differentiable), `advantages` [N] (constants)."""
+def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor,
+                   importance_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """-(1/N) sum_i w_i A_i log pi(a_i | q_i): `logprobs` [N] of the sampled pages under the
+    retriever being trained (differentiable), `advantages` [N] and `importance_weights` [N]
+    (constants; None: all 1, the pages were sampled by the retriever being trained)."""
     if logprobs.shape != advantages.shape or logprobs.dim() != 1:
         raise ValueError(f"logprobs {tuple(logprobs.shape)} and advantages {tuple(advantages.shape)} must be [N] alike")
-    return -(advantages.detach().to(logprobs.dtype) * logprobs).mean()
+    weighted = advantages.detach().to(logprobs.dtype)
+    if importance_weights is not None:
+        if importance_weights.shape != logprobs.shape:
+            raise ValueError(f"importance_weights {tuple(importance_weights.shape)} must be [N] like the logprobs")
+        weighted = weighted * importance_weights.detach().to(logprobs.dtype)
+    return -(weighted * logprobs).mean()
+
+
+def truncated_page_weights(logprobs: torch.Tensor, sampled_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(pi(a) / pi_sampler(a), cap) per sampled page, a constant: the pages of an asynchronous
+    step were drawn by the retriever before the last update (truncated importance sampling, as the
+    learner corrects one-step-stale answers)."""
+    if not cap >= 1:
+        raise ValueError(f"the importance weight cap must be >= 1, got {cap}")
+    return torch.exp((logprobs.detach() - sampled_logprobs).clamp(max=math.log(cap)))
 
 
 class QueryAdapter(torch.nn.Module):
@@ -84,3 +110,104 @@ def candidate_scores(query: torch.Tensor, pages: list[torch.Tensor]) -> torch.Te
     if not pages:
         raise ValueError("a question has no candidate pages")
     return torch.stack([(query @ page.T).amax(dim=1).sum() for page in pages])
+
+
+@dataclass(frozen=True)
+class PageDraw:
+    """The page one answer read: drawn from its question's candidates under retriever version
+    `version`, with log pi of the draw under that version."""
+
+    page_id: str
+    logprob: float
+    version: int
+
+
+def draw_pages(candidates: list[tuple[str, float]], n: int, temperature: float, version: int,
+               generator: torch.Generator | None = None) -> list[PageDraw]:
+    """`n` draws (one per answer) among one question's scored candidates [(page id, MaxSim)], as
+    the search returns them."""
+    if not candidates:
+        raise ValueError("a question has no candidate pages")
+    drawn, logprobs = sample_pages(torch.tensor([score for _, score in candidates]), n, temperature, generator)
+    return [PageDraw(candidates[i][0], lp, version) for i, lp in zip(drawn.tolist(), logprobs.tolist())]
+
+
+@dataclass
+class PageUpdateBatch:
+    """What the retriever learns from in one step: entry i is one answer's draw, among the candidate
+    pages `candidates[i]` of query `queries[i]`, with the answer's advantage (its question's group
+    baseline, computed by the caller as for the answers)."""
+
+    queries: list[str]
+    candidates: list[tuple[str, ...]]
+    chosen: list[int]  # index of the drawn page in candidates[i]
+    sampled_logprobs: list[float]  # log pi of the draw under the retriever that drew it
+    sampled_versions: list[int]
+    advantages: list[float]
+
+    def __post_init__(self) -> None:
+        n = len(self.queries)
+        for name in ("candidates", "chosen", "sampled_logprobs", "sampled_versions", "advantages"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"PageUpdateBatch.{name} has {len(getattr(self, name))} entries for {n} queries")
+        for i, (cands, c) in enumerate(zip(self.candidates, self.chosen)):
+            if not 0 <= c < len(cands):
+                raise ValueError(f"entry {i} ({self.queries[i][:60]!r}): chosen page {c} is not one of its {len(cands)} candidates")
+
+
+class AdapterLearner:
+    """The query adapter with its optimizer: one update per step on a PageUpdateBatch, given the
+    frozen encoder's query vectors and the candidates' page vectors (the index's, unchanged).
+
+    Before the update it recomputes the drawn pages' logprobs under the adapter as it is: in sync
+    mode the pages were drawn by this very adapter and the two must agree (`logprob_mismatch_max`,
+    float32 rounding); pages drawn by an older version (async) are reweighted by truncated importance
+    weights."""
+
+    def __init__(self, dim: int, learning_rate: float, temperature: float, weight_cap: float = 2.0,
+                 max_grad_norm: float = 1.0, version: int = 0):
+        _check_temperature(temperature)
+        self.adapter = QueryAdapter(dim)
+        self.optimizer = torch.optim.Adam(self.adapter.parameters(), lr=learning_rate)
+        self.temperature, self.weight_cap, self.max_grad_norm = temperature, weight_cap, max_grad_norm
+        self.version = version
+
+    def scores(self, query: torch.Tensor, pages: list[torch.Tensor]) -> torch.Tensor:
+        return candidate_scores(self.adapter(query.float()), [p.float() for p in pages])
+
+    def update(self, batch: PageUpdateBatch, query_vectors: list[torch.Tensor],
+               candidate_vectors: list[list[torch.Tensor]]) -> dict[str, float]:
+        if len(query_vectors) != len(batch.queries) or len(candidate_vectors) != len(batch.queries):
+            raise ValueError(f"{len(query_vectors)} query and {len(candidate_vectors)} candidate vector lists "
+                             f"for {len(batch.queries)} entries")
+        logprobs, entropies = [], []
+        for query, pages, chosen in zip(query_vectors, candidate_vectors, batch.chosen):
+            lp = page_logprobs(self.scores(query, pages), self.temperature)
+            logprobs.append(lp[chosen])
+            entropies.append(-(lp.exp() * lp).sum().detach())
+        logprobs_t = torch.stack(logprobs)
+        sampled = torch.tensor(batch.sampled_logprobs, dtype=logprobs_t.dtype)
+        current = torch.tensor([v == self.version for v in batch.sampled_versions])
+        weights = torch.where(current, torch.ones_like(sampled), truncated_page_weights(logprobs_t, sampled, self.weight_cap))
+        loss = reinforce_loss(logprobs_t, torch.tensor(batch.advantages), weights)
+        self.optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.version += 1
+        mismatch = (logprobs_t.detach() - sampled).abs()
+        return {"retriever/loss": loss.item(), "retriever/grad_norm": float(grad_norm),
+                "retriever/entropy": float(torch.stack(entropies).mean()),
+                "retriever/logprob_mismatch_max": float(mismatch[current].max()) if current.any() else 0.0,
+                "retriever/off_policy_fraction": float((~current).float().mean()),
+                "retriever/version": float(self.version)}
+
+    def state(self) -> dict:
+        """A copy (state dicts share the live tensors, which the next update changes in place)."""
+        return copy.deepcopy({"adapter": self.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "version": self.version})
+
+    def load(self, state: dict) -> None:
+        self.adapter.load_state_dict(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = state["version"]

@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from learner.ppo import group_advantages
-from retriever.page_policy import QueryAdapter, candidate_scores, page_logprobs, reinforce_loss, sample_pages
+from retriever.page_policy import (
+    AdapterLearner,
+    PageUpdateBatch,
+    QueryAdapter,
+    candidate_scores,
+    draw_pages,
+    page_logprobs,
+    reinforce_loss,
+    sample_pages,
+    truncated_page_weights,
+)
 
 SCORES = [1.0, 2.0, 0.5]  # MaxSim of one question against its three candidate pages
 T = 0.5
@@ -105,3 +115,104 @@ def test_reward_alone_teaches_the_adapter_which_page_answers():
         loss.backward()
         optimizer.step()
     assert before[start] < 0.34 and pi()[start] > 0.9, (before, pi())
+
+
+def test_truncated_importance_weights_by_hand():
+    # drawn with pi_old = 0.5 and 0.25; now pi = 0.8 and 0.75: ratios 1.6 and 3, the second capped at 2
+    weights = truncated_page_weights(torch.log(torch.tensor([0.8, 0.75])), torch.log(torch.tensor([0.5, 0.25])), cap=2.0)
+    assert weights.tolist() == pytest.approx([1.6, 2.0])
+    # weighted loss: -(1/2) (1.6 * 1 * log 0.8 + 2 * (-1) * log 0.75)
+    loss = reinforce_loss(torch.log(torch.tensor([0.8, 0.75])), torch.tensor([1.0, -1.0]), weights)
+    assert loss.item() == pytest.approx(-(1.6 * math.log(0.8) - 2 * math.log(0.75)) / 2)
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        truncated_page_weights(torch.zeros(1), torch.zeros(1), cap=0.5)
+
+
+def test_draws_name_their_pages_with_logprob_and_version():
+    candidates = [("doc-p1", 1.0), ("doc-p2", 2.0), ("doc-p3", 0.5)]
+    draws = draw_pages(candidates, 500, T, version=4, generator=torch.Generator().manual_seed(0))
+    expected = dict(zip(["doc-p1", "doc-p2", "doc-p3"], page_logprobs(torch.tensor(SCORES), T).tolist()))
+    assert len(draws) == 500 and {d.version for d in draws} == {4}
+    assert all(d.logprob == pytest.approx(expected[d.page_id]) for d in draws)
+    assert sum(d.page_id == "doc-p2" for d in draws) / 500 == pytest.approx(0.8437947, abs=0.05)
+    with pytest.raises(ValueError, match="no candidate pages"):
+        draw_pages([], 2, T, version=0)
+
+
+def test_an_update_batch_names_the_entry_whose_draw_is_not_a_candidate():
+    with pytest.raises(ValueError, match=r"entry 1 \('Which page\?'\): chosen page 2 is not one of its 2 candidates"):
+        PageUpdateBatch(["Total?", "Which page?"], [("a", "b"), ("a", "b")], [0, 2], [0.0, 0.0], [0, 0], [1.0, -1.0])
+    with pytest.raises(ValueError, match="advantages has 1 entries for 2 queries"):
+        PageUpdateBatch(["Total?", "Which page?"], [("a",), ("a",)], [0, 0], [0.0, 0.0], [0, 0], [1.0])
+
+
+def _toy(seed: int = 0):
+    torch.manual_seed(seed)
+    query = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    pages = [torch.nn.functional.normalize(torch.randn(5, 8), dim=-1) for _ in range(3)]
+    return query, pages
+
+
+def _step(learner: AdapterLearner, query, pages, generator, right: int):
+    """One sync step: 8 answers each read a page drawn by the learner's adapter, right only from `right`."""
+    with torch.no_grad():
+        scored = learner.scores(query, pages)
+    draws = draw_pages([(f"p{j}", s) for j, s in enumerate(scored.tolist())], 8, T, learner.version, generator)
+    chosen = [int(d.page_id[1:]) for d in draws]
+    rewards = torch.tensor([float(c == right) for c in chosen])
+    advantages = group_advantages(rewards, [0] * 8, scale_by_std=False)
+    batch = PageUpdateBatch(["q"] * 8, [("p0", "p1", "p2")] * 8, chosen, [d.logprob for d in draws],
+                            [d.version for d in draws], advantages.tolist())
+    return batch, learner.update(batch, [query] * 8, [pages] * 8)
+
+
+def test_the_adapter_learner_is_on_policy_in_sync_mode_and_learns_from_reward_alone():
+    query, pages = _toy()
+    learner = AdapterLearner(8, learning_rate=0.05, temperature=T)
+    before = page_logprobs(learner.scores(query, pages), T).exp().detach()
+    right = int(before.argmin())
+    generator = torch.Generator().manual_seed(1)
+    for step in range(60):
+        batch, metrics = _step(learner, query, pages, generator, right)
+        # the pages were drawn by the adapter being trained: its recomputed logprobs equal the draws'
+        assert metrics["retriever/logprob_mismatch_max"] < 1e-5 and metrics["retriever/off_policy_fraction"] == 0
+        assert metrics["retriever/version"] == step + 1
+    after = page_logprobs(learner.scores(query, pages), T).exp().detach()
+    assert before[right] < 0.34 and after[right] > 0.9, (before, after)
+
+
+def test_the_first_update_is_the_hand_written_reinforce_step():
+    """Adam's first step moves each weight by -lr * sign(grad) (to its eps): the update equals one
+    computed here from the loss written out, with no clipping at a large max_grad_norm."""
+    query, pages = _toy(2)
+    learner = AdapterLearner(8, learning_rate=0.01, temperature=T, max_grad_norm=1e9)
+    batch = PageUpdateBatch(["q"] * 4, [("p0", "p1", "p2")] * 4, [0, 1, 1, 2],
+                            page_logprobs(learner.scores(query, pages), T).detach()[[0, 1, 1, 2]].tolist(),
+                            [0] * 4, [0.625, -0.375, 0.125, -0.375])
+    weight = torch.zeros(8, 8, requires_grad=True)
+    adapted = torch.nn.functional.normalize(query + query @ weight, dim=-1)
+    scores = torch.stack([(adapted @ p.T).amax(dim=1).sum() for p in pages])
+    logpi = torch.log_softmax(scores / T, dim=-1)
+    loss = -sum(a * logpi[c] for a, c in zip(batch.advantages, batch.chosen)) / 4
+    loss.backward()
+    metrics = learner.update(batch, [query] * 4, [pages] * 4)
+    assert metrics["retriever/loss"] == pytest.approx(loss.item(), abs=1e-6)
+    expected = -0.01 * torch.sign(weight.grad) * (weight.grad.abs() > 1e-7)
+    assert torch.allclose(learner.adapter.weight.detach(), expected, atol=1e-6)
+
+
+def test_pages_drawn_by_an_older_version_are_weighted_and_resume_is_exact():
+    query, pages = _toy(3)
+    learner = AdapterLearner(8, learning_rate=0.05, temperature=T)
+    generator = torch.Generator().manual_seed(4)
+    stale, _ = _step(learner, query, pages, generator, right=0)  # drawn by version 0, learner now at 1
+    metrics = learner.update(stale, [query] * 8, [pages] * 8)
+    assert metrics["retriever/off_policy_fraction"] == 1.0 and metrics["retriever/logprob_mismatch_max"] == 0.0
+
+    saved = learner.state()
+    twin = AdapterLearner(8, learning_rate=0.05, temperature=T)
+    twin.load(saved)
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    _, m_a = _step(learner, query, pages, gen_a, right=0)
+    _, m_b = _step(twin, query, pages, gen_b, right=0)
+    assert m_a == m_b and torch.equal(learner.adapter.weight, twin.adapter.weight)
