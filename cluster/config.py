@@ -112,6 +112,13 @@ class DocRLConfig(Section):
     serve: ServeConfig = ServeConfig()
     feedback: FeedbackConfig = FeedbackConfig()
 
+    @property
+    def requests_per_step(self) -> int:
+        """Rollout requests of a training step: one per question, or with retriever.learn one per
+        drawn page."""
+        learn = self.retriever.learn
+        return self.trainer.prompts_per_step * (learn.pages_per_question if learn.enabled else 1)
+
     @model_validator(mode="after")
     def _cross_section_rules(self) -> DocRLConfig:
         errors = []
@@ -123,15 +130,22 @@ class DocRLConfig(Section):
             )
         if self.algorithm.advantage == "gae" and self.learner.value_model == "none":
             errors.append("algorithm.advantage='gae' needs a critic: learner.value_model must be 'head' or 'separate'")
-        batch = self.trainer.prompts_per_step * n
+        batch = self.requests_per_step * n
         mb = self.algorithm.minibatch_size
         if mb % self.learner.num_ranks:
             errors.append(f"algorithm.minibatch_size={mb} must be divisible by learner.num_ranks={self.learner.num_ranks}")
         if batch % mb:
             errors.append(
                 f"algorithm.minibatch_size={mb} must divide the step batch "
-                f"trainer.prompts_per_step * rollout.sampling.n = {batch}"
+                f"trainer.prompts_per_step * rollout.sampling.n"
+                + (" * retriever.learn.pages_per_question" if self.retriever.learn.enabled else "") + f" = {batch}"
             )
+        if self.retriever.learn.enabled and self.retriever.use_gold_page:
+            errors.append("retriever.learn.enabled trains the retriever, but retriever.use_gold_page=true skips "
+                          "retrieval: set one of them off")
+        if self.retriever.learn.enabled and self.retriever.top_k != 1:
+            errors.append(f"retriever.learn.enabled draws one page per answer, but retriever.top_k={self.retriever.top_k}: "
+                          "set retriever.top_k=1, so that evaluation reads one page as training does")
         if self.retriever.top_k > self.rollout.max_images_per_prompt and self.rollout.on_too_many_images == "refuse":
             errors.append(
                 f"retriever.top_k={self.retriever.top_k} pages exceed rollout.max_images_per_prompt="

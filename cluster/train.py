@@ -32,6 +32,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from docvqa.data import load_train_eval
 from docvqa.sample import DocVQASample, portable
 from docvqa.tiny_models import resolve_model
 from learner.types import TrainBatch
+from retriever.page_policy import PageDraw, PageUpdateBatch, draw_pages
 from reward.types import ScoreResult
 from rollout.policy import materialize_policy, resolve_policy, write_policy
 from rollout.types import RolloutResult
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 
 # how often the driver's waits look at a stop request (SIGINT/SIGTERM)
 STOP_POLL_S = 0.2
+RETRIEVER_ADAPTER = "retriever_adapter.pt"  # a checkpoint's query adapter (retriever.learn), with its optimizer
 PORTABLE_PAGES_CACHED = 4096  # encoded page images the driver keeps for the roles (a step's, an evaluation's)
 
 
@@ -153,6 +156,7 @@ class CollectedBatch:
     seconds: float  # retrieve + generate + score
     generated_tokens: int
     page_bytes: int  # page images sent to the roles (rollout requests and the learner's batch)
+    pages: PageUpdateBatch | None = None  # retriever.learn: the step's page draws and their credit
 
 
 @dataclass
@@ -276,18 +280,18 @@ def with_derived_lr_decay(cfg: DocRLConfig) -> DocRLConfig:
     trainer.total_steps x optimizer steps per training step (ppo_epochs x minibatches)."""
     if "lr_decay_steps" in cfg.learner.model_fields_set:
         return cfg
-    minibatches = math.ceil(cfg.trainer.prompts_per_step * cfg.rollout.sampling.n / cfg.algorithm.minibatch_size)
+    minibatches = math.ceil(cfg.requests_per_step * cfg.rollout.sampling.n / cfg.algorithm.minibatch_size)
     steps = max(1, cfg.trainer.total_steps * cfg.algorithm.ppo_epochs * minibatches)
     return cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"lr_decay_steps": steps})})
 
 
 def with_derived_max_num_seqs(cfg: DocRLConfig) -> DocRLConfig:
     """Unless `rollout.max_num_seqs` is set, an engine runs at most a step's share of sequences at
-    once, ceil(prompts_per_step / num_workers) x n: what vLLM reserves memory for, instead of its
+    once, ceil(requests_per_step / num_workers) x n: what vLLM reserves memory for, instead of its
     default of 1,024 (evaluation's greedy answers beyond that wait their turn)."""
     if cfg.rollout.max_num_seqs is not None:
         return cfg
-    share = math.ceil(cfg.trainer.prompts_per_step / cfg.rollout.num_workers) * cfg.rollout.sampling.n
+    share = math.ceil(cfg.requests_per_step / cfg.rollout.num_workers) * cfg.rollout.sampling.n
     return cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"max_num_seqs": share})})
 
 
@@ -454,7 +458,12 @@ class Trainer:
         import ray
 
         from docvqa.data import files_fingerprint
-        from retriever.finetune import FORMAT, RUN_SUBDIR, SUMMARY_FILE, finetune_retriever
+        from retriever.finetune import (
+            FORMAT,
+            RUN_SUBDIR,
+            SUMMARY_FILE,
+            finetune_retriever,
+        )
 
         cfg = self.cfg
         ws = cfg.retriever.warm_start
@@ -505,14 +514,30 @@ class Trainer:
                                      scope_candidates(questions, self.cfg.retriever.scope))
         return [tuple(pid for pid, _ in h) for h in hits]
 
-    def rollout_and_score(self, questions: list[DocVQASample], sampling, seed_key: str) -> ScoredRollouts:
+    def draw_pages_for(self, questions: list[DocVQASample], seed_key: str) -> list[list[PageDraw]]:
+        """retriever.learn: `pages_per_question` pages drawn for each question from the retriever's
+        distribution over its candidates (its document, or the corpus's best `shortlist` pages)."""
+        import torch
+
+        from retriever.evaluate import scope_candidates
+
+        learn = self.cfg.retriever.learn
+        among = scope_candidates(questions, self.cfg.retriever.scope)
+        version = self.retriever.adapter_version  # no update runs while a step draws (train_step)
+        hits = self.retriever.search([q.question for q in questions], learn.shortlist if among is None else 1 << 30, among)
+        generator = torch.Generator().manual_seed(request_seed(self.cfg.run.seed, None, f"pages-{seed_key}", 0))
+        return [draw_pages(h, learn.pages_per_question, learn.temperature, version, generator) for h in hits]
+
+    def rollout_and_score(self, questions: list[DocVQASample], sampling, seed_key: str,
+                          retrieved: list[tuple[str, ...]] | None = None) -> ScoredRollouts:
         """Generate for each question and score every answer; what failed is named in `skipped`.
         Requests are keyed by their index in `questions`, so a question that appears twice (user
-        data may repeat one) is two requests."""
+        data may repeat one, retriever.learn asks one per drawn page) is two requests. `retrieved`:
+        the pages each reads, else the retriever's top-k."""
         from reward.types import ScoreRequest
         from rollout.types import RolloutRequest
 
-        retrieved = self.pages_for(questions)
+        retrieved = self.pages_for(questions) if retrieved is None else retrieved
         request_ids = [f"{i}:{q.question_id}" for i, q in enumerate(questions)]
         index_of = {rid: i for i, rid in enumerate(request_ids)}
         requests = [RolloutRequest(rid, q.question, tuple(self.portable_page(p) for p in pids),
@@ -551,7 +576,14 @@ class Trainer:
 
         cfg = self.cfg
         t0 = time.perf_counter()
-        scored = self.rollout_and_score(questions, cfg.rollout.sampling, seed_key=f"step-{step}")
+        draws = None
+        if cfg.retriever.learn.enabled:  # one request per drawn page
+            draws = self.draw_pages_for(questions, seed_key=f"step-{step}")
+            questions = [q for q, drawn in zip(questions, draws) for _ in drawn]
+            scored = self.rollout_and_score(questions, cfg.rollout.sampling, f"step-{step}",
+                                            retrieved=[(d.page_id,) for drawn in draws for d in drawn])
+        else:
+            scored = self.rollout_and_score(questions, cfg.rollout.sampling, seed_key=f"step-{step}")
         kept = scored.kept()
         results = [scored.results[i] for i in kept]
         rewards = [[r.reward for r in scored.scores[i]] for i in kept]
@@ -561,7 +593,29 @@ class Trainer:
         sent = [self.portable_page(pid) for pids in scored.retrieved for pid in pids] + list(pages.values())
         page_bytes = sum(len(p.image_bytes or b"") for p in sent)  # an unreadable page goes as its path
         return CollectedBatch(step, batch, [r for rs in scored.scores.values() for r in rs], scored.counts(),
-                              time.perf_counter() - t0, tokens, page_bytes)
+                              time.perf_counter() - t0, tokens, page_bytes,
+                              pages=self.credit_pages(draws, scored) if draws is not None else None)
+
+    def credit_pages(self, draws: list[list[PageDraw]], scored: ScoredRollouts) -> PageUpdateBatch | None:
+        """Each drawn page earns the mean reward of the answers read from it; its advantage is
+        against the other pages drawn for the same question (the algorithm's group baseline). A
+        draw whose answers were skipped drops out, and so does a question left with one draw."""
+        import torch
+
+        from learner.ppo import group_advantages
+
+        flat = [(q, d) for q, drawn in enumerate(draws) for d in drawn]
+        kept = set(scored.kept())
+        per_question = Counter(flat[i][0] for i in kept)
+        entries = [i for i in sorted(kept) if per_question[flat[i][0]] > 1]
+        if not entries:
+            return None
+        rewards = torch.tensor([sum(r.reward for r in scored.scores[i]) / len(scored.scores[i]) for i in entries])
+        kind = self.cfg.algorithm.advantage if self.cfg.algorithm.advantage in ("grpo", "rloo") else "grpo"
+        advantages = group_advantages(rewards, [flat[i][0] for i in entries], kind=kind,
+                                      scale_by_std=self.cfg.algorithm.scale_by_std)
+        return PageUpdateBatch.from_draws([scored.questions[i].question for i in entries], [flat[i][1] for i in entries],
+                                          advantages.tolist())
 
     def next_questions(self, step: int) -> list[DocVQASample]:
         """Step `step`'s questions. The sampler state before them is kept: a checkpoint of step
@@ -609,9 +663,11 @@ class Trainer:
                 self._ahead = self._rollout_thread.submit(self.collect, step + 1, self.next_questions(step + 1))
         self._phase = "update"  # from here the step is finished even when a stop arrives
         staleness = self.learner.version - collected.batch.weights_version  # updates between sampling and training
+        retriever_update = self.start_retriever_update(collected.pages)  # beside the policy's update
         t_learn = time.perf_counter()
         learner_metrics = self.learner.update(collected.batch)
         learner_s = time.perf_counter() - t_learn
+        retriever_metrics = retriever_update.result() if retriever_update else {}
         if cfg.trainer.mode == "sync":
             sync_s = self.push_weights()
         else:  # queued behind the collection of the next batch
@@ -619,7 +675,7 @@ class Trainer:
                                                                           + cfg.rollout.generate_timeout_s)
         step_s = time.perf_counter() - t0
         return {**reward_metrics(collected.scored, prefix="reward/"),
-                **{f"learner/{k}": v for k, v in learner_metrics.items()},
+                **{f"learner/{k}": v for k, v in learner_metrics.items()}, **retriever_metrics,
                 **{f"data/{k}": v for k, v in collected.counts.items()},
                 "time/rollout_and_reward_s": collected.seconds, "time/wait_for_rollout_s": wait_s,
                 "time/learner_s": learner_s, "time/weight_sync_s": sync_s, "time/step_s": step_s,
@@ -628,6 +684,16 @@ class Trainer:
                 "weights/version": float(self.rollout.version), "weights/staleness": float(staleness),
                 # what the driver sent through the object store (full weights go from learner rank 0 directly)
                 "transfer/page_bytes": float(collected.page_bytes), "transfer/adapter_bytes": float(self.pushed_bytes)}
+
+    def start_retriever_update(self, pages: PageUpdateBatch | None) -> Future | None:
+        """retriever.learn: one update of the query adapter on the step's page draws, on the
+        retriever's actors while the learner updates the policy. In async mode it is queued behind
+        the next batch's collection (whose pages the adapter before this update drew), as the
+        policy's weight push is."""
+        if pages is None:
+            return None
+        thread = self._foreground if self.cfg.trainer.mode == "sync" else self._rollout_thread
+        return thread.submit(self.retriever.learn, pages)
 
     def evaluate(self, tag: str) -> dict[str, float]:
         """Greedy answers on the held-out questions: ANLS, exact match, retrieval recall@k. Every
@@ -666,6 +732,10 @@ class Trainer:
                          version_base=self.lineage["parent_weights_version"], parent=self.lineage["parent_checkpoint"])
             sampler = self._sampler_before.get(self.step + 1, self.sampler.state())
             (d / "driver.json").write_text(json.dumps({"step": self.step, "sampler": sampler}))
+            if self.retriever is not None and self.retriever.learner_state is not None:
+                import torch
+
+                torch.save(self.retriever.learner_state, d / RETRIEVER_ADAPTER)
 
         phase, self._phase = self._phase, "save"
         version = self.lineage["parent_weights_version"] + self.learner.version
@@ -687,6 +757,10 @@ class Trainer:
         state = json.loads((latest / "driver.json").read_text())
         self.step = state["step"]
         self.sampler.load(state["sampler"])
+        if self.retriever is not None and (latest / RETRIEVER_ADAPTER).exists():
+            import torch
+
+            self.retriever.load_learner_state(torch.load(latest / RETRIEVER_ADAPTER, weights_only=True))
         self._saved_step = self.step
         self.metrics.truncate_after(self.step)  # a killed driver may have logged steps past its checkpoint
         self.push_weights()

@@ -26,6 +26,11 @@ class RetrieverActor:
         self.index = PageIndex(self.encoder.settings(), cfg.pooling())
         self.search_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         self.scratch = scratch_dir("retriever-segments")  # the segments this actor writes and maps
+        # retriever.learn: the query adapter searches go through (version 0: none, the model as it is);
+        # the actor that trains it (the group's first) holds it inside its AdapterLearner
+        self.adapter = None
+        self.adapter_version = 0
+        self.learner = None
 
     def settings(self) -> dict:
         return self.encoder.settings()
@@ -94,6 +99,63 @@ class RetrieverActor:
 
     def search(self, queries: list[str], k: int,
                candidates: list[list[str]] | None = None) -> list[list[tuple[str, float]]]:
-        vectors = self.encoder.embed_queries(queries, batch_size=self.cfg.query_batch_size)
+        vectors = self._query_vectors(queries)
         return self.index.search(vectors, k, dtype=self.search_dtype, method=self.cfg.search_method(len(self.index)),
                                  shortlist=self.cfg.shortlist, candidates=candidates)
+
+    def _query_vectors(self, queries: list[str]) -> list:
+        import torch
+
+        vectors = self.encoder.embed_queries(queries, batch_size=self.cfg.query_batch_size)
+        if self.adapter is None:
+            return vectors
+        with torch.no_grad():
+            return [self.adapter(v.float()).to(v.dtype) for v in vectors]
+
+    # -- retriever.learn ------------------------------------------------------------------------
+
+    def page_vectors(self, page_ids: list[str]) -> dict:
+        """The vectors of those of `page_ids` this shard holds (the others are another shard's)."""
+        return {pid: self.index.page_vectors(pid) for pid in page_ids if pid in self.index}
+
+    def learn_pages(self, batch, page_vectors: dict) -> tuple[dict, dict]:
+        """One adapter update (retriever.page_policy.AdapterLearner) on a PageUpdateBatch, given
+        every candidate's vectors; returns the metrics and the learner's new state (adapter
+        weights, optimizer, version)."""
+        from retriever.page_policy import AdapterLearner
+
+        if self.learner is None:
+            learn = self.cfg.learn
+            self.learner = AdapterLearner(self.encoder.settings()["dim"], learn.learning_rate, learn.temperature,
+                                          learn.weight_cap, learn.max_grad_norm, version=self.adapter_version)
+            if self.adapter is not None:
+                self.learner.adapter.load_state_dict(self.adapter.state_dict())
+        missing = sorted({pid for cands in batch.candidates for pid in cands} - set(page_vectors))
+        if missing:
+            raise ValueError(f"retriever.learn: no vectors for candidate pages {missing[:5]} (not in the index)")
+        queries = self.encoder.embed_queries(batch.queries, batch_size=self.cfg.query_batch_size)
+        metrics = self.learner.update(batch, queries, [[page_vectors[pid] for pid in cands] for cands in batch.candidates])
+        self.adapter, self.adapter_version = self.learner.adapter, self.learner.version
+        return metrics, self.learner.state()
+
+    def set_query_adapter(self, weights: dict | None, version: int) -> int:
+        """Search with this adapter from now on (None: without one)."""
+        from retriever.page_policy import QueryAdapter
+
+        if weights is None:
+            self.adapter = None
+        else:
+            self.adapter = QueryAdapter(weights["weight"].shape[0])
+            self.adapter.load_state_dict(weights)
+        self.adapter_version = version
+        return version
+
+    def load_learner_state(self, state: dict) -> int:
+        from retriever.page_policy import AdapterLearner
+
+        learn = self.cfg.learn
+        self.learner = AdapterLearner(state["adapter"]["weight"].shape[0], learn.learning_rate, learn.temperature,
+                                      learn.weight_cap, learn.max_grad_norm)
+        self.learner.load(state)
+        self.adapter, self.adapter_version = self.learner.adapter, self.learner.version
+        return self.adapter_version

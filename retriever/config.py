@@ -28,6 +28,23 @@ class RetrieverWarmStartConfig(Section):
     max_eval_questions: int = Field(64, ge=0)
 
 
+class RetrieverLearnConfig(Section):
+    """The retriever learning from the answers during RL (retriever/page_policy.py): each answer
+    reads a page drawn from softmax(MaxSim / temperature) over its question's candidates (its
+    document, or the corpus's best `shortlist` pages), and a query-side adapter learns from the
+    answers' rewards. The page vectors, and so the index, do not change."""
+
+    enabled: bool = False
+    # pages drawn per question (with replacement), each read by rollout.sampling.n answers: the
+    # policy's group is one drawn page's answers, the retriever's the question's draws
+    pages_per_question: int = Field(4, ge=2)
+    temperature: float = Field(0.05, gt=0.0)  # of the page distribution, in MaxSim units
+    shortlist: int = Field(8, ge=2)  # scope corpus: the candidates are the corpus's best pages
+    learning_rate: float = Field(1e-3, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    weight_cap: float = Field(2.0, ge=1.0)  # truncated importance weights of pages drawn by an older version
+
+
 class RetrieverConfig(Section):
     model: str = "tiny"  # "tiny" (built locally), a local path, or a hub id such as vidore/colqwen2-v1.0
     # the family (retriever.encoder.FAMILIES): multi-vector colqwen2, colqwen2_5, colpali; single-vector
@@ -42,6 +59,7 @@ class RetrieverConfig(Section):
     # whether the right page of that document was among the k shown.
     scope: Literal["corpus", "document"] = "corpus"
     warm_start: RetrieverWarmStartConfig = RetrieverWarmStartConfig()
+    learn: RetrieverLearnConfig = RetrieverLearnConfig()
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
     num_cpus_per_actor: float = Field(1.0, gt=0.0)

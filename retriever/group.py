@@ -115,6 +115,9 @@ class RetrieverGroup:
         self.manifest: Manifest | None = None
         self.skipped: list[str] = []
         self.restarts = 0  # actors replaced after dying, their shards reloaded from the saved index
+        # retriever.learn: the query adapter's learner state (weights, optimizer, version) after the
+        # last update, None before any; every actor searches with its adapter
+        self.learner_state: dict | None = None
 
     def _start_actor(self, i: int):
         return RetrieverActor.options(num_cpus=self.cfg.num_cpus_per_actor, num_gpus=self.cfg.num_gpus_per_actor,
@@ -375,7 +378,39 @@ class RetrieverGroup:
             self.actors[i] = self._start_actor(i)
             self.restarts += 1
         self.load(self.index_dir)  # every shard: their split follows the saved index, adds and deletes included
+        if self.learner_state is not None:  # the new actors search (and the first learns) with the adapter
+            if 0 in dead:
+                self._get(self.actors[0].load_learner_state.remote(self.learner_state), "restoring the query adapter")
+            self._push_adapter([self.actors[i] for i in dead if i != 0])
         return self._search_shards(batch, k, among, restored=True)
+
+    @property
+    def adapter_version(self) -> int:
+        return self.learner_state["version"] if self.learner_state else 0
+
+    def learn(self, batch) -> dict[str, float]:
+        """One update of the query adapter (retriever.learn) on a PageUpdateBatch: the candidates'
+        vectors come from the shards that hold them, the first actor updates, and every actor then
+        searches with the new version."""
+        wanted = sorted({pid for cands in batch.candidates for pid in cands})
+        vectors: dict = {}
+        for held in self._get([a.page_vectors.remote(wanted) for a in self.actors], "gathering candidate page vectors"):
+            vectors.update(held)
+        metrics, self.learner_state = self._get(self.actors[0].learn_pages.remote(batch, vectors),
+                                                f"updating the query adapter on {len(batch.queries)} draws")
+        self._push_adapter(self.actors[1:])
+        return metrics
+
+    def load_learner_state(self, state: dict) -> None:
+        """Continue from a checkpoint's learner state (from `learner_state`)."""
+        self.learner_state = state
+        self._get(self.actors[0].load_learner_state.remote(state), "restoring the query adapter")
+        self._push_adapter(self.actors[1:])
+
+    def _push_adapter(self, actors: list) -> None:
+        if self.learner_state is not None and actors:
+            self._get([a.set_query_adapter.remote(self.learner_state["adapter"], self.adapter_version) for a in actors],
+                      f"pushing query adapter version {self.adapter_version}")
 
     def shutdown(self) -> None:
         for actor in self.actors:

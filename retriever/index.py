@@ -298,6 +298,12 @@ class PageIndex:
     def vectors(self) -> Sequence[Tensor]:
         return _PageVectors(self)
 
+    def page_vectors(self, page_id: str) -> Tensor:
+        """One page's vectors [tokens, dim], a copy (the index's may be a mapped file)."""
+        if page_id not in self._position:
+            raise KeyError(f"page {page_id!r} is not in this index")
+        return self.vectors[self._position[page_id]].clone()
+
     @property
     def single_vector(self) -> bool:
         return bool(self.settings.get("single_vector"))

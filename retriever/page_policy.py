@@ -114,12 +114,17 @@ def candidate_scores(query: torch.Tensor, pages: list[torch.Tensor]) -> torch.Te
 
 @dataclass(frozen=True)
 class PageDraw:
-    """The page one answer read: drawn from its question's candidates under retriever version
-    `version`, with log pi of the draw under that version."""
+    """The page one answer read: candidate `chosen` of its question's `candidates`, drawn under
+    retriever version `version`, with log pi of the draw under that version."""
 
-    page_id: str
+    candidates: tuple[str, ...]
+    chosen: int
     logprob: float
     version: int
+
+    @property
+    def page_id(self) -> str:
+        return self.candidates[self.chosen]
 
 
 def draw_pages(candidates: list[tuple[str, float]], n: int, temperature: float, version: int,
@@ -128,8 +133,9 @@ def draw_pages(candidates: list[tuple[str, float]], n: int, temperature: float, 
     the search returns them."""
     if not candidates:
         raise ValueError("a question has no candidate pages")
+    ids = tuple(pid for pid, _ in candidates)
     drawn, logprobs = sample_pages(torch.tensor([score for _, score in candidates]), n, temperature, generator)
-    return [PageDraw(candidates[i][0], lp, version) for i, lp in zip(drawn.tolist(), logprobs.tolist())]
+    return [PageDraw(ids, i, lp, version) for i, lp in zip(drawn.tolist(), logprobs.tolist())]
 
 
 @dataclass
@@ -144,6 +150,11 @@ class PageUpdateBatch:
     sampled_logprobs: list[float]  # log pi of the draw under the retriever that drew it
     sampled_versions: list[int]
     advantages: list[float]
+
+    @classmethod
+    def from_draws(cls, queries: list[str], draws: list[PageDraw], advantages: list[float]) -> PageUpdateBatch:
+        return cls(queries, [d.candidates for d in draws], [d.chosen for d in draws], [d.logprob for d in draws],
+                   [d.version for d in draws], advantages)
 
     def __post_init__(self) -> None:
         n = len(self.queries)

@@ -151,3 +151,53 @@ def test_a_learner_rank_lost_says_where_the_run_continues_from(tmp_path):
     assert str(raised.value) == (f"{died} (during step 5; the run stops: checkpoint of step 4 in {tmp_path / 'checkpoints'}; "
                                  "continue with --resume)")
     Trainer._name_lost_rank(driver, RuntimeError("anything else"))  # not a rank's death: left as it is
+
+
+def test_drawn_pages_are_credited_with_their_answers_mean_reward_against_their_questions_other_draws():
+    """retriever.learn: two questions, three draws each (each read by two answers). Question 0's
+    draws earn 1, 0.5 and 0 (mean 0.5, Bessel std 0.5): advantages 1, 0, -1. Question 1 keeps one
+    draw (the others skipped: one refused by the rollout, one with a failed reward), so it has no
+    baseline and drops out."""
+    from cluster.config import load_config
+    from cluster.train import Trainer
+    from retriever.page_policy import PageDraw
+
+    cfg = load_config(None, ["retriever.learn.enabled=true", "retriever.learn.pages_per_question=3",
+                             "rollout.sampling.n=2", "trainer.prompts_per_step=2", "algorithm.minibatch_size=12"])
+    questions = _questions(2)
+    pages = ("d/p1", "d/p2", "d/p3")
+    draws = [[PageDraw(pages, 0, -0.5, 3), PageDraw(pages, 1, -1.5, 3), PageDraw(pages, 2, -2.5, 3)],
+             [PageDraw(pages, 1, -1.0, 3), PageDraw(pages, 1, -1.0, 3), PageDraw(pages, 0, -0.7, 3)]]
+    asked = [q for q, drawn in zip(questions, draws) for _ in drawn]
+    scored = ScoredRollouts(asked, [(d.page_id,) for drawn in draws for d in drawn])
+    scored.results = {i: object() for i in (0, 1, 2, 3, 5)}  # entry 4: refused by the rollout
+    scored.scores = {0: [_score(0, 0, 1.0), _score(0, 1, 1.0)], 1: [_score(1, 0, 1.0), _score(1, 1, 0.0)],
+                     2: [_score(2, 0, 0.0), _score(2, 1, 0.0)], 3: [_score(3, 0, 1.0), _score(3, 1, 1.0)],
+                     5: [_score(5, 0, 0.0), _score(5, 1, 0.0, error="user fn failed")]}
+    scored.skipped = {4: "prompt too long", 5: "user fn failed"}
+    batch = Trainer(cfg).credit_pages(draws, scored)
+    assert batch.queries == [questions[0].question] * 3
+    assert batch.candidates == [pages] * 3 and batch.chosen == [0, 1, 2]
+    assert batch.sampled_logprobs == [-0.5, -1.5, -2.5] and batch.sampled_versions == [3, 3, 3]
+    assert batch.advantages == pytest.approx([1.0, 0.0, -1.0], abs=1e-5)
+    # nothing left to credit: no batch
+    scored.skipped.update({1: "x", 2: "y"})
+    assert Trainer(cfg).credit_pages(draws, scored) is None
+
+
+def test_retriever_learning_needs_retrieval_one_page_per_answer_and_counts_its_requests():
+    from cluster.config import load_config
+
+    cfg = load_config(None, ["retriever.learn.enabled=true", "retriever.learn.pages_per_question=4",
+                             "rollout.sampling.n=2", "trainer.prompts_per_step=3", "algorithm.minibatch_size=8"])
+    assert cfg.requests_per_step == 12
+    with pytest.raises(ValueError, match=r"must divide the step batch trainer.prompts_per_step \* rollout.sampling.n "
+                                         r"\* retriever.learn.pages_per_question = 24"):
+        load_config(None, ["retriever.learn.enabled=true", "retriever.learn.pages_per_question=4", "rollout.sampling.n=2",
+                           "trainer.prompts_per_step=3", "algorithm.minibatch_size=16"])
+    with pytest.raises(ValueError, match="retriever.learn.enabled trains the retriever, but retriever.use_gold_page=true"):
+        load_config(None, ["retriever.learn.enabled=true", "retriever.use_gold_page=true", "rollout.sampling.n=2",
+                           "trainer.prompts_per_step=2", "algorithm.minibatch_size=4"])
+    with pytest.raises(ValueError, match="draws one page per answer, but retriever.top_k=2"):
+        load_config(None, ["retriever.learn.enabled=true", "retriever.top_k=2", "rollout.sampling.n=2",
+                           "trainer.prompts_per_step=2", "algorithm.minibatch_size=4", "rollout.max_images_per_prompt=2"])
