@@ -10,6 +10,7 @@
     docrl doctor --config configs/tiny.yaml      (rollout-vs-reference logprob parity)
     docrl train --config configs/tiny.yaml [--resume] [KEY=VALUE ...]
     docrl serve --config configs/tiny.yaml [--checkpoint DIR] [--index DIR] [KEY=VALUE ...]
+    docrl push-retriever --config configs/tiny-retrieval-rl.yaml [--checkpoint DIR] [--app docrl]
     docrl feedback export|stats|migrate --config configs/tiny.yaml ...   (see feedback/cli.py)
 
 Every command that takes a config validates it (with the overrides) before doing any work.
@@ -102,15 +103,27 @@ def _require_index(cfg, args) -> str:
     return index_dir
 
 
-def _retriever_group(cfg):
+def _retriever_group(cfg, checkpoint: str | None = None, searches: bool = True):
+    """The run's retriever: its warm-started model if it has one, and for a group that `searches`
+    the query adapter of `checkpoint` (default: the run's newest checkpoint) where retriever.learn
+    trained one (pages never pass through it: indexing needs none)."""
+    from cluster.checkpoint import CheckpointManager
     from cluster.ray_setup import init_ray
     from common.shipping import ship_if_local
     from retriever.finetune import run_retriever
     from retriever.group import RetrieverGroup
+    from retriever.page_policy import read_adapter_state
 
+    if searches:
+        checkpoint = checkpoint or CheckpointManager(Path(cfg.run.output_dir) / "checkpoints").latest()
+    adapter = read_adapter_state(checkpoint) if searches and checkpoint else None
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
     model = run_retriever(cfg.retriever, cfg.run.output_dir, cfg.run.models_dir)
-    return RetrieverGroup(ship_if_local(model), cfg.retriever, timeout_s=cfg.ray.actor_start_timeout_s)
+    group = RetrieverGroup(ship_if_local(model), cfg.retriever, timeout_s=cfg.ray.actor_start_timeout_s)
+    if adapter is not None:
+        group.load_learner_state(adapter)
+        print(f"searching through the query adapter of {checkpoint} (version {adapter['version']})", file=sys.stderr)
+    return group
 
 
 def cmd_index(args) -> int:
@@ -140,7 +153,7 @@ def cmd_index(args) -> int:
         chosen = {"train": train, "eval": evaluation, "all": corpus}[args.split]
         wanted = {pid for s in chosen.samples for pid in s.doc_pages} if args.split != "all" else set(corpus.pages)
         pages, skipped = [p for pid, p in corpus.pages.items() if pid in wanted], []
-    group = _retriever_group(cfg)
+    group = _retriever_group(cfg, searches=False)
     group.ready()  # model loading is not indexing time
     t0 = time.time()
     try:
@@ -162,7 +175,8 @@ def cmd_index(args) -> int:
 def cmd_search(args) -> int:
     cfg = _load(args)
     index_dir = _require_index(cfg, args)
-    group = _retriever_group(cfg)
+    _require_path(args.checkpoint, "--checkpoint")
+    group = _retriever_group(cfg, args.checkpoint)
     group.load(index_dir)
     for question, hits in zip(args.question, group.search(args.question, args.k)):
         print(f"{question}")
@@ -177,12 +191,35 @@ def cmd_retrieval_eval(args) -> int:
 
     cfg = _load(args)
     index_dir = _require_index(cfg, args)
+    _require_path(args.checkpoint, "--checkpoint")
     train, evaluation, _ = load_train_eval(cfg.data, cfg.run.output_dir)
-    group = _retriever_group(cfg)
+    group = _retriever_group(cfg, args.checkpoint)
     group.load(index_dir)
     report = evaluate_retrieval(group, (train if args.split == "train" else evaluation).samples, args.ks,
                                 scope=cfg.retriever.scope)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_push_retriever(args) -> int:
+    """A checkpoint's query adapter (retriever.learn) to the retriever of a running `docrl serve`."""
+    from cluster.checkpoint import CheckpointManager
+    from retriever.page_policy import ADAPTER_FILE, read_adapter_state
+
+    cfg = _load(args)
+    _require_path(args.checkpoint, "--checkpoint")
+    checkpoint = args.checkpoint or CheckpointManager(Path(cfg.run.output_dir) / "checkpoints").latest()
+    if checkpoint is None:
+        raise CLIError(f"no --checkpoint given and no checkpoint in {cfg.run.output_dir}/checkpoints")
+    if read_adapter_state(checkpoint) is None:
+        raise CLIError(f"{checkpoint} holds no {ADAPTER_FILE}: its run did not train the retriever (retriever.learn.enabled)")
+    import ray
+
+    from deploy.app import push_retriever_adapter
+
+    ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="ERROR")
+    version = push_retriever_adapter(args.app, str(checkpoint))
+    print(f"docrl push-retriever: application {args.app!r} searches with query adapter version {version} ({checkpoint})")
     return 0
 
 
@@ -407,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", help="index directory (default: retriever.index_dir or <run.output_dir>/index)")
     p.add_argument("-k", type=int, default=3)
     p.add_argument("--question", "-q", action="append", required=True, help="a question (repeatable)")
+    p.add_argument("--checkpoint", help="search through this checkpoint's query adapter (retriever.learn; default: "
+                                        "the run's newest checkpoint, where it holds one)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("retrieval-eval", help="recall@k, MRR and NDCG@k of an index against a split's gold pages")
@@ -414,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", help="index directory (default: retriever.index_dir or <run.output_dir>/index)")
     p.add_argument("--split", default="eval", choices=["train", "eval"])
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5])
+    p.add_argument("--checkpoint", help="search through this checkpoint's query adapter (retriever.learn; default: "
+                                        "the run's newest checkpoint, where it holds one)")
     p.set_defaults(func=cmd_retrieval_eval)
 
     p = sub.add_parser("train", help="run PPO/GRPO training (trainer.mode: sync or async) on the configured cluster")
@@ -436,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "checkpoint in <run.output_dir>/checkpoints)")
     p.add_argument("--index", help="index directory (default: retriever.index_dir or <run.output_dir>/index)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("push-retriever", help="a checkpoint's query adapter (retriever.learn) to a running docrl serve, "
+                                              "without a restart")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="a training checkpoint (default: the newest in <run.output_dir>/checkpoints)")
+    p.add_argument("--app", default="docrl", help="the Serve application (default: docrl, as docrl serve names it)")
+    p.set_defaults(func=cmd_push_retriever)
 
     from feedback.cli import add_parser as add_feedback_parser
 

@@ -50,7 +50,7 @@ from docvqa.data import load_train_eval
 from docvqa.sample import DocVQASample, portable
 from docvqa.tiny_models import resolve_model
 from learner.types import TrainBatch
-from retriever.page_policy import PageDraw, PageUpdateBatch, draw_pages
+from retriever.page_policy import ADAPTER_FILE, PageDraw, PageUpdateBatch, draw_pages, read_adapter_state
 from reward.types import ScoreResult
 from rollout.policy import materialize_policy, resolve_policy, write_policy
 from rollout.types import RolloutResult
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 # how often the driver's waits look at a stop request (SIGINT/SIGTERM)
 STOP_POLL_S = 0.2
-RETRIEVER_ADAPTER = "retriever_adapter.pt"  # a checkpoint's query adapter (retriever.learn), with its optimizer
 PORTABLE_PAGES_CACHED = 4096  # encoded page images the driver keeps for the roles (a step's, an evaluation's)
 
 
@@ -735,7 +734,7 @@ class Trainer:
             if self.retriever is not None and self.retriever.learner_state is not None:
                 import torch
 
-                torch.save(self.retriever.learner_state, d / RETRIEVER_ADAPTER)
+                torch.save(self.retriever.learner_state, d / ADAPTER_FILE)
 
         phase, self._phase = self._phase, "save"
         version = self.lineage["parent_weights_version"] + self.learner.version
@@ -757,10 +756,9 @@ class Trainer:
         state = json.loads((latest / "driver.json").read_text())
         self.step = state["step"]
         self.sampler.load(state["sampler"])
-        if self.retriever is not None and (latest / RETRIEVER_ADAPTER).exists():
-            import torch
-
-            self.retriever.load_learner_state(torch.load(latest / RETRIEVER_ADAPTER, weights_only=True))
+        adapter = read_adapter_state(latest)
+        if adapter is not None and self.retriever is not None:
+            self.retriever.load_learner_state(adapter)
         self._saved_step = self.step
         self.metrics.truncate_after(self.step)  # a killed driver may have logged steps past its checkpoint
         self.push_weights()

@@ -70,9 +70,10 @@ class Retriever:
     images of that index: the only pages this server reads."""
 
     def __init__(self, index: ShippedFiles, model: str | ShippedFiles, cfg: RetrieverConfig, num_threads: int,
-                 num_gpus: float):
+                 num_gpus: float, adapter: dict | None = None):
         """`index`: the index with its page images (`PageStore.pack_with_index`), copied to this
-        replica's host; `model`: a hub id, or the retriever's files."""
+        replica's host; `model`: a hub id, or the retriever's files; `adapter`: the checkpoint's
+        query adapter (retriever.learn: {"weights", "version"}), None for the model as it is."""
         import torch
 
         from retriever.encoder import PageEncoder
@@ -94,11 +95,28 @@ class Retriever:
         for pid, meta in self.index.meta.items():
             if meta.get("doc_id"):
                 self.documents.setdefault(meta["doc_id"], []).append(pid)
+        self.adapter, self.adapter_version = None, 0
+        if adapter is not None:
+            self.set_query_adapter(adapter["weights"], adapter["version"])
+
+    def set_query_adapter(self, weights: dict, version: int) -> int:
+        """Search with this query adapter from the next batch on (`push_retriever_adapter`)."""
+        from retriever.page_policy import QueryAdapter
+
+        adapter = QueryAdapter.from_weights(weights)
+        if adapter.weight.shape[0] != self.encoder.settings()["dim"]:
+            raise ValueError(f"a query adapter of dimension {adapter.weight.shape[0]} for a retriever of dimension "
+                             f"{self.encoder.settings()['dim']}")
+        self.adapter, self.adapter_version = adapter, version  # one assignment: a batch sees one version
+        return version
 
     def _search_now(self, queries: list[tuple[str, int, str | None]]) -> list[list[tuple[str, float]]]:
         """(question, k, doc_id or None) -> top-k hits: over the whole index, or exactly among the
         pages of the question's document."""
-        vectors = self.encoder.embed_queries([q for q, _, _ in queries], batch_size=self.cfg.query_batch_size)
+        from retriever.page_policy import adapt_queries
+
+        vectors = adapt_queries(self.adapter, self.encoder.embed_queries([q for q, _, _ in queries],
+                                                                         batch_size=self.cfg.query_batch_size))
         hits: list[list[tuple[str, float]]] = [[] for _ in queries]
         whole = [i for i, (_, _, doc) in enumerate(queries) if doc is None]
         scoped = [i for i, (_, _, doc) in enumerate(queries) if doc is not None]
@@ -142,7 +160,8 @@ class Retriever:
         return (await asyncio.to_thread(self.pages.load, page_id)).image_bytes
 
     def info(self) -> dict:
-        return {"pages": len(self.index), "readable_pages": len(self.pages), "model": self.encoder.model_id}
+        return {"pages": len(self.index), "readable_pages": len(self.pages), "model": self.encoder.model_id,
+                "adapter_version": self.adapter_version}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,15 +489,21 @@ class Ingress:
         except APIError as e:
             return JSONResponse({"status": "unavailable", "error": e.message}, status_code=503)
         return {"status": "ok", "model": self.s.model_name, "weights_version": policy["weights_version"],
+                "retriever_version": index["adapter_version"],
                 "requests_in_flight": policy["requests_in_flight"], "index_pages": index["pages"],
                 "readable_pages": index["readable_pages"]}
 
     @api.get("/v1/models")
     async def models(self, request: Request):
+        """The served model: the policy's weights version and the retriever's query adapter version
+        (0: the retriever as trained before RL; it changes when an adapter is pushed)."""
         self._authorize(request)
         p = self.s.policy
+        retriever = await self._await(self.retriever.info.remote(), "the retriever",
+                                      time.monotonic() + min(10.0, self.s.request_timeout_s))
         return {"object": "list", "data": [{"id": self.s.model_name, "object": "model", "created": self.created,
                                             "owned_by": "docrl", "kind": p["kind"], "weights_version": p["weights_version"],
+                                            "retriever_version": retriever["adapter_version"],
                                             "step": p["step"], "parent": p.get("parent")}]}
 
     @api.post("/v1/chat/completions")
@@ -706,6 +731,7 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     from rollout.weights import check_lora_adapter
     from retriever.finetune import run_retriever
     from retriever.index import read_manifest
+    from retriever.page_policy import read_adapter_state
 
     base = Path(base_dir or os.getcwd()).resolve()
 
@@ -752,8 +778,10 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     # The replicas may run on other hosts, which share no disk with this one: what they load from
     # here (the index with its page images, local models, the adapter) goes to them as files.
     index = PageStore.from_index(index_dir, base, pages_folder).pack_with_index(index_dir)
+    adapter = read_adapter_state(absolute(checkpoint))  # retriever.learn's query adapter, if the run trained one
     retriever = Retriever.options(**sc.retriever.serve_options()).bind(
-        index, ship_if_local(retriever_model), cfg.retriever, int(max(1, sc.retriever.num_cpus)), sc.retriever.num_gpus)
+        index, ship_if_local(retriever_model), cfg.retriever, int(max(1, sc.retriever.num_cpus)), sc.retriever.num_gpus,
+        {"weights": adapter["adapter"], "version": adapter["version"]} if adapter else None)
     shipped = {**policy, "model": ship_if_local(policy["model"]),
                "adapter": pack_dir(policy["adapter"]) if policy["adapter"] else None}
     policy_options = sc.policy.serve_options()
@@ -763,6 +791,25 @@ def build_application(cfg, checkpoint: str, index_dir: str, base_dir: str | None
     policy_app = Policy.options(**policy_options).bind(
         shipped, rollout_cfg, int(max(1, sc.policy.num_cpus)), cfg.run.seed, sc.policy_engine)
     return ingress.bind(retriever, policy_app, settings)
+
+
+def push_retriever_adapter(app_name: str, checkpoint: str, timeout_s: float = 60.0) -> int:
+    """Every retriever replica of application `app_name` searches with the query adapter of
+    `checkpoint` (retriever.learn) from its next batch on, without a restart. Returns its version.
+    A replica that starts later (a replacement) loads the adapter of the checkpoint it was
+    deployed with."""
+    from retriever.page_policy import ADAPTER_FILE, read_adapter_state
+
+    state = read_adapter_state(checkpoint)
+    if state is None:
+        raise FileNotFoundError(f"{checkpoint} holds no {ADAPTER_FILE}: its run did not train the retriever "
+                                "(retriever.learn.enabled)")
+    handle = serve.get_deployment_handle("retriever", app_name=app_name)
+    versions = handle.broadcast("set_query_adapter", state["adapter"], state["version"]).results(timeout_s=timeout_s)
+    if not versions or set(versions) != {state["version"]}:
+        raise RuntimeError(f"the retriever replicas of {app_name!r} report versions {versions} after the push of "
+                           f"version {state['version']}")
+    return state["version"]
 
 
 def wait_until_running(names: list[str], timeout_s: float) -> None:

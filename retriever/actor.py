@@ -104,13 +104,9 @@ class RetrieverActor:
                                  shortlist=self.cfg.shortlist, candidates=candidates)
 
     def _query_vectors(self, queries: list[str]) -> list:
-        import torch
+        from retriever.page_policy import adapt_queries
 
-        vectors = self.encoder.embed_queries(queries, batch_size=self.cfg.query_batch_size)
-        if self.adapter is None:
-            return vectors
-        with torch.no_grad():
-            return [self.adapter(v.float()).to(v.dtype) for v in vectors]
+        return adapt_queries(self.adapter, self.encoder.embed_queries(queries, batch_size=self.cfg.query_batch_size))
 
     # -- retriever.learn ------------------------------------------------------------------------
 
@@ -142,11 +138,7 @@ class RetrieverActor:
         """Search with this adapter from now on (None: without one)."""
         from retriever.page_policy import QueryAdapter
 
-        if weights is None:
-            self.adapter = None
-        else:
-            self.adapter = QueryAdapter(weights["weight"].shape[0])
-            self.adapter.load_state_dict(weights)
+        self.adapter = None if weights is None else QueryAdapter.from_weights(weights)
         self.adapter_version = version
         return version
 

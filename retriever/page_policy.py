@@ -38,8 +38,11 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+ADAPTER_FILE = "retriever_adapter.pt"  # in a checkpoint: the query adapter with its optimizer and version
 
 
 def _check_temperature(temperature: float) -> None:
@@ -101,6 +104,21 @@ class QueryAdapter(torch.nn.Module):
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(queries + queries @ self.weight, dim=-1)
+
+    @classmethod
+    def from_weights(cls, weights: dict) -> QueryAdapter:
+        adapter = cls(weights["weight"].shape[0])
+        adapter.load_state_dict(weights)
+        return adapter
+
+
+def adapt_queries(adapter: QueryAdapter | None, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The query vectors a search scores with: through the adapter when there is one (in float32,
+    returned in the vectors' dtype)."""
+    if adapter is None:
+        return vectors
+    with torch.no_grad():
+        return [adapter(v.float()).to(v.dtype) for v in vectors]
 
 
 def candidate_scores(query: torch.Tensor, pages: list[torch.Tensor]) -> torch.Tensor:
@@ -222,3 +240,17 @@ class AdapterLearner:
         self.adapter.load_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = state["version"]
+
+
+def read_adapter_state(checkpoint: str | Path) -> dict | None:
+    """A checkpoint's query adapter state (AdapterLearner.state: "adapter" weights, "optimizer",
+    "version"), None where the run did not train one."""
+    path = Path(checkpoint) / ADAPTER_FILE
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+        state["adapter"]["weight"], int(state["version"])
+    except Exception as e:  # a torn or foreign file: name it
+        raise ValueError(f"{path} is not a docrl query adapter ({type(e).__name__}: {e})") from None
+    return state

@@ -61,7 +61,8 @@ def served(served_models, tiny_models):
     try:
         wait_until_running(["docrl", "docrl-one", "docrl-busy"], timeout_s=300)
         yield {"url": served_models["url"], "index_pages": [p.page_id for p in pages],
-               "index_docs": {p.page_id: p.doc_id for p in pages}, "one_page": pages[0].page_id}
+               "index_docs": {p.page_id: p.doc_id for p in pages}, "one_page": pages[0].page_id, "work": work,
+               "one_index": work / "one-page-index"}
     finally:
         delete_apps("docrl", "docrl-one", "docrl-busy")
 
@@ -85,6 +86,7 @@ def test_models_list_names_the_served_checkpoint(client):
     models = client.models.list()
     (m,) = models.data
     assert m.id == "docrl" and m.model_extra["kind"] == "lora" and m.model_extra["weights_version"] == 3
+    assert m.model_extra["retriever_version"] == 0  # the retriever as trained before RL: no query adapter
 
 
 def test_chat_with_an_image(client):
@@ -232,6 +234,45 @@ def test_one_page_index_cites_that_page(served):
     body = r.json()
     assert [c["page_id"] for c in body["citations"]] == [served["one_page"]]
     assert body["citations"][0]["read"] and body["weights_version"] == 5
+
+
+def test_a_pushed_query_adapter_is_searched_with_at_once_and_named_by_v1_models(served, tiny_models):
+    """retriever.learn: `push_retriever_adapter` hands a checkpoint's query adapter to every retriever
+    replica of an application, which searches with it from the next question on (no restart); the
+    citation's score is the adapted query's MaxSim, computed here independently."""
+    import torch
+
+    from deploy.app import push_retriever_adapter
+    from retriever.encoder import PageEncoder
+    from retriever.index import load_index
+    from retriever.page_policy import ADAPTER_FILE, AdapterLearner, candidate_scores
+
+    question = "What is the date?"
+    before = httpx.post(served["url"] + "/one/v1/docqa", json={"question": question, "k": 1}, timeout=60).json()
+    learner = AdapterLearner(load_index(served["one_index"]).settings["dim"], learning_rate=1e-3, temperature=0.5)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        learner.adapter.weight.normal_(std=0.3)
+    learner.version = 7
+    checkpoint = served["work"] / "step-with-adapter"
+    checkpoint.mkdir()
+    torch.save(learner.state(), checkpoint / ADAPTER_FILE)
+    with pytest.raises(FileNotFoundError, match="holds no retriever_adapter.pt"):
+        push_retriever_adapter("docrl-one", str(served["work"]))
+
+    assert push_retriever_adapter("docrl-one", str(checkpoint)) == 7
+    models = httpx.get(served["url"] + "/one/v1/models", timeout=30).json()["data"]
+    assert [m["retriever_version"] for m in models] == [7]
+    assert httpx.get(served["url"] + "/one/healthz", timeout=30).json()["retriever_version"] == 7
+    after = httpx.post(served["url"] + "/one/v1/docqa", json={"question": question, "k": 1}, timeout=60).json()
+    (cited,) = after["citations"]
+    encoder = PageEncoder(str(tiny_models["retriever"]))
+    query = encoder.embed_queries([question])[0]
+    page = load_index(served["one_index"]).page_vectors(served["one_page"])
+    with torch.no_grad():
+        expected = candidate_scores(learner.adapter(query.float()), [page.float()]).item()
+    assert cited["score"] == pytest.approx(expected, abs=1e-4)
+    assert cited["score"] != pytest.approx(before["citations"][0]["score"], abs=1e-3)
 
 
 def test_healthz_needs_no_key(served):
