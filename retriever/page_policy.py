@@ -202,7 +202,9 @@ class AdapterLearner:
         self.version = version
 
     def scores(self, query: torch.Tensor, pages: list[torch.Tensor]) -> torch.Tensor:
-        return candidate_scores(self.adapter(query.float()), [p.float() for p in pages])
+        # float32 copies: encoders return inference-mode tensors, which autograd cannot save
+        return candidate_scores(self.adapter(query.to(torch.float32, copy=True)),
+                                [p.to(torch.float32, copy=True) for p in pages])
 
     def update(self, batch: PageUpdateBatch, query_vectors: list[torch.Tensor],
                candidate_vectors: list[list[torch.Tensor]]) -> dict[str, float]:

@@ -55,12 +55,21 @@ LAST_SERVE_USER = pytest.StashKey[str]()
 
 
 def pytest_collection_modifyitems(config, items):
-    """Note the last test of the last module that uses the shared models (its module fixtures,
-    which delete that module's applications, end with it)."""
-    users = [item for item in items if "served_models" in getattr(item, "fixturenames", ())]
-    if users:
-        module = users[-1].nodeid.split("::")[0]
-        config.stash[LAST_SERVE_USER] = [item.nodeid for item in items if item.nodeid.split("::")[0] == module][-1]
+    """The modules that use the shared models run one after another, from where the first of them
+    is, so that Serve (its controller, proxy and replicas) runs only while they do; note the last
+    test of the last of them (its module fixtures, which delete that module's applications, end
+    with it)."""
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    modules = {module(item) for item in items if "served_models" in getattr(item, "fixturenames", ())}
+    if not modules:
+        return
+    users = [item for item in items if module(item) in modules]
+    first = items.index(users[0])
+    others = [item for item in items if module(item) not in modules]
+    items[:] = others[:first] + users + others[first:]
+    config.stash[LAST_SERVE_USER] = users[-1].nodeid
 
 
 @pytest.hookimpl(trylast=True)

@@ -643,6 +643,9 @@ def test_a_policy_replica_killed_under_load_costs_only_the_requests_in_flight(fe
     with ThreadPoolExecutor(33) as pool:
         running = [pool.submit(client_loop, i) for i in range(32)] + [pool.submit(health_loop)]
         _wait_until(lambda: sum(1 for o in outcomes if o[1] == 200) >= 32, 120, "32 answers before the kill")
+        # killed while it holds requests (the clients' requests may all be retrieving at a given moment)
+        _wait_until(lambda: httpx.get(app["url"] + "/healthz", timeout=30).json().get("requests_in_flight", 0) >= 4
+                    or None, 60, "the policy replica holding 4 requests", every_s=0.02)
         killed_at["t"] = time.monotonic()
         os.kill(replicas[0], signal.SIGKILL)
         _wait_until(lambda: sum(1 for o in outcomes if o[0] > killed_at["t"] + 1 and o[1] == 200) >= 64

@@ -216,3 +216,14 @@ def test_pages_drawn_by_an_older_version_are_weighted_and_resume_is_exact():
     _, m_a = _step(learner, query, pages, gen_a, right=0)
     _, m_b = _step(twin, query, pages, gen_b, right=0)
     assert m_a == m_b and torch.equal(learner.adapter.weight, twin.adapter.weight)
+
+
+def test_the_learner_takes_vectors_made_in_inference_mode():
+    """Encoders embed under torch.inference_mode(); autograd cannot save such tensors, so the
+    learner copies them (before: 'Inference tensors cannot be saved for backward' on the actors)."""
+    query, pages = _toy(5)
+    with torch.inference_mode():
+        query, pages = query.clone(), [p.clone() for p in pages]
+    learner = AdapterLearner(8, learning_rate=0.05, temperature=T)
+    _, metrics = _step(learner, query, pages, torch.Generator().manual_seed(0), right=1)
+    assert metrics["retriever/version"] == 1
