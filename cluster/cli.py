@@ -10,7 +10,7 @@
     docrl doctor --config configs/tiny.yaml      (rollout-vs-reference logprob parity)
     docrl train --config configs/tiny.yaml [--resume] [KEY=VALUE ...]
     docrl serve --config configs/tiny.yaml [--checkpoint DIR] [--index DIR] [KEY=VALUE ...]
-    docrl push-retriever --config configs/tiny-retrieval-rl.yaml [--checkpoint DIR] [--app docrl]
+    docrl push-retriever --config configs/tiny-retrieval.yaml [--checkpoint DIR] [--app docrl]
     docrl feedback export|stats|migrate --config configs/tiny.yaml ...   (see feedback/cli.py)
 
 Every command that takes a config validates it (with the overrides) before doing any work.
