@@ -50,7 +50,7 @@ from docvqa.data import load_train_eval
 from docvqa.sample import DocVQASample, portable
 from docvqa.tiny_models import resolve_model
 from learner.types import TrainBatch
-from retriever.page_policy import ADAPTER_FILE, PageDraw, PageUpdateBatch, draw_pages, read_adapter_state
+from retriever.page_policy import PageDraw, PageUpdateBatch, draw_pages, read_adapter_state, write_adapter_state
 from reward.types import ScoreResult
 from rollout.policy import materialize_policy, resolve_policy, write_policy
 from rollout.types import RolloutResult
@@ -457,12 +457,7 @@ class Trainer:
         import ray
 
         from docvqa.data import files_fingerprint
-        from retriever.finetune import (
-            FORMAT,
-            RUN_SUBDIR,
-            SUMMARY_FILE,
-            finetune_retriever,
-        )
+        from retriever.finetune import FORMAT, RUN_SUBDIR, SUMMARY_FILE, finetune_retriever
 
         cfg = self.cfg
         ws = cfg.retriever.warm_start
@@ -575,14 +570,12 @@ class Trainer:
 
         cfg = self.cfg
         t0 = time.perf_counter()
-        draws = None
+        draws = retrieved = None
         if cfg.retriever.learn.enabled:  # one request per drawn page
             draws = self.draw_pages_for(questions, seed_key=f"step-{step}")
             questions = [q for q, drawn in zip(questions, draws) for _ in drawn]
-            scored = self.rollout_and_score(questions, cfg.rollout.sampling, f"step-{step}",
-                                            retrieved=[(d.page_id,) for drawn in draws for d in drawn])
-        else:
-            scored = self.rollout_and_score(questions, cfg.rollout.sampling, seed_key=f"step-{step}")
+            retrieved = [(d.page_id,) for drawn in draws for d in drawn]
+        scored = self.rollout_and_score(questions, cfg.rollout.sampling, f"step-{step}", retrieved)
         kept = scored.kept()
         results = [scored.results[i] for i in kept]
         rewards = [[r.reward for r in scored.scores[i]] for i in kept]
@@ -732,9 +725,7 @@ class Trainer:
             sampler = self._sampler_before.get(self.step + 1, self.sampler.state())
             (d / "driver.json").write_text(json.dumps({"step": self.step, "sampler": sampler}))
             if self.retriever is not None and self.retriever.learner_state is not None:
-                import torch
-
-                torch.save(self.retriever.learner_state, d / ADAPTER_FILE)
+                write_adapter_state(d, self.retriever.learner_state)
 
         phase, self._phase = self._phase, "save"
         version = self.lineage["parent_weights_version"] + self.learner.version

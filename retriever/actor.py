@@ -110,6 +110,12 @@ class RetrieverActor:
 
     # -- retriever.learn ------------------------------------------------------------------------
 
+    def _new_learner(self, dim: int):
+        from retriever.page_policy import AdapterLearner
+
+        learn = self.cfg.learn
+        return AdapterLearner(dim, learn.learning_rate, learn.temperature, learn.weight_cap, learn.max_grad_norm)
+
     def page_vectors(self, page_ids: list[str]) -> dict:
         """The vectors of those of `page_ids` this shard holds (the others are another shard's)."""
         return {pid: self.index.page_vectors(pid) for pid in page_ids if pid in self.index}
@@ -118,14 +124,8 @@ class RetrieverActor:
         """One adapter update (retriever.page_policy.AdapterLearner) on a PageUpdateBatch, given
         every candidate's vectors; returns the metrics and the learner's new state (adapter
         weights, optimizer, version)."""
-        from retriever.page_policy import AdapterLearner
-
-        if self.learner is None:
-            learn = self.cfg.learn
-            self.learner = AdapterLearner(self.encoder.settings()["dim"], learn.learning_rate, learn.temperature,
-                                          learn.weight_cap, learn.max_grad_norm, version=self.adapter_version)
-            if self.adapter is not None:
-                self.learner.adapter.load_state_dict(self.adapter.state_dict())
+        if self.learner is None:  # the first update of a run (a resumed one has loaded its state)
+            self.learner = self._new_learner(self.encoder.settings()["dim"])
         missing = sorted({pid for cands in batch.candidates for pid in cands} - set(page_vectors))
         if missing:
             raise ValueError(f"retriever.learn: no vectors for candidate pages {missing[:5]} (not in the index)")
@@ -134,20 +134,16 @@ class RetrieverActor:
         self.adapter, self.adapter_version = self.learner.adapter, self.learner.version
         return metrics, self.learner.state()
 
-    def set_query_adapter(self, weights: dict | None, version: int) -> int:
-        """Search with this adapter from now on (None: without one)."""
+    def set_query_adapter(self, weights: dict, version: int) -> int:
+        """Search with this adapter from now on."""
         from retriever.page_policy import QueryAdapter
 
-        self.adapter = None if weights is None else QueryAdapter.from_weights(weights)
+        self.adapter = QueryAdapter.from_weights(weights)
         self.adapter_version = version
         return version
 
     def load_learner_state(self, state: dict) -> int:
-        from retriever.page_policy import AdapterLearner
-
-        learn = self.cfg.learn
-        self.learner = AdapterLearner(state["adapter"]["weight"].shape[0], learn.learning_rate, learn.temperature,
-                                      learn.weight_cap, learn.max_grad_norm)
+        self.learner = self._new_learner(state["adapter"]["weight"].shape[0])
         self.learner.load(state)
         self.adapter, self.adapter_version = self.learner.adapter, self.learner.version
         return self.adapter_version

@@ -244,6 +244,13 @@ class AdapterLearner:
         self.version = state["version"]
 
 
+def write_adapter_state(checkpoint: str | Path, state: dict) -> Path:
+    """An AdapterLearner state into a checkpoint directory, where `read_adapter_state` finds it."""
+    path = Path(checkpoint) / ADAPTER_FILE
+    torch.save(state, path)
+    return path
+
+
 def read_adapter_state(checkpoint: str | Path) -> dict | None:
     """A checkpoint's query adapter state (AdapterLearner.state: "adapter" weights, "optimizer",
     "version"), None where the run did not train one."""

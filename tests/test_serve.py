@@ -245,7 +245,7 @@ def test_a_pushed_query_adapter_is_searched_with_at_once_and_named_by_v1_models(
     from deploy.app import push_retriever_adapter
     from retriever.encoder import PageEncoder
     from retriever.index import load_index
-    from retriever.page_policy import ADAPTER_FILE, AdapterLearner, candidate_scores
+    from retriever.page_policy import AdapterLearner, candidate_scores, write_adapter_state
 
     question = "What is the date?"
     before = httpx.post(served["url"] + "/one/v1/docqa", json={"question": question, "k": 1}, timeout=60).json()
@@ -256,7 +256,7 @@ def test_a_pushed_query_adapter_is_searched_with_at_once_and_named_by_v1_models(
     learner.version = 7
     checkpoint = served["work"] / "step-with-adapter"
     checkpoint.mkdir()
-    torch.save(learner.state(), checkpoint / ADAPTER_FILE)
+    write_adapter_state(checkpoint, learner.state())
     with pytest.raises(FileNotFoundError, match="holds no retriever_adapter.pt"):
         push_retriever_adapter("docrl-one", str(served["work"]))
 
