@@ -519,7 +519,9 @@ class Trainer:
         among = scope_candidates(questions, self.cfg.retriever.scope)
         version = self.retriever.adapter_version  # no update runs while a step draws (train_step)
         hits = self.retriever.search([q.question for q in questions], learn.shortlist if among is None else 1 << 30, among)
-        generator = torch.Generator().manual_seed(request_seed(self.cfg.run.seed, None, f"pages-{seed_key}", 0))
+        # seeded by the run seed even where answers are not (rollout.sampling.seed None): a resumed
+        # step draws the same pages, so its retriever update is the one the run would have made
+        generator = torch.Generator().manual_seed(request_seed(self.cfg.run.seed, 0, f"pages-{seed_key}", 0))
         return [draw_pages(h, learn.pages_per_question, learn.temperature, version, generator) for h in hits]
 
     def rollout_and_score(self, questions: list[DocVQASample], sampling, seed_key: str,

@@ -288,3 +288,42 @@ def test_retrieval_in_the_loop_within_each_document_with_a_warm_started_retrieve
     assert 0.0 <= final["eval/retrieval_recall@2"] <= 1.0 and final["eval/retrieval"] == final["eval/retrieval_recall@2"]
     step = _step_rows(tmp_path)[0]
     assert 0.0 <= step["reward/retrieval"] <= 1.0
+
+
+def test_the_retriever_learns_from_the_answers_in_the_tiny_retrieval_rl_preset(ray_cluster, tiny_models, tmp_path):
+    """configs/tiny-retrieval-rl.yaml, shortened (the full run is in benchmarks/RESULTS.md): no
+    retriever warm start; each question's pages are drawn from the retriever's distribution over
+    its document, the query adapter updates once per step, and in sync mode the drawn pages'
+    logprobs equal the learner's recomputation; evaluation and the checkpoint use the new version."""
+    import torch
+
+    from cluster.train import Trainer
+    from retriever.page_policy import read_adapter_state
+
+    cfg = load_config(ROOT / "configs" / "tiny-retrieval-rl.yaml", [
+        *_overrides(tmp_path, tiny_models, "trainer.warm_start.steps=0", "data.max_eval_samples=4",
+                    "trainer.save_every=0",
+                    # the untrained policy answers nothing right: a reward for reading the gold page
+                    # gives the draws different rewards, so the adapter has something to learn
+                    "reward.components.retrieval=1.0"),
+        "ray.address=null"])
+    learn = cfg.retriever.learn
+    assert (learn.enabled, cfg.retriever.warm_start.steps, cfg.retriever.top_k, cfg.retriever.scope) == (True, 0, 1, "document")
+    trainer = Trainer(cfg)
+    try:
+        final = trainer.run()
+    finally:
+        trainer.shutdown()
+    steps = _step_rows(tmp_path)
+    assert [r["retriever/version"] for r in steps] == [1.0, 2.0]
+    assert all(r["retriever/logprob_mismatch_max"] < 1e-4 and r["retriever/off_policy_fraction"] == 0.0 for r in steps)
+    assert all(0.0 < r["retriever/entropy"] <= math.log(4) + 1e-6 for r in steps)
+    assert all(r["learner/num_experiences"] == 2 * 4 * 2 for r in steps)  # questions x drawn pages x answers
+    assert any(r["retriever/grad_norm"] > 0 for r in steps)
+    state = read_adapter_state(sorted((tmp_path / "checkpoints").glob("step-*"))[-1])
+    assert state["version"] == 2 and torch.count_nonzero(state["adapter"]["weight"]) > 0
+    shown = [json.loads(line) for line in (tmp_path / "logs" / "eval-step-2.jsonl").read_text().splitlines()]
+    gold_doc = {s.question_id: s.doc_id for s in trainer.eval_set.samples}
+    assert shown and all(len(r["retrieved"]) == 1 and r["retrieved"][0].split("/")[0] == gold_doc[r["question_id"]]
+                         for r in shown)
+    assert 0.0 <= final["eval/retrieval_recall@1"] <= 1.0
