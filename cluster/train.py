@@ -47,6 +47,7 @@ from common.lineage import run_dir_of, write_lineage
 from common.ray_helpers import get_with_timeout, worker_process_died
 from common.shipping import ShippedFiles, land, model_dir, pack_dir, scratch_dir, ship_if_local
 from docvqa.data import load_train_eval
+from docvqa.loaders import DataError
 from docvqa.sample import DocVQASample, portable
 from docvqa.tiny_models import resolve_model
 from learner.types import TrainBatch
@@ -258,6 +259,31 @@ def request_seed(run_seed: int, sampling_seed: int | None, key: str, index: int)
     return int.from_bytes(digest[:8], "little") >> 2
 
 
+def check_questions_fit(cfg: DocRLConfig, train: list[DocVQASample], evaluation: list[DocVQASample]) -> None:
+    """Refuse, naming a question and the config key, data the config cannot train on: questions
+    without a gold page (docvqa/sample.py) where the config reads one, and questions without a
+    document where the retriever searches within it."""
+    def first(samples, what):
+        return next((s for s in samples if getattr(s, what) is None), None)
+
+    errors = []
+    for split, samples in (("training", train), ("evaluation", evaluation)):
+        if cfg.retriever.use_gold_page and (q := first(samples, "gold_page")):
+            errors.append(f"retriever.use_gold_page=true hands the policy each question's gold page, but {split} "
+                          f"question {q.question_id} has none")
+        if cfg.retriever.scope == "document" and (q := first(samples, "doc_id")):
+            errors.append(f"retriever.scope=document searches each question's document, but {split} question "
+                          f"{q.question_id} names none (scope 'corpus' searches every page)")
+    if cfg.reward.components.get("retrieval", 0) and (q := first(train, "gold_page")):
+        errors.append(f"reward.components.retrieval scores the pages read against the gold page, but training "
+                      f"question {q.question_id} has none (set it to 0; retriever.learn needs no gold page)")
+    if cfg.trainer.warm_start.steps and all(s.gold_page is None for s in train):
+        errors.append("trainer.warm_start.steps: the supervised warm start reads each question's gold page, and no "
+                      "training question has one")
+    if errors:
+        raise DataError("; ".join(errors))
+
+
 def continue_lineage(run_dir: Path, init_from: str, feedback) -> dict:
     """Record the checkpoint this run continues from (common/lineage.py): its weights version,
     and the feedback store of its run (unless `feedback.database_url` names one), which becomes
@@ -349,6 +375,7 @@ class Trainer:
             self.lineage = continue_lineage(self.out, cfg.trainer.init_from, cfg.feedback)
         retriever_model = resolve_model(cfg.retriever.model, "retriever", cfg.run.models_dir)
         self.train_set, self.eval_set, self.corpus = load_train_eval(cfg.data, cfg.run.output_dir)
+        check_questions_fit(cfg, self.train_set.samples, self.eval_set.samples)
         self.sampler = QuestionSampler(self.train_set.samples, cfg.run.seed)
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.num_gpus, cfg.ray.include_dashboard)
         self._catch_stop_signals()  # ray.init installs its own SIGTERM handler (an immediate exit)
@@ -417,7 +444,7 @@ class Trainer:
         out = self.out / "warm_start" / "model"
         summary_file = out / "docrl_warm_start.json"
         stamp = self.out / "warm_start" / "built_from.json"
-        samples = list(self.train_set.samples)
+        samples = [q for q in self.train_set.samples if q.gold_page is not None]  # it reads the gold page
         random.Random(f"{cfg.run.seed}-warm-start").shuffle(samples)
         samples = samples[: max(1, int(len(samples) * ws.fraction))]
         # everything the warm-start model depends on: a change to any of it rebuilds the model
@@ -433,7 +460,7 @@ class Trainer:
             log.info("warm start: %d supervised steps on %d training questions", ws.steps, len(samples))
             task = ray.remote(num_cpus=self.cfg.learner.num_cpus_per_rank,
                               num_gpus=self.cfg.learner.num_gpus_per_rank)(build_remotely)
-            eval_samples = self.eval_set.samples[: ws.max_eval_questions]
+            eval_samples = [q for q in self.eval_set.samples if q.gold_page is not None][: ws.max_eval_questions]
             # only the pages these questions are asked about, not the whole corpus
             pages = {q.gold_page: self.portable_page(q.gold_page) for q in (*samples, *eval_samples)}
             ref = task.remote(supervised_finetune, ship_if_local(policy), samples, pages, self.cfg.rollout, settings,
@@ -476,7 +503,7 @@ class Trainer:
             log.info("retriever warm start: %d contrastive steps on %d training questions", ws.steps, len(samples))
             task = ray.remote(num_cpus=cfg.retriever.num_cpus_per_actor,
                               num_gpus=cfg.retriever.num_gpus_per_actor)(build_remotely)
-            eval_samples = self.eval_set.samples[: ws.max_eval_questions]
+            eval_samples = [q for q in self.eval_set.samples if q.gold_page is not None][: ws.max_eval_questions]
             # negatives come from the training documents; recall is measured on the held-out ones
             train_docs = {q.doc_id for q in self.train_set.samples}
             eval_docs = {q.doc_id for q in eval_samples}
@@ -704,8 +731,9 @@ class Trainer:
         out["eval/anls"] = sum(sum(anls_score(r.answer, questions[i].answers) for r in scored.scores[i])
                                / len(scored.scores[i]) for i in scored.kept() if questions[i].answers) / max(1, len(questions))
         k = self.cfg.retriever.top_k
-        out[f"eval/retrieval_recall@{k}"] = (sum(hit_at_k(pids, q.gold_page, k) for q, pids in zip(questions, scored.retrieved))
-                                             / max(1, len(questions)))
+        labelled = [(q, pids) for q, pids in zip(questions, scored.retrieved) if q.gold_page is not None]
+        if labelled:  # over the questions whose gold page is known
+            out[f"eval/retrieval_recall@{k}"] = sum(hit_at_k(pids, q.gold_page, k) for q, pids in labelled) / len(labelled)
         if scored.skipped:
             log.warning("evaluation %s: %d of %d held-out questions skipped (scored 0), e.g. %s", tag,
                         len(scored.skipped), len(questions), next(iter(scored.skipped.values())))

@@ -53,6 +53,10 @@ class DataConfig(Section):
     # stays on the main source.
     weight: float = Field(1.0, gt=0.0)
     extra_sources: list[ExtraSource] = Field(default_factory=list)
+    # Training questions lose their gold page once loaded (evaluation questions keep theirs, to
+    # measure recall): a run as on data without page labels, where only the reward says which page
+    # answered (retriever.learn). What reads a gold page in training is then refused at start.
+    train_without_gold_pages: bool = False
 
     @model_validator(mode="after")
     def _source_needs_path(self) -> DataConfig:

@@ -123,6 +123,8 @@ def load_train_eval(cfg: DataConfig, output_dir: str | Path) -> tuple[DocVQAData
         train.samples = train.samples[: cfg.max_train_samples]
     if cfg.max_eval_samples:
         evaluation.samples = evaluation.samples[: cfg.max_eval_samples]
+    if cfg.train_without_gold_pages:
+        train.samples = [replace(s, gold_page=None) for s in train.samples]
     if not cfg.extra_sources:
         return train, evaluation, merge_datasets([train, evaluation])
     extras = [load_extra_source(src, cfg, i, output_dir) for i, src in enumerate(cfg.extra_sources)]
@@ -134,6 +136,8 @@ def load_train_eval(cfg: DataConfig, output_dir: str | Path) -> tuple[DocVQAData
     mixed = weighted_mix([(train.samples, cfg.weight)] + [(ds.samples, src.weight)
                                                           for ds, src in zip(extras, cfg.extra_sources)],
                          seed=cfg.shuffle_seed)
+    if cfg.train_without_gold_pages:
+        mixed = [replace(s, gold_page=None) for s in mixed]
     log.info("training questions: %s", ", ".join(f"{ds.source}: {len(ds)} (weight {w:g})" for ds, w in
                                                   [(train, cfg.weight)] + [(d, s.weight) for d, s in
                                                                            zip(extras, cfg.extra_sources)]))

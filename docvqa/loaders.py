@@ -84,13 +84,15 @@ def _string_list(rec: dict, key: str) -> tuple[str, ...]:
 
 
 def _parse_record(rec: Any, split: str, require_answers: bool
-                  ) -> tuple[str, str, tuple[str, ...], tuple[str, ...], str, int, tuple[str, ...]]:
+                  ) -> tuple[str, str, tuple[str, ...], tuple[str, ...], str | None, int | None, tuple[str, ...]]:
     """Validate the fields common to both layouts. Raises ValueError with what is wrong.
 
-    A record with `rejected_answers` (feedback that only rejects an answer) needs no gold answers."""
+    A record with `rejected_answers` (feedback that only rejects an answer) needs no gold answers.
+    A record without `ucsf_document_page_no` (and without an image) has no gold page: its document
+    is `ucsf_document_id`, or none at all when that is absent too."""
     if not isinstance(rec, dict):
         raise ValueError(f"record is a {type(rec).__name__}, not a mapping")
-    missing = [k for k in ("questionId", "question", "ucsf_document_id", "ucsf_document_page_no") if rec.get(k) in (None, "")]
+    missing = [k for k in ("questionId", "question") if rec.get(k) in (None, "")]
     if missing:
         raise ValueError(f"missing field(s) {', '.join(missing)}")
     qid = str(rec["questionId"])
@@ -104,11 +106,18 @@ def _parse_record(rec: Any, split: str, require_answers: bool
     qtypes = rec.get("question_types") or []
     if not isinstance(qtypes, (list, tuple)):
         raise ValueError("question_types is not a list")
-    try:
-        page_no = int(rec["ucsf_document_page_no"])
-    except (TypeError, ValueError):
-        raise ValueError(f"ucsf_document_page_no is not an integer (got {rec['ucsf_document_page_no']!r})") from None
-    return qid, question.strip(), answers, tuple(str(t) for t in qtypes), str(rec["ucsf_document_id"]), page_no, rejected
+    doc_id = None if rec.get("ucsf_document_id") in (None, "") else str(rec["ucsf_document_id"])
+    page_no = None
+    if rec.get("ucsf_document_page_no") not in (None, ""):
+        if doc_id is None:
+            raise ValueError("ucsf_document_page_no without ucsf_document_id")
+        try:
+            page_no = int(rec["ucsf_document_page_no"])
+        except (TypeError, ValueError):
+            raise ValueError(f"ucsf_document_page_no is not an integer (got {rec['ucsf_document_page_no']!r})") from None
+    elif rec.get("image"):
+        raise ValueError("an image without ucsf_document_page_no (which page of which document is it?)")
+    return qid, question.strip(), answers, tuple(str(t) for t in qtypes), doc_id, page_no, rejected
 
 
 def _collect_samples(records: Iterable, label: str, split: str, require_answers: bool, bad: _BadRecords,
@@ -127,7 +136,7 @@ def _collect_samples(records: Iterable, label: str, split: str, require_answers:
         if qid in seen:
             bad.report("duplicate_id", where, f"duplicate questionId (first seen at {label}{seen[qid]})")
             continue
-        page_id, err = page_of(rec, doc_id, page_no)
+        page_id, err = (None, None) if page_no is None else page_of(rec, doc_id, page_no)
         if err:
             bad.report("bad_image", where, err)
             continue
@@ -136,15 +145,21 @@ def _collect_samples(records: Iterable, label: str, split: str, require_answers:
     return samples
 
 
-def _assemble(samples: list[tuple[str, str, tuple[str, ...], tuple[str, ...], str, str, str, tuple[str, ...]]],
+def _assemble(samples: list[tuple[str, str, tuple[str, ...], tuple[str, ...], str | None, str | None, str,
+                                tuple[str, ...]]],
               pages: dict[str, Page], source: str, bad: _BadRecords) -> DocVQADataset:
-    """Attach each sample to its document's page list, in page order."""
+    """Attach each sample to its document's page list, in page order. A question that names a
+    document of which no page is known (no other question's image, no `pages` entry) is reported."""
     doc_pages = documents_of(pages.values())
-    out = [
-        DocVQASample(question_id=qid, question=q, answers=a, doc_id=doc, gold_page=page_id,
-                     doc_pages=doc_pages[doc], question_types=qt, split=split, rejected_answers=rejected)
-        for qid, q, a, qt, doc, page_id, split, rejected in samples
-    ]
+    out = []
+    for qid, q, a, qt, doc, page_id, split, rejected in samples:
+        if doc is not None and doc not in doc_pages:
+            bad.report("unknown_document", f"questionId={qid}", f"document {doc!r} has no page in this data "
+                       "(a question without a page number needs its document's pages listed under 'pages')")
+            continue
+        out.append(DocVQASample(question_id=qid, question=q, answers=a, doc_id=doc, gold_page=page_id,
+                                doc_pages=doc_pages[doc] if doc is not None else (), question_types=qt, split=split,
+                                rejected_answers=rejected))
     return DocVQADataset(samples=out, pages=pages, source=source, skipped=dict(bad.counts), skipped_examples=bad.examples)
 
 
@@ -291,6 +306,10 @@ def write_hf_layout(dataset: DocVQADataset, out_dir: str | Path, split: str) -> 
 
     rows: dict[str, list] = {k: [] for k in ("questionId", "question", "question_types", "image", "docId",
                                              "ucsf_document_id", "ucsf_document_page_no", "answers", "data_split")}
+    for s in dataset.samples:
+        if s.gold_page is None:  # the layout is one row per (question, page image)
+            raise ValueError(f"question {s.question_id}: no gold page, which the hub layout cannot express "
+                             "(write it with the JSON layout)")
     doc_numbers = {d: i for i, d in enumerate(sorted({s.doc_id for s in dataset.samples}))}
     for s in dataset.samples:
         page = dataset.pages[s.gold_page]
@@ -320,11 +339,14 @@ def write_hf_layout(dataset: DocVQADataset, out_dir: str | Path, split: str) -> 
 
 def split_by_document(dataset: DocVQADataset, fraction: float, seed: int) -> tuple[DocVQADataset, DocVQADataset]:
     """Hold out a fraction of whole documents (never a page of a document seen in training)."""
-    docs = sorted({s.doc_id for s in dataset.samples})
+    def unit(s: DocVQASample) -> str:  # a question without a document is a unit of its own
+        return f"doc:{s.doc_id}" if s.doc_id is not None else f"question:{s.question_id}"
+
+    docs = sorted({unit(s) for s in dataset.samples})
     random.Random(seed).shuffle(docs)
     held = set(docs[: max(1, round(len(docs) * fraction))]) if fraction > 0 else set()
-    train = [s for s in dataset.samples if s.doc_id not in held]
-    held_out = [replace(s, split=s.split + "-holdout") for s in dataset.samples if s.doc_id in held]
+    train = [s for s in dataset.samples if unit(s) not in held]
+    held_out = [replace(s, split=s.split + "-holdout") for s in dataset.samples if unit(s) in held]
     common = dict(pages=dataset.pages, source=dataset.source, skipped=dataset.skipped,
                   skipped_examples=dataset.skipped_examples)
     return DocVQADataset(samples=train, **common), DocVQADataset(samples=held_out, **common)

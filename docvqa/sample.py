@@ -148,6 +148,12 @@ def render_pdf_page(path: str | Path, page_no: int, dpi: int = PDF_DPI) -> Image
 class DocVQASample:
     """A question about one document; the answer is printed on `gold_page`.
 
+    `gold_page` is None where the data does not say which page holds the answer: the question
+    comes with its document only (`doc_id`, whose pages are `doc_pages`), or with nothing (`doc_id`
+    None, `doc_pages` empty: the question is asked of the whole corpus). Such questions train from
+    the reward alone (the retriever with retriever.learn); what needs a gold page (the policy's and
+    the retriever's supervised warm starts, recall@k) leaves them out.
+
     `answers` is empty only for unlabelled splits (the DocVQA test split) and for feedback that
     only rejects an answer; loaders refuse or skip other labelled samples with no answers, as the
     config's data policy says. `rejected_answers` are answers users down-voted (from a feedback
@@ -157,8 +163,8 @@ class DocVQASample:
     question_id: str
     question: str
     answers: tuple[str, ...]
-    doc_id: str
-    gold_page: str
+    doc_id: str | None
+    gold_page: str | None
     doc_pages: tuple[str, ...]
     question_types: tuple[str, ...] = ()
     split: str = "train"

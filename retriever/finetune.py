@@ -85,6 +85,7 @@ def recall_at_1(encoder: PageEncoder, samples: Sequence[DocVQASample], pages: di
     from retriever.index import PageIndex
 
     samples = list(samples)
+    samples = [s for s in samples if s.gold_page is not None]
     if not samples:
         return float("nan")
     ids = list(pages)

@@ -118,3 +118,53 @@ def test_split_by_document_is_disjoint_and_merge_refuses_duplicates(synthetic_co
     assert len(train) + len(held) == len(ds)
     with pytest.raises(DataError, match="appears in both"):
         merge_datasets([ds, ds])
+
+
+def _without_gold_pages(corpus_dir):
+    """The generated train file with record 0 reduced to its document (no page number, no image),
+    record 1 to nothing (no document either), and record 2 naming a document no page belongs to."""
+    path = corpus_dir / "train_v1.0.json"
+    doc = json.loads(path.read_text())
+    data = doc["data"]
+    for key in ("ucsf_document_page_no", "image"):
+        data[0].pop(key)
+    data[1] = {k: v for k, v in data[1].items() if k not in ("ucsf_document_page_no", "image", "ucsf_document_id")}
+    data[2] = {**{k: v for k, v in data[2].items() if k not in ("ucsf_document_page_no", "image")},
+               "ucsf_document_id": "nosuchdoc"}
+    path.write_text(json.dumps(doc))
+    return path, data
+
+
+def test_questions_without_a_gold_page_load_with_their_document_or_none(synthetic_corpus, tmp_path):
+    path, data = _without_gold_pages(_copy_corpus(synthetic_corpus, tmp_path / "c"))
+    ds = load_docvqa_json(path)
+    by_id = {s.question_id: s for s in ds.samples}
+    doc_only, nothing = by_id[str(data[0]["questionId"])], by_id[str(data[1]["questionId"])]
+    assert doc_only.gold_page is None and doc_only.doc_id == data[0]["ucsf_document_id"]
+    assert doc_only.doc_pages == ds.documents()[doc_only.doc_id] and len(doc_only.doc_pages) >= 1
+    assert (nothing.gold_page, nothing.doc_id, nothing.doc_pages) == (None, None, ())
+    assert nothing.answers == tuple(data[1]["answers"])
+    # the document no page belongs to is reported by name; every other record loads
+    assert ds.skipped == {"unknown_document": 1} and "nosuchdoc" in ds.skipped_examples[0]
+    assert len(ds) == len(data) - 1
+    # held out by document, a question without one is a unit of its own
+    train, held = split_by_document(ds, 0.5, seed=0)
+    assert len(train) + len(held) == len(ds)
+    # the hub layout is one row per page image: it cannot carry a question without one
+    with pytest.raises(ValueError, match=f"question {doc_only.question_id}: no gold page"):
+        write_hf_layout(ds, tmp_path / "hf", "train")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ucsf_document_page_no": None}, "an image without ucsf_document_page_no"),
+    ({"ucsf_document_id": None}, "ucsf_document_page_no without ucsf_document_id"),
+])
+def test_a_half_given_page_is_refused_by_record(synthetic_corpus, tmp_path, change, message):
+    corpus = _copy_corpus(synthetic_corpus, tmp_path / "c")
+    path = corpus / "train_v1.0.json"
+    doc = json.loads(path.read_text())
+    doc["data"][0].update(change)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=message) as err:
+        load_docvqa_json(path, on_bad="stop")
+    assert "record #0" in str(err.value)

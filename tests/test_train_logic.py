@@ -4,6 +4,7 @@ held-out metrics that count every question."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -201,3 +202,47 @@ def test_retriever_learning_needs_retrieval_one_page_per_answer_and_counts_its_r
     with pytest.raises(ValueError, match="draws one page per answer, but retriever.top_k=2"):
         load_config(None, ["retriever.learn.enabled=true", "retriever.top_k=2", "rollout.sampling.n=2",
                            "trainer.prompts_per_step=2", "algorithm.minibatch_size=4", "rollout.max_images_per_prompt=2"])
+
+
+def _question(qid: str, gold_page: str | None = "d/p1", doc_id: str | None = "d"):
+    return DocVQASample(qid, "What is the total?", ("12",), doc_id, gold_page, ("d/p1", "d/p2") if doc_id else ())
+
+
+def test_questions_without_a_gold_page_or_document_are_refused_where_the_config_reads_one():
+    from cluster.config import load_config
+    from cluster.train import check_questions_fit
+    from docvqa.loaders import DataError
+
+    labelled, page_less, doc_less = _question("q1"), _question("q2", gold_page=None), _question("q3", None, None)
+    rl = ["retriever.learn.enabled=true", "rollout.sampling.n=2", "trainer.prompts_per_step=2",
+          "algorithm.minibatch_size=4", "trainer.warm_start.steps=0"]
+    # retriever.learn on document scope needs the document, never the gold page (evaluation may lack it too)
+    check_questions_fit(load_config(None, [*rl, "retriever.scope=document"]), [page_less, labelled], [page_less])
+    # on corpus scope a question needs neither
+    check_questions_fit(load_config(None, [*rl, "retriever.scope=corpus"]), [doc_less, page_less], [doc_less])
+    cases = [
+        (["retriever.use_gold_page=true"], [labelled], [page_less],
+         "retriever.use_gold_page=true hands the policy each question's gold page, but evaluation question q2 has none"),
+        ([*rl, "retriever.scope=document"], [labelled, doc_less], [labelled],
+         "retriever.scope=document searches each question's document, but training question q3 names none"),
+        ([*rl, "reward.components.retrieval=0.5"], [labelled, page_less], [labelled],
+         "reward.components.retrieval scores the pages read against the gold page, but training question q2 has none"),
+        ([*rl[:-1], "trainer.warm_start.steps=5"], [page_less], [labelled],
+         "trainer.warm_start.steps: the supervised warm start reads each question's gold page, and no training"),
+    ]
+    for overrides, train, evaluation, message in cases:
+        with pytest.raises(DataError, match=re.escape(message)):
+            check_questions_fit(load_config(None, overrides), train, evaluation)
+    # the warm start reads the questions that have a gold page; one is enough
+    check_questions_fit(load_config(None, [*rl[:-1], "trainer.warm_start.steps=5"]), [page_less, labelled], [labelled])
+
+
+def test_training_without_gold_pages_hides_them_from_training_questions_only(tmp_path):
+    from cluster.config import load_config
+    from docvqa.data import load_train_eval
+
+    cfg = load_config(None, ["data.synthetic.num_documents=6", "data.synthetic.level=sections",
+                             "data.train_without_gold_pages=true"])
+    train, evaluation, corpus = load_train_eval(cfg.data, tmp_path)
+    assert train.samples and all(s.gold_page is None and s.doc_id and s.doc_pages for s in train.samples)
+    assert evaluation.samples and all(s.gold_page in corpus.pages for s in evaluation.samples)
