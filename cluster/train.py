@@ -274,10 +274,11 @@ def check_questions_fit(cfg: DocRLConfig, train: list[DocVQASample], evaluation:
         if cfg.retriever.scope == "document" and (q := first(samples, "doc_id")):
             errors.append(f"retriever.scope=document searches each question's document, but {split} question "
                           f"{q.question_id} names none (scope 'corpus' searches every page)")
-    if cfg.reward.components.get("retrieval", 0) and (q := first(train, "gold_page")):
-        errors.append(f"reward.components.retrieval scores the pages read against the gold page, but training "
-                      f"question {q.question_id} has none (set it to 0; retriever.learn needs no gold page)")
-    if cfg.trainer.warm_start.steps and all(s.gold_page is None for s in train):
+    no_gold_page = all(s.gold_page is None for s in train)
+    if cfg.reward.components.get("retrieval", 0) and no_gold_page:
+        errors.append("reward.components.retrieval scores the pages read against the gold page, and no training "
+                      "question has one (set it to 0: retriever.learn needs no gold page)")
+    if cfg.trainer.warm_start.steps and no_gold_page:
         errors.append("trainer.warm_start.steps: the supervised warm start reads each question's gold page, and no "
                       "training question has one")
     if errors:

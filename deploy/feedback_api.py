@@ -29,7 +29,7 @@ from pathlib import Path
 from deploy.api import APIError
 from feedback.config import FeedbackConfig
 from feedback.recorder import RecorderStats
-from feedback.store import (MAX_RESPONSE_ID_CHARS, FeedbackError, FeedbackRecord, StorageError, StoredInteraction,
+from feedback.store import (MAX_PAGE_ID_CHARS, MAX_RESPONSE_ID_CHARS, FeedbackError, FeedbackRecord, StorageError, StoredInteraction,
                             TimelinePoint, VersionStats, resolve_url)
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def feedback_body_limit(cfg: FeedbackConfig, max_request_bytes: int) -> int:
     """Bytes a POST /v1/feedback body may have: room for the longest texts the feedback section
     accepts, each character JSON-escaped at worst (12 bytes: an escaped surrogate pair), and never
     more than serve.limits.max_request_bytes. Longer texts in a body under this get 422."""
-    return min(max_request_bytes, 12 * (cfg.max_correction_chars + cfg.max_comment_chars + MAX_RESPONSE_ID_CHARS) + 4096)
+    return min(max_request_bytes, 12 * (cfg.max_correction_chars + cfg.max_comment_chars + MAX_RESPONSE_ID_CHARS + MAX_PAGE_ID_CHARS) + 4096)
 
 
 def feedback_body_schema() -> dict:
@@ -79,7 +79,10 @@ def feedback_body_schema() -> dict:
         "rating": {"type": "string", "enum": ["up", "down"]},
         "correction": {"type": ["string", "null"], "maxLength": cfg.max_correction_chars,
                        "description": "the right answer (a down-vote's correction)"},
-        "comment": {"type": ["string", "null"], "maxLength": cfg.max_comment_chars}}}
+        "comment": {"type": ["string", "null"], "maxLength": cfg.max_comment_chars},
+        "answer_page": {"type": ["string", "null"], "maxLength": MAX_PAGE_ID_CHARS,
+                        "description": "the id of the cited page that holds the answer, or \"none\" when none "
+                                       "of the cited pages does (docqa answers)"}}}
 
 
 def feedback_api_error(e: FeedbackError) -> APIError:
@@ -89,7 +92,7 @@ def feedback_api_error(e: FeedbackError) -> APIError:
 
 def feedback_body(rec: FeedbackRecord) -> dict:
     return {"object": "feedback", "response_id": rec.response_id, "rating": rec.rating, "correction": rec.correction,
-            "comment": rec.comment, "created_at": rec.created_at.isoformat(), "updated_at": rec.updated_at.isoformat(),
+            "comment": rec.comment, "answer_page": rec.answer_page, "created_at": rec.created_at.isoformat(), "updated_at": rec.updated_at.isoformat(),
             "replaced": rec.replaced}
 
 

@@ -2,6 +2,8 @@
 
     OUT/train.json         {"data": [...], "pages": [...]}: questions with a gold answer
     OUT/negative.json      down-votes without a correction: no gold answer, `rejected_answers`
+    OUT/page_labels.json   raters' page labels as (question, page) pairs: {"pairs": [{response_id,
+                           question, page_id, holds_answer}]}
     OUT/documents/*        the page images, one file per page
     OUT/export_summary.json
 
@@ -13,8 +15,12 @@ Rules, per rated answer:
   the negative-reward mode (reward 0 for reproducing it; see `reward.scoring`). Train on it only
   by adding it to `data.extra_sources`.
 
-A docqa answer's gold page is the first page it cited (the others join the corpus); a chat
-answer's pages are its uploaded images from the store, each its own document `upload-<sha256>`.
+A docqa answer's gold page is the cited page its rater marked as holding the answer; without a
+mark, the first page it cited (the retriever's best: `feedback.gold_page` says which rule gave
+it). Marked "none" (no cited page holds the answer), the question has no gold page: its document
+is the cited pages' document where they share one, else none (docvqa/loaders.py reads both). The
+other cited pages join the corpus. A chat answer's pages are its uploaded images from the store,
+each its own document `upload-<sha256>`.
 An answer whose page image is missing or unreadable is skipped and reported by response and page
 id; a cited page other than the first that is missing is left out and reported.
 
@@ -41,13 +47,13 @@ from pathlib import Path
 from PIL import Image
 
 from common.storage import Storage, is_uri
-from feedback.store import FeedbackError, FeedbackStore, RatedInteraction
+from feedback.store import NO_PAGE, FeedbackError, FeedbackStore, RatedInteraction
 
 # page id -> the page's image: a file path or the encoded bytes; None when it is missing
 PageImageSource = Callable[[str], "str | Path | bytes | None"]
 
 DATASET_NAME = "docrl-feedback"
-EXPORT_ENTRIES = ("train.json", "negative.json", "export_summary.json", "documents")  # what an export writes in OUT
+EXPORT_ENTRIES = ("train.json", "negative.json", "page_labels.json", "export_summary.json", "documents")  # what an export writes in OUT
 MAX_NAMED_SKIPS = 50
 _PAGE_ID = re.compile(r"^(?P<doc>.+)/p(?P<no>\d+)$")
 
@@ -60,6 +66,7 @@ class ExportSummary:
     rated: int = 0  # rated answers found in the time window
     exported: int = 0  # questions in train.json
     negative: int = 0  # questions in negative.json
+    page_labels: int = 0  # (question, page) pairs in page_labels.json
     pages_written: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     problems: list[str] = field(default_factory=list)  # named by response id and page id
@@ -243,6 +250,7 @@ def _write_export(store: FeedbackStore, out: Path, since: datetime | None, until
 
     writer = _PageWriter(out)
     records: dict[str, list[dict]] = {"train": [], "negative": []}
+    labels: list[dict] = []
     doc_numbers: dict[str, int] = {}
     rated_all = store.feedback(since, until)
     summary.rated = len(rated_all)
@@ -264,32 +272,49 @@ def _write_export(store: FeedbackStore, out: Path, since: datetime | None, until
         if not pages:
             problem("no_page", f"response {rid}: the answer cited no page and had no uploaded image")
             continue
+        labelled = fb.answer_page is not None
+        no_page = fb.answer_page == NO_PAGE
+        if labelled and not no_page:  # the rater's page first: it is the gold page
+            pages.sort(key=lambda page: page[0] != fb.answer_page)
         gold_id, gold_doc, gold_no, gold_image = pages[0]
-        why = writer.add(gold_id, gold_doc, gold_no, gold_image)
+        why = None if no_page else writer.add(gold_id, gold_doc, gold_no, gold_image)
         if why is not None:
             problem("missing_image", f"response {rid}: page {gold_id}: {why}; skipped")
             continue
-        for pid, doc, no, image in pages[1:]:
+        for pid, doc, no, image in pages if no_page else pages[1:]:
             why = writer.add(pid, doc, no, image)
             if why is not None:
                 problem("missing_extra_page", f"response {rid}: page {pid}: {why}; left out of the corpus")
-        doc_numbers.setdefault(gold_doc, len(doc_numbers))
-        record = {
-            "questionId": f"fb-{rid}", "question": it.question, "question_types": ["feedback"],
-            "image": writer.written[gold_id]["image"], "docId": doc_numbers[gold_doc],
-            "ucsf_document_id": gold_doc, "ucsf_document_page_no": str(gold_no),
+        record = {"questionId": f"fb-{rid}", "question": it.question, "question_types": ["feedback"]}
+        if not no_page:
+            doc_numbers.setdefault(gold_doc, len(doc_numbers))
+            record.update({"image": writer.written[gold_id]["image"], "docId": doc_numbers[gold_doc],
+                           "ucsf_document_id": gold_doc, "ucsf_document_page_no": str(gold_no)})
+        else:
+            docs = {doc for pid, doc, _, _ in pages if pid in writer.written}
+            if not docs:
+                problem("missing_image", f"response {rid}: no cited page's image could be written; skipped")
+                continue
+            if len(docs) == 1:  # the question's document is known, its page is not
+                record["ucsf_document_id"] = docs.pop()
+        record.update({
             "answers": answers, "rejected_answers": rejected, "data_split": "train",
             "feedback": {"response_id": rid, "kind": it.kind, "rating": fb.rating, "comment": fb.comment,
                          "model": it.model, "weights_version": it.weights_version, "checkpoint": it.checkpoint,
-                         "answered_at": it.created_at.isoformat(), "rated_at": fb.updated_at.isoformat()},
-        }
+                         "answered_at": it.created_at.isoformat(), "rated_at": fb.updated_at.isoformat(),
+                         "gold_page": ("none: no cited page holds the answer" if no_page else
+                                       "the rater's" if labelled else "the first cited")},
+        })
         records["train" if answers else "negative"].append(record)
+        labels += [{"response_id": rid, "question": it.question, "page_id": pid, "holds_answer": pid == fb.answer_page}
+                   for pid, *_ in pages if labelled and pid in writer.written]
     pages_list = [dict(entry) for entry in writer.written.values()]
     for name, data in records.items():
         doc = {"dataset_name": DATASET_NAME, "dataset_version": "1.0", "dataset_split": "train",
                "data": data, "pages": pages_list}
         _write_json(out / f"{name}.json", doc)
-    summary.exported, summary.negative = len(records["train"]), len(records["negative"])
+    _write_json(out / "page_labels.json", {"pairs": labels})
+    summary.exported, summary.negative, summary.page_labels = len(records["train"]), len(records["negative"]), len(labels)
     summary.pages_written = len(writer.written)
     summary.skipped = dict(skipped)
     return summary

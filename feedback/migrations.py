@@ -79,9 +79,15 @@ def _v2_time_indexes(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_feedback_updated_at ON feedback (updated_at)"))
 
 
+def _v3_answer_page(conn: Connection) -> None:
+    # a rater's page label: which cited page holds the answer ('none': none does); NULL before v3
+    conn.execute(text("ALTER TABLE feedback ADD COLUMN answer_page TEXT"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "interactions, images and feedback tables", _v1_tables),
     Migration(2, "indexes on interactions.created_at and feedback.updated_at", _v2_time_indexes),
+    Migration(3, "feedback.answer_page, the rater's page label", _v3_answer_page),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -14,7 +14,7 @@ Tables:
   filesystem; bytes in the database are written in the same transaction as the interaction that
   cites them and travel with backups. Uploads are bounded by the endpoint's request limit.
 * ``feedback``: at most one row per response id (rating up | down, optional correction and
-  comment); a second rating is refused (409) or replaces the first, as `feedback.on_duplicate` says.
+  comment, and optionally which cited page holds the answer, or that none does); a second rating is refused (409) or replaces the first, as `feedback.on_duplicate` says.
 
 Every user text is bound as a parameter and stored as data; nothing is ever evaluated.
 """
@@ -43,8 +43,10 @@ from feedback.config import FeedbackConfig
 from feedback.migrations import SchemaError, upgrade
 
 RATINGS = ("up", "down")
+NO_PAGE = "none"  # answer_page: none of the cited pages holds the answer
 KINDS = ("docqa", "chat")
 MAX_RESPONSE_ID_CHARS = 128
+MAX_PAGE_ID_CHARS = 1000
 MAX_STORED_TEXT_CHARS = 65_536  # questions/answers longer than this are cut before storage
 
 
@@ -130,8 +132,10 @@ class FeedbackIn:
     rating: Literal["up", "down"]
     correction: str | None = None
     comment: str | None = None
+    # the rater's page label: the id of the cited page that holds the answer, or NO_PAGE
+    answer_page: str | None = None
 
-    FIELDS = ("response_id", "rating", "correction", "comment")
+    FIELDS = ("response_id", "rating", "correction", "comment", "answer_page")
 
     @classmethod
     def from_json(cls, body: Any) -> FeedbackIn:
@@ -149,7 +153,8 @@ class FeedbackIn:
             value = body.get(name)
             if value is not None and not isinstance(value, str):
                 raise FeedbackValidationError(f"{name} must be a string (got {type(value).__name__})")
-        return cls(body["response_id"], body["rating"], body.get("correction"), body.get("comment"))
+        return cls(body["response_id"], body["rating"], body.get("correction"), body.get("comment"),
+                   body.get("answer_page"))
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,7 @@ class FeedbackRecord:
     created_at: datetime
     updated_at: datetime
     replaced: bool = False
+    answer_page: str | None = None  # FeedbackIn.answer_page
 
 
 @dataclass(frozen=True)
@@ -273,7 +279,19 @@ def validate_feedback(fb: FeedbackIn, policy: FeedbackConfig) -> FeedbackIn:
         what = "an empty correction" if fb.correction is not None else "no correction"
         raise FeedbackValidationError(f"rating 'down' needs a correction (got {what}; "
                                       "feedback.require_correction_on_down is true)")
-    return FeedbackIn(rid, fb.rating, correction, comment)
+    answer_page = _check_text("answer_page", fb.answer_page, MAX_PAGE_ID_CHARS)
+    return FeedbackIn(rid, fb.rating, correction, comment, answer_page)
+
+
+def check_answer_page(answer_page: str | None, response_id: str, kind: str, page_ids: Sequence[str]) -> None:
+    """A page label names one of the pages the answer cited, or NO_PAGE; FeedbackValidationError otherwise."""
+    if answer_page is None:
+        return
+    if kind != "docqa" or not page_ids:
+        raise FeedbackValidationError(f"answer_page: response {response_id!r} cited no indexed page to label")
+    if answer_page != NO_PAGE and answer_page not in page_ids:
+        raise FeedbackValidationError(f"answer_page {answer_page!r} is not a page response {response_id!r} cited "
+                                      f"({', '.join(page_ids)}), nor {NO_PAGE!r}")
 
 
 def _clip(text: str, limit: int = MAX_STORED_TEXT_CHARS) -> str:
@@ -337,6 +355,7 @@ class FeedbackRow(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    answer_page: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (CheckConstraint("rating IN ('up', 'down')", name="ck_feedback_rating"),
                       Index("ix_feedback_updated_at", "updated_at"))
 
@@ -546,15 +565,16 @@ class FeedbackStore:
         DuplicateFeedbackError (409, when `on_duplicate` is 'refuse') or StorageError (503)."""
         fb = validate_feedback(fb, self.policy)
         with self._transaction(write=True) as conn:
-            known = conn.execute(select(INTERACTIONS.c.response_id)
+            known = conn.execute(select(INTERACTIONS.c.kind, INTERACTIONS.c.page_ids)
                                  .where(INTERACTIONS.c.response_id == fb.response_id)).first()
             if known is None:
                 raise UnknownResponseError(f"unknown response_id {fb.response_id!r}: no answer with this id was recorded")
+            check_answer_page(fb.answer_page, fb.response_id, known.kind, known.page_ids)
             earlier = conn.execute(select(FEEDBACK.c.created_at, FEEDBACK.c.rating)
                                    .where(FEEDBACK.c.response_id == fb.response_id)).first()
             now = utcnow()
             values = {"response_id": fb.response_id, "rating": fb.rating, "correction": fb.correction,
-                      "comment": fb.comment, "created_at": now, "updated_at": now}
+                      "comment": fb.comment, "answer_page": fb.answer_page, "created_at": now, "updated_at": now}
             stmt = _dialect_insert(conn)(FEEDBACK).values(**values)
             if self.policy.on_duplicate == "refuse":
                 # the conflict clause, not the read above, decides: two replicas may race here
@@ -569,15 +589,15 @@ class FeedbackStore:
             else:
                 conn.execute(stmt.on_conflict_do_update(
                     index_elements=["response_id"],
-                    set_={k: values[k] for k in ("rating", "correction", "comment", "updated_at")}))
+                    set_={k: values[k] for k in ("rating", "correction", "comment", "answer_page", "updated_at")}))
             created = earlier.created_at if earlier is not None else now
         return FeedbackRecord(fb.response_id, fb.rating, fb.correction, fb.comment, created, now,
-                              replaced=earlier is not None)
+                              replaced=earlier is not None, answer_page=fb.answer_page)
 
     def feedback(self, since: datetime | None = None, until: datetime | None = None) -> list[RatedInteraction]:
         """Rated answers whose feedback was given or last changed in [since, until), oldest first."""
         query = (select(INTERACTIONS, FEEDBACK.c.rating, FEEDBACK.c.correction, FEEDBACK.c.comment,
-                        FEEDBACK.c.created_at.label("rated_at"), FEEDBACK.c.updated_at)
+                        FEEDBACK.c.answer_page, FEEDBACK.c.created_at.label("rated_at"), FEEDBACK.c.updated_at)
                  .join(FEEDBACK, FEEDBACK.c.response_id == INTERACTIONS.c.response_id)
                  .order_by(FEEDBACK.c.updated_at, FEEDBACK.c.response_id))
         if since is not None:
@@ -587,7 +607,8 @@ class FeedbackStore:
         with self._transaction() as conn:
             rows = conn.execute(query).all()
         return [RatedInteraction(self._interaction(r), FeedbackRecord(
-            r.response_id, r.rating, r.correction, r.comment, r.rated_at, r.updated_at)) for r in rows]
+            r.response_id, r.rating, r.correction, r.comment, r.rated_at, r.updated_at, answer_page=r.answer_page))
+            for r in rows]
 
     @staticmethod
     def _ratings_query(*extra_columns):

@@ -38,9 +38,12 @@ class RetrieverLearnConfig(Section):
     # pages drawn per question (with replacement), each read by rollout.sampling.n answers: the
     # policy's group is one drawn page's answers, the retriever's the question's draws
     pages_per_question: int = Field(4, ge=2)
-    temperature: float = Field(0.05, gt=0.0)  # of the page distribution, in MaxSim units
+    # of the page distribution, in raw MaxSim units (a sum over the query's tokens, so pages differ
+    # by whole units): retriever/entropy should start well above 0, or one page takes every draw
+    # and nothing is learned (the tiny retriever: entropy 0.1 of ln 4 at 0.25, 1.3 at 4)
+    temperature: float = Field(1.0, gt=0.0)
     shortlist: int = Field(8, ge=2)  # scope corpus: the candidates are the corpus's best pages
-    learning_rate: float = Field(1e-3, gt=0.0)
+    learning_rate: float = Field(3e-3, gt=0.0)  # Adam; 1e-2 stalled the tiny retriever's adapter
     max_grad_norm: float = Field(1.0, gt=0.0)
     weight_cap: float = Field(2.0, ge=1.0)  # truncated importance weights of pages drawn by an older version
 

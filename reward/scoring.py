@@ -7,7 +7,8 @@ Components (each in [0, 1]):
 * ``containment``: partial credit len(gold)/len(answer) when a gold answer is inside the answer.
 * ``format``: 1 when the answer was found by the extraction mode, is non-empty and is at most
   `max_answer_chars` characters long.
-* ``retrieval``: hit@k or NDCG@k of the retrieved page ids against the sample's gold page
+* ``retrieval``: hit@k or NDCG@k of the retrieved page ids against the sample's gold page (0 for
+  a question without one)
   (`retriever.metrics`).
 * ``user``: a user function ``module:function`` called as ``fn(sample, response_text,
   retrieved_pages) -> float`` with the raw response text, run with a timeout.
@@ -189,6 +190,11 @@ def _text_components(answer: str, found: bool, golds: Sequence[str], config: Rew
 
 
 def _retrieval(req: ScoreRequest, config: RewardConfig) -> float:
+    if req.sample.gold_page is None:
+        # the same 0 for every answer of the question: no advantage moves (its draws of pages are
+        # credited by the answers alone), while questions with a gold page (a rater's label) add
+        # their labelled page as a positive
+        return 0.0
     pages = tuple(req.retrieved_pages)
     if config.retrieval_metric == "hit":
         return hit_at_k(pages, req.sample.gold_page, config.retrieval_k)

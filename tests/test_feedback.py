@@ -175,7 +175,7 @@ def test_old_schema_is_upgraded_and_matches_the_models(db_url):
                           "created_at) VALUES ('old', 'docqa', 'Q?', '[\"d/p1\"]', '[]', 'A', 'm', '2026-01-01 00:00:00')"))
     engine.dispose()
     store = open_store(db_url)
-    assert store.migrate() == [2] and store.migrate() == []
+    assert store.migrate() == [2, 3] and store.migrate() == []
     assert schema_version(store.engine) == LATEST
     assert store.get_interaction("old").page_ids == ("d/p1",)
     insp = inspect(store.engine)
@@ -460,3 +460,50 @@ def test_cli_export_and_stats(tmp_path, synthetic_corpus, capsys):
     assert main(["feedback", "stats", "--config", "configs/tiny.yaml",
                  f"feedback.database_url=sqlite:///{tmp_path / 'blocked' / 'x.db'}"]) == 2
     assert "docrl feedback: feedback database sqlite:///" in capsys.readouterr().err
+
+
+def test_raters_page_labels_are_checked_stored_and_exported_as_gold_pages_and_pairs(db_url, corpus_pages, tmp_path):
+    from feedback.store import NO_PAGE
+
+    store = open_store(db_url, on_duplicate="replace")
+    store.record_interactions([
+        qa("second", pages=("inv1/p1", "inv1/p2"), answer="$1,250.00"),
+        qa("nowhere", pages=("inv1/p1", "inv1/p2"), answer="$9.00", question="What is the tax?"),
+        qa("unlabelled", pages=("letter7/p3",), answer="Jane", question="Who signed?"),
+        qa("chat1", kind="chat", pages=(), images=(png(),)),
+    ])
+    for fb, message in [
+        (FeedbackIn("second", "up", answer_page="letter7/p3"),
+         "answer_page 'letter7/p3' is not a page response 'second' cited (inv1/p1, inv1/p2), nor 'none'"),
+        (FeedbackIn("chat1", "up", answer_page="upload/p1"), "answer_page: response 'chat1' cited no indexed page"),
+    ]:
+        with pytest.raises(FeedbackError) as err:
+            store.add_feedback(fb)
+        assert err.value.status == 422 and message in err.value.message
+    rec = store.add_feedback(FeedbackIn("second", "up", answer_page=" inv1/p2 "))
+    assert rec.answer_page == "inv1/p2"
+    store.add_feedback(FeedbackIn("nowhere", "down", correction="$19.00", answer_page=NO_PAGE))
+    store.add_feedback(FeedbackIn("unlabelled", "up"))
+    assert {r.interaction.response_id: r.feedback.answer_page for r in store.feedback()} == {
+        "second": "inv1/p2", "nowhere": NO_PAGE, "unlabelled": None}
+
+    out = tmp_path / "export"
+    summary = export_feedback(store, out, page_image=lambda pid: corpus_pages.get(pid))
+    assert (summary.exported, summary.page_labels, summary.skipped) == (3, 4, {})
+    train = load_docvqa_json(out / "train.json", on_bad="stop")
+    by_id = {s.question_id: s for s in train.samples}
+    # the rater's page is the gold page; "none": the document is known, its page is not; no label:
+    # the first cited page, as before
+    assert by_id["fb-second"].gold_page == "inv1/p2"
+    assert (by_id["fb-nowhere"].gold_page, by_id["fb-nowhere"].doc_id) == (None, "inv1")
+    assert by_id["fb-nowhere"].doc_pages == ("inv1/p1", "inv1/p2") and by_id["fb-nowhere"].answers == ("$19.00",)
+    assert by_id["fb-unlabelled"].gold_page == "letter7/p3"
+    raw = {r["questionId"]: r["feedback"]["gold_page"] for r in json.loads((out / "train.json").read_text())["data"]}
+    assert raw == {"fb-second": "the rater's", "fb-nowhere": "none: no cited page holds the answer",
+                   "fb-unlabelled": "the first cited"}
+    pairs = json.loads((out / "page_labels.json").read_text())["pairs"]
+    assert sorted((p["response_id"], p["page_id"], p["holds_answer"]) for p in pairs) == [
+        ("nowhere", "inv1/p1", False), ("nowhere", "inv1/p2", False),
+        ("second", "inv1/p1", False), ("second", "inv1/p2", True)]
+    assert {p["question"] for p in pairs if p["response_id"] == "nowhere"} == {"What is the tax?"}
+    store.close()

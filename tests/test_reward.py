@@ -399,6 +399,10 @@ def test_retrieval_component_uses_retriever_metrics():
     assert score_one(ScoreRequest(s, "x", pages), hit2).reward == 1.0
     assert score_one(ScoreRequest(s, "x", pages), ndcg).reward == pytest.approx(1 / 1.5849625007211563)
     assert score_one(ScoreRequest(s, "x", ()), hit2).reward == 0.0
+    # a question without a gold page (no rater's label): 0 whatever was read, for every answer alike
+    unlabelled = sample(gold_page=None)
+    assert {score_one(ScoreRequest(unlabelled, "x", read), cfg).reward
+            for read in (pages, ("d1/p2",), ()) for cfg in (hit1, ndcg)} == {0.0}
 
 
 def test_composite_is_the_weighted_sum_and_reports_every_component():

@@ -225,16 +225,18 @@ def test_questions_without_a_gold_page_or_document_are_refused_where_the_config_
          "retriever.use_gold_page=true hands the policy each question's gold page, but evaluation question q2 has none"),
         ([*rl, "retriever.scope=document"], [labelled, doc_less], [labelled],
          "retriever.scope=document searches each question's document, but training question q3 names none"),
-        ([*rl, "reward.components.retrieval=0.5"], [labelled, page_less], [labelled],
-         "reward.components.retrieval scores the pages read against the gold page, but training question q2 has none"),
+        ([*rl, "reward.components.retrieval=0.5"], [page_less], [labelled],
+         "reward.components.retrieval scores the pages read against the gold page, and no training question has one"),
         ([*rl[:-1], "trainer.warm_start.steps=5"], [page_less], [labelled],
          "trainer.warm_start.steps: the supervised warm start reads each question's gold page, and no training"),
     ]
     for overrides, train, evaluation, message in cases:
         with pytest.raises(DataError, match=re.escape(message)):
             check_questions_fit(load_config(None, overrides), train, evaluation)
-    # the warm start reads the questions that have a gold page; one is enough
-    check_questions_fit(load_config(None, [*rl[:-1], "trainer.warm_start.steps=5"]), [page_less, labelled], [labelled])
+    # the warm start reads the questions that have a gold page, and the retrieval reward scores
+    # them (0 for the others): one is enough
+    check_questions_fit(load_config(None, [*rl[:-1], "trainer.warm_start.steps=5", "reward.components.retrieval=0.5"]),
+                        [page_less, labelled], [labelled])
 
 
 def test_training_without_gold_pages_hides_them_from_training_questions_only(tmp_path):
