@@ -448,6 +448,14 @@ def test_ask_read_the_pages_rate_correct_and_export(browser, rater_app):
     _wait(browser, lambda d: "correction" in _text(d, "rate-status"), "the correction stored")
     status = _text(browser, "rate-status")
     assert status.startswith("Stored: ▼ down, correction “$1,520.00”, comment “right page” at ") and "(replaced" in status
+    # the page label: 2 marks cited page #2 as the one that holds the answer, 0 none of them
+    choices = browser.find_elements("css selector", 'input[name="answer-page"]')
+    assert [c.get_attribute("value") for c in choices] == ["", *page_ids, "none"] and choices[0].is_selected()
+    _keys(browser, "0")
+    assert choices[-1].is_selected()
+    _keys(browser, "2", "\n")
+    assert choices[2].is_selected()
+    _wait(browser, lambda d: f"the answer is on {page_ids[1]}" in _text(d, "rate-status"), "the page label stored")
     # the chart follows: this version's one answer, down, corrected (period, version, answers, up, down, rate, corrections)
     _wait(browser, lambda d: re.search(r"docrl w3 1 0 1 0% 1$", _text(d, "chart-rows"), re.M), "the chart updated")
     _main_view_screenshot(browser)
@@ -462,6 +470,12 @@ def test_ask_read_the_pages_rate_correct_and_export(browser, rater_app):
     train = json.loads((out / "train.json").read_text())
     [exported] = [q for q in train["data"] if q["questionId"] == f"fb-{rid}"]
     assert exported["answers"] == ["$1,520.00"] and exported["question"] == "What is the invoice total?"
+    # the rater's page is the gold page, and the label is a (question, page) pair
+    assert f"{exported['ucsf_document_id']}/p{exported['ucsf_document_page_no']}" == page_ids[1]
+    assert exported["feedback"]["gold_page"] == "the rater's"
+    pairs = json.loads((out / "page_labels.json").read_text())["pairs"]
+    assert sorted((p["page_id"], p["holds_answer"]) for p in pairs if p["response_id"] == rid) == sorted(
+        (pid, pid == page_ids[1]) for pid in page_ids)
 
 
 def _main_view_screenshot(driver) -> None:

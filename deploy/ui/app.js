@@ -303,11 +303,40 @@ function thumbnail(c) {
   return li;
 }
 
+// the rater's page label: which cited page holds the answer ("none": none of them); docqa only
+function answerPageChoice(value, text, checked) {
+  const label = document.createElement("label");
+  const input = document.createElement("input");
+  input.type = "radio";
+  input.name = "answer-page";
+  input.value = value;
+  input.checked = checked;
+  label.append(input, document.createTextNode(` ${text}`));
+  return label;
+}
+
+function showAnswerPageChoices(item) {
+  const cited = item.kind === "docqa" ? item.citations : [];
+  $("answer-page").hidden = cited.length === 0;
+  $("answer-page-choices").replaceChildren(
+    answerPageChoice("", "not marked", true),
+    ...cited.map((c) => answerPageChoice(c.page_id, citationLabel(c), false)),
+    answerPageChoice("none", "none of them", false));
+}
+
+function markAnswerPage(index) {  // 1-9: that cited page, 0: none of them
+  if (!state.current || $("answer-page").hidden) return;
+  const value = index === 0 ? "none" : state.current.citations[index - 1]?.page_id;
+  const input = [...document.querySelectorAll('input[name="answer-page"]')].find((i) => value && i.value === value);
+  if (input) input.checked = true;
+}
+
 function showAnswer(item) {
   state.current = item;
   state.rating = null;
   $("correction").value = "";
   $("comment").value = "";
+  showAnswerPageChoices(item);
   $("rate-status").textContent = "";
   showRating();
   $("shown-question").textContent = item.question;
@@ -376,6 +405,8 @@ async function submitRating(ev) {
   const comment = $("comment").value.trim();
   if (correction) body.correction = correction;
   if (comment) body.comment = comment;
+  const answerPage = document.querySelector('input[name="answer-page"]:checked')?.value;
+  if (answerPage) body.answer_page = answerPage;
   $("rate-submit").disabled = true;
   $("rate-status").textContent = "Storing…";
   try {
@@ -386,6 +417,7 @@ async function submitRating(ev) {
     const parts = [`Stored: ${rec.rating === "up" ? "▲ up" : "▼ down"}`];
     if (rec.correction) parts.push(`correction “${rec.correction}”`);
     if (rec.comment) parts.push(`comment “${rec.comment}”`);
+    if (rec.answer_page) parts.push(rec.answer_page === "none" ? "no cited page holds the answer" : `the answer is on ${rec.answer_page}`);
     $("rate-status").textContent = `${parts.join(", ")} at ${new Date(rec.updated_at).toLocaleTimeString()}`
       + (rec.replaced ? " (replaced the earlier rating)" : "") + ". Press n for the next unrated answer.";
     $("answer-title").focus();
@@ -617,6 +649,7 @@ function onKey(ev) {
     c: () => { if (state.current) $("correction").focus(); },
     m: () => { if (state.current) $("comment").focus(); },
     n: () => nextUnrated(),
+    ...Object.fromEntries([...Array(10).keys()].map((i) => [String(i), () => markAnswerPage(i)])),
     "/": () => $("question").focus(),
     Enter: onControl ? null : () => submitRating(),
   };
