@@ -106,7 +106,7 @@ def training_summary(rows: Sequence[Mapping]) -> dict:
         out["anls_warm_start_gain"] = warm["eval_anls_after"] - warm["eval_anls_before"]
     if evals:
         first, last = evals[0], evals[-1]
-        # the retriever is not trained by RL: its recall before and after says what RL was shown
+        # recall before and after: what RL was shown, and with retriever.learn what RL taught the retriever
         for key in sorted(k for k in first if k.startswith("eval/retrieval_recall@")):
             if last.get(key) is not None:
                 name = key.split("/", 1)[1]
@@ -132,6 +132,9 @@ REPORT_PANELS = (
     ("train reward (mean over answers)", ("reward/mean",)),
     (ANSWERS_PANEL, ("eval/anls", "eval/exact_match")),
     (RETRIEVAL_PANEL, ("eval/retrieval_recall@",)),
+    # retriever.learn: how spread its page distribution is (ln of the candidates: uniform) and
+    # the page-policy loss; held-out recall above says whether it learned the right pages
+    ("the retriever's page policy (retriever.learn)", ("retriever/entropy", "retriever/loss")),
     ("KL(policy || reference) per token", ("learner/kl_to_ref",)),
     ("entropy per token", ("learner/entropy", "learner/entropy_estimate")),
     ("rollout vs learner logprob gap", ("learner/logprob_mismatch_mean", "learner/logprob_mismatch_max")),

@@ -153,13 +153,15 @@ def test_the_report_shows_the_headline_panels_that_a_run_logged():
     from cluster.metrics import _headline, report_panels
 
     logged = ["reward/mean", "eval/anls", "eval/exact_match", "eval/retrieval_recall@1", "eval/retrieval_recall@3",
-              "learner/kl_to_ref", "learner/entropy_estimate", "learner/logprob_mismatch_mean", "time/step_s"]
+              "learner/kl_to_ref", "learner/entropy_estimate", "learner/logprob_mismatch_mean", "time/step_s",
+              "retriever/entropy", "retriever/loss", "retriever/version"]
     panels = dict(report_panels(logged))
     assert list(panels) == ["train reward (mean over answers)", "held-out answers (greedy)", "held-out retrieval",
-                            "KL(policy || reference) per token", "entropy per token", "rollout vs learner logprob gap"]
+                            "the retriever's page policy (retriever.learn)", "KL(policy || reference) per token", "entropy per token", "rollout vs learner logprob gap"]
     assert panels["held-out answers (greedy)"] == ("eval/anls", "eval/exact_match")
     assert panels["held-out retrieval"] == ("eval/retrieval_recall@1", "eval/retrieval_recall@3")
     assert panels["entropy per token"] == ("learner/entropy_estimate",)
+    assert panels["the retriever's page policy (retriever.learn)"] == ("retriever/entropy", "retriever/loss")
     # a run without retrieval or a reference gets no empty panel for them
     assert [t for t, _ in report_panels(["reward/mean", "eval/anls"])] == ["train reward (mean over answers)",
                                                                           "held-out answers (greedy)"]
