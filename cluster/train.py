@@ -637,7 +637,7 @@ class Trainer:
         advantages = group_advantages(rewards, [flat[i][0] for i in entries], kind=kind,
                                       scale_by_std=self.cfg.algorithm.scale_by_std)
         return PageUpdateBatch.from_draws([scored.questions[i].question for i in entries], [flat[i][1] for i in entries],
-                                          advantages.tolist())
+                                          advantages.tolist(), rewards.tolist())
 
     def next_questions(self, step: int) -> list[DocVQASample]:
         """Step `step`'s questions. The sampler state before them is kept: a checkpoint of step

@@ -114,7 +114,9 @@ class RetrieverActor:
         from retriever.page_policy import AdapterLearner
 
         learn = self.cfg.learn
-        return AdapterLearner(dim, learn.learning_rate, learn.temperature, learn.weight_cap, learn.max_grad_norm)
+        return AdapterLearner(dim, learn.learning_rate, learn.temperature, learn.weight_cap, learn.max_grad_norm,
+                              loss=learn.loss, contrastive_temperature=learn.contrastive_temperature,
+                              reward_temperature=learn.reward_temperature)
 
     def page_vectors(self, page_ids: list[str]) -> dict:
         """The vectors of those of `page_ids` this shard holds (the others are another shard's)."""

@@ -17,7 +17,22 @@ so that on the scores of one question, sample i adds to d loss / d s_j
 
     -(A_i / (N * T)) * (1[j == a_i] - pi_j)
 
-(tests/test_page_policy.py checks both against a hand computation on three pages). A candidate
+(tests/test_page_policy.py checks both against a hand computation on three pages).
+
+The default update is instead a reward-weighted contrastive loss (`reward_weighted_loss`, in the
+manner of REPLUG's retriever training): for each question, the distinct pages it drew, each with
+the mean reward r_d of its answers, give a target distribution q_d = softmax(r_d / tau_r) over
+them, and the retriever's distribution at a sharper temperature T_c is pulled towards it:
+
+    loss_question = -sum_{d drawn} q_d * log softmax(s / T_c)_d        (over all its candidates)
+    d loss_question / d s_j = (softmax(s / T_c)_j - q_j) / T_c          (q_j = 0 if j was not drawn)
+
+A question whose draws all earned the same reward (or drew one page) says nothing and is left out.
+Measured offline on the tiny retriever's sections pages (benchmarks/RESULTS.md), it learns from a
+reward that marks the gold page in half the questions REINFORCE needs: T_c sharp (0.25) gives the
+scores a large gradient, while the draws stay spread (T) so that every page gets read. It is not a
+policy gradient, so no importance weights apply to draws of an older version: their rewards are
+targets whichever version drew them. A candidate
 that is not there (padding of a batch of questions with fewer pages) has score -inf: probability 0,
 never sampled, no gradient.
 
@@ -84,6 +99,33 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor,
             raise ValueError(f"importance_weights {tuple(importance_weights.shape)} must be [N] like the logprobs")
         weighted = weighted * importance_weights.detach().to(logprobs.dtype)
     return -(weighted * logprobs).mean()
+
+
+def reward_weighted_loss(scores: list[torch.Tensor], drawn: list[list[int]], rewards: list[list[float]],
+                         temperature: float, reward_temperature: float) -> tuple[torch.Tensor, int]:
+    """The reward-weighted contrastive loss (module docstring) over questions: `scores[g]` [P_g] the
+    candidates' scores of question g (differentiable), `drawn[g]` the candidate index of each of its
+    draws and `rewards[g]` each draw's reward. Returns (mean loss over the questions that say
+    something, how many did); the loss is 0 (with a graph) when none did."""
+    _check_temperature(temperature)
+    _check_temperature(reward_temperature)
+    losses = []
+    for question_scores, chosen, earned in zip(scores, drawn, rewards, strict=True):
+        if len(chosen) != len(earned):
+            raise ValueError(f"{len(chosen)} draws and {len(earned)} rewards for one question")
+        by_page: dict[int, list[float]] = {}
+        for c, r in zip(chosen, earned):
+            by_page.setdefault(c, []).append(r)
+        pages = sorted(by_page)
+        mean_reward = torch.tensor([sum(by_page[c]) / len(by_page[c]) for c in pages])
+        if len(pages) < 2 or float(mean_reward.max() - mean_reward.min()) == 0.0:
+            continue
+        target = torch.softmax(mean_reward / reward_temperature, dim=0)
+        logprobs = page_logprobs(question_scores, temperature)[pages]
+        losses.append(-(target.to(logprobs.dtype) * logprobs).sum())
+    if not losses:
+        return sum(s.sum() * 0.0 for s in scores), 0
+    return torch.stack(losses).mean(), len(losses)
 
 
 def truncated_page_weights(logprobs: torch.Tensor, sampled_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
@@ -168,15 +210,24 @@ class PageUpdateBatch:
     sampled_logprobs: list[float]  # log pi of the draw under the retriever that drew it
     sampled_versions: list[int]
     advantages: list[float]
+    rewards: list[float]  # the draw's own reward (its answers' mean), before the baseline
 
     @classmethod
-    def from_draws(cls, queries: list[str], draws: list[PageDraw], advantages: list[float]) -> PageUpdateBatch:
+    def from_draws(cls, queries: list[str], draws: list[PageDraw], advantages: list[float],
+                   rewards: list[float]) -> PageUpdateBatch:
         return cls(queries, [d.candidates for d in draws], [d.chosen for d in draws], [d.logprob for d in draws],
-                   [d.version for d in draws], advantages)
+                   [d.version for d in draws], advantages, rewards)
+
+    def question_groups(self) -> list[list[int]]:
+        """The entries of each question, in first-seen order (a question: its text and candidates)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(zip(self.queries, self.candidates)):
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
 
     def __post_init__(self) -> None:
         n = len(self.queries)
-        for name in ("candidates", "chosen", "sampled_logprobs", "sampled_versions", "advantages"):
+        for name in ("candidates", "chosen", "sampled_logprobs", "sampled_versions", "advantages", "rewards"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"PageUpdateBatch.{name} has {len(getattr(self, name))} entries for {n} queries")
         for i, (cands, c) in enumerate(zip(self.candidates, self.chosen)):
@@ -194,11 +245,15 @@ class AdapterLearner:
     weights."""
 
     def __init__(self, dim: int, learning_rate: float, temperature: float, weight_cap: float = 2.0,
-                 max_grad_norm: float = 1.0, version: int = 0):
+                 max_grad_norm: float = 1.0, version: int = 0, loss: str = "reward_weighted",
+                 contrastive_temperature: float = 0.25, reward_temperature: float = 0.1):
         _check_temperature(temperature)
+        if loss not in ("reward_weighted", "reinforce"):
+            raise ValueError(f"retriever loss must be 'reward_weighted' or 'reinforce', got {loss!r}")
         self.adapter = QueryAdapter(dim)
         self.optimizer = torch.optim.Adam(self.adapter.parameters(), lr=learning_rate)
         self.temperature, self.weight_cap, self.max_grad_norm = temperature, weight_cap, max_grad_norm
+        self.loss, self.contrastive_temperature, self.reward_temperature = loss, contrastive_temperature, reward_temperature
         self.version = version
 
     def scores(self, query: torch.Tensor, pages: list[torch.Tensor]) -> torch.Tensor:
@@ -211,16 +266,25 @@ class AdapterLearner:
         if len(query_vectors) != len(batch.queries) or len(candidate_vectors) != len(batch.queries):
             raise ValueError(f"{len(query_vectors)} query and {len(candidate_vectors)} candidate vector lists "
                              f"for {len(batch.queries)} entries")
-        logprobs, entropies = [], []
+        logprobs, entropies, scores = [], [], []
         for query, pages, chosen in zip(query_vectors, candidate_vectors, batch.chosen):
-            lp = page_logprobs(self.scores(query, pages), self.temperature)
+            scores.append(self.scores(query, pages))
+            lp = page_logprobs(scores[-1], self.temperature)
             logprobs.append(lp[chosen])
             entropies.append(-(lp.exp() * lp).sum().detach())
         logprobs_t = torch.stack(logprobs)
         sampled = torch.tensor(batch.sampled_logprobs, dtype=logprobs_t.dtype)
         current = torch.tensor([v == self.version for v in batch.sampled_versions])
-        weights = torch.where(current, torch.ones_like(sampled), truncated_page_weights(logprobs_t, sampled, self.weight_cap))
-        loss = reinforce_loss(logprobs_t, torch.tensor(batch.advantages), weights)
+        used = len(batch.queries)
+        if self.loss == "reinforce":
+            weights = torch.where(current, torch.ones_like(sampled),
+                                  truncated_page_weights(logprobs_t, sampled, self.weight_cap))
+            loss = reinforce_loss(logprobs_t, torch.tensor(batch.advantages), weights)
+        else:  # a question's entries share its candidates: its scores are any one entry's
+            groups = batch.question_groups()
+            loss, used = reward_weighted_loss([scores[g[0]] for g in groups], [[batch.chosen[i] for i in g] for g in groups],
+                                              [[batch.rewards[i] for i in g] for g in groups],
+                                              self.contrastive_temperature, self.reward_temperature)
         self.optimizer.zero_grad()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.max_grad_norm)
@@ -231,6 +295,8 @@ class AdapterLearner:
                 "retriever/entropy": float(torch.stack(entropies).mean()),
                 "retriever/logprob_mismatch_max": float(mismatch[current].max()) if current.any() else 0.0,
                 "retriever/off_policy_fraction": float((~current).float().mean()),
+                # reward_weighted: questions whose draws earned different rewards; reinforce: every draw
+                "retriever/examples_used": float(used),
                 "retriever/version": float(self.version)}
 
     def state(self) -> dict:

@@ -16,6 +16,7 @@ from retriever.page_policy import (
     draw_pages,
     page_logprobs,
     reinforce_loss,
+    reward_weighted_loss,
     sample_pages,
     truncated_page_weights,
 )
@@ -141,9 +142,10 @@ def test_draws_name_their_pages_with_logprob_and_version():
 
 def test_an_update_batch_names_the_entry_whose_draw_is_not_a_candidate():
     with pytest.raises(ValueError, match=r"entry 1 \('Which page\?'\): chosen page 2 is not one of its 2 candidates"):
-        PageUpdateBatch(["Total?", "Which page?"], [("a", "b"), ("a", "b")], [0, 2], [0.0, 0.0], [0, 0], [1.0, -1.0])
+        PageUpdateBatch(["Total?", "Which page?"], [("a", "b"), ("a", "b")], [0, 2], [0.0, 0.0], [0, 0], [1.0, -1.0],
+                        [1.0, 0.0])
     with pytest.raises(ValueError, match="advantages has 1 entries for 2 queries"):
-        PageUpdateBatch(["Total?", "Which page?"], [("a",), ("a",)], [0, 0], [0.0, 0.0], [0, 0], [1.0])
+        PageUpdateBatch(["Total?", "Which page?"], [("a",), ("a",)], [0, 0], [0.0, 0.0], [0, 0], [1.0], [1.0, 0.0])
 
 
 def _toy(seed: int = 0):
@@ -162,13 +164,14 @@ def _step(learner: AdapterLearner, query, pages, generator, right: int):
     rewards = torch.tensor([float(c == right) for c in chosen])
     advantages = group_advantages(rewards, [0] * 8, scale_by_std=False)
     batch = PageUpdateBatch(["q"] * 8, [("p0", "p1", "p2")] * 8, chosen, [d.logprob for d in draws],
-                            [d.version for d in draws], advantages.tolist())
+                            [d.version for d in draws], advantages.tolist(), rewards.tolist())
     return batch, learner.update(batch, [query] * 8, [pages] * 8)
 
 
-def test_the_adapter_learner_is_on_policy_in_sync_mode_and_learns_from_reward_alone():
+@pytest.mark.parametrize("loss", ["reward_weighted", "reinforce"])
+def test_the_adapter_learner_is_on_policy_in_sync_mode_and_learns_from_reward_alone(loss):
     query, pages = _toy()
-    learner = AdapterLearner(8, learning_rate=0.05, temperature=T)
+    learner = AdapterLearner(8, learning_rate=0.05, temperature=T, loss=loss)
     before = page_logprobs(learner.scores(query, pages), T).exp().detach()
     right = int(before.argmin())
     generator = torch.Generator().manual_seed(1)
@@ -185,10 +188,10 @@ def test_the_first_update_is_the_hand_written_reinforce_step():
     """Adam's first step moves each weight by -lr * sign(grad) (to its eps): the update equals one
     computed here from the loss written out, with no clipping at a large max_grad_norm."""
     query, pages = _toy(2)
-    learner = AdapterLearner(8, learning_rate=0.01, temperature=T, max_grad_norm=1e9)
+    learner = AdapterLearner(8, learning_rate=0.01, temperature=T, max_grad_norm=1e9, loss="reinforce")
     batch = PageUpdateBatch(["q"] * 4, [("p0", "p1", "p2")] * 4, [0, 1, 1, 2],
                             page_logprobs(learner.scores(query, pages), T).detach()[[0, 1, 1, 2]].tolist(),
-                            [0] * 4, [0.625, -0.375, 0.125, -0.375])
+                            [0] * 4, [0.625, -0.375, 0.125, -0.375], [1.0, 0.0, 0.5, 0.0])
     weight = torch.zeros(8, 8, requires_grad=True)
     adapted = torch.nn.functional.normalize(query + query @ weight, dim=-1)
     scores = torch.stack([(adapted @ p.T).amax(dim=1).sum() for p in pages])
@@ -203,14 +206,14 @@ def test_the_first_update_is_the_hand_written_reinforce_step():
 
 def test_pages_drawn_by_an_older_version_are_weighted_and_resume_is_exact():
     query, pages = _toy(3)
-    learner = AdapterLearner(8, learning_rate=0.05, temperature=T)
+    learner = AdapterLearner(8, learning_rate=0.05, temperature=T, loss="reinforce")
     generator = torch.Generator().manual_seed(4)
     stale, _ = _step(learner, query, pages, generator, right=0)  # drawn by version 0, learner now at 1
     metrics = learner.update(stale, [query] * 8, [pages] * 8)
     assert metrics["retriever/off_policy_fraction"] == 1.0 and metrics["retriever/logprob_mismatch_max"] == 0.0
 
     saved = learner.state()
-    twin = AdapterLearner(8, learning_rate=0.05, temperature=T)
+    twin = AdapterLearner(8, learning_rate=0.05, temperature=T, loss="reinforce")
     twin.load(saved)
     gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     _, m_a = _step(learner, query, pages, gen_a, right=0)
@@ -227,3 +230,46 @@ def test_the_learner_takes_vectors_made_in_inference_mode():
     learner = AdapterLearner(8, learning_rate=0.05, temperature=T)
     _, metrics = _step(learner, query, pages, torch.Generator().manual_seed(0), right=1)
     assert metrics["retriever/version"] == 1
+
+
+def test_the_reward_weighted_loss_and_its_gradient_by_hand_on_three_pages():
+    """Draws of pages 0, 1, 1, 2 earning 1.0, 0.0, 0.4, 0.5: page means 1.0, 0.2, 0.5; target
+    q = softmax(means / 0.1); loss = -sum_d q_d log softmax(s / 0.25)_d; gradient (pi - q) / 0.25."""
+    s = [0.3, -0.2, 0.1]
+    scores = torch.tensor(s, requires_grad=True)
+    loss, used = reward_weighted_loss([scores], [[0, 1, 1, 2]], [[1.0, 0.0, 0.4, 0.5]], 0.25, 0.1)
+    e = [math.exp(m / 0.1) for m in (1.0, 0.2, 0.5)]
+    q = [x / sum(e) for x in e]
+    z = sum(math.exp(x / 0.25) for x in s)
+    pi = [math.exp(x / 0.25) / z for x in s]
+    assert used == 1 and loss.item() == pytest.approx(-sum(qd * math.log(p) for qd, p in zip(q, pi)), rel=1e-6)
+    loss.backward()
+    assert scores.grad.tolist() == pytest.approx([(p - qd) / 0.25 for p, qd in zip(pi, q)], rel=1e-5)
+    # a page not drawn has no target: its gradient is pi / T_c, pushing it down
+    scores = torch.tensor(s, requires_grad=True)
+    loss, _ = reward_weighted_loss([scores], [[0, 0, 2]], [[1.0, 0.0, 0.0]], 0.25, 0.1)
+    loss.backward()
+    assert scores.grad[1].item() == pytest.approx(pi[1] / 0.25, rel=1e-5)
+    # questions that say nothing are left out: one page drawn, or every draw earned the same
+    quiet = [torch.tensor(s, requires_grad=True) for _ in range(2)]
+    loss, used = reward_weighted_loss(quiet, [[1, 1], [0, 2]], [[1.0, 0.0], [0.5, 0.5]], 0.25, 0.1)
+    assert used == 0 and loss.item() == 0.0
+
+
+def test_the_learner_updates_by_the_reward_weighted_loss_of_each_question():
+    """Two questions in one batch (entries interleaved): the learner's loss is the mean of the
+    two questions' losses on the adapter's scores, written out here."""
+    query, pages = _toy(6)
+    other_query, _ = _toy(7)
+    learner = AdapterLearner(8, learning_rate=0.01, temperature=T, max_grad_norm=1e9,
+                             contrastive_temperature=0.25, reward_temperature=0.1)
+    cands = ("p0", "p1", "p2")
+    batch = PageUpdateBatch(["a", "b", "a", "b", "a"], [cands] * 5, [0, 2, 1, 1, 1], [0.0] * 5, [0] * 5, [0.0] * 5,
+                            [1.0, 0.5, 0.0, 0.0, 0.5])
+    with torch.no_grad():
+        s_a, s_b = learner.scores(query, pages), learner.scores(other_query, pages)
+    expected, used = reward_weighted_loss([s_a, s_b], [[0, 1, 1], [2, 1]], [[1.0, 0.0, 0.5], [0.5, 0.0]], 0.25, 0.1)
+    metrics = learner.update(batch, [query, other_query, query, other_query, query], [pages] * 5)
+    assert used == 2 and metrics["retriever/examples_used"] == 2
+    assert metrics["retriever/loss"] == pytest.approx(expected.item(), abs=1e-6)
+    assert torch.count_nonzero(learner.adapter.weight) > 0

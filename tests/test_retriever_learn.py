@@ -17,7 +17,7 @@ def _draw_batch(group, samples, generator):
     from retriever.page_policy import PageUpdateBatch, draw_pages
 
     scored = group.search([s.question for s in samples], k=10_000, candidates=[s.doc_pages for s in samples])
-    queries, candidates, chosen, logprobs, versions, advantages = [], [], [], [], [], []
+    queries, candidates, chosen, logprobs, versions, advantages, earned = [], [], [], [], [], [], []
     for sample, hits in zip(samples, scored):
         ids = tuple(pid for pid, _ in hits)
         draws = draw_pages(hits, 4, TEMPERATURE, group.adapter_version, generator)
@@ -30,7 +30,8 @@ def _draw_batch(group, samples, generator):
             logprobs.append(d.logprob)
             versions.append(d.version)
             advantages.append(r - mean)
-    return scored, PageUpdateBatch(queries, candidates, chosen, logprobs, versions, advantages)
+            earned.append(r)
+    return scored, PageUpdateBatch(queries, candidates, chosen, logprobs, versions, advantages, earned)
 
 
 def _scores(hits):

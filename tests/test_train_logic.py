@@ -181,6 +181,7 @@ def test_drawn_pages_are_credited_with_their_answers_mean_reward_against_their_q
     assert batch.candidates == [pages] * 3 and batch.chosen == [0, 1, 2]
     assert batch.sampled_logprobs == [-0.5, -1.5, -2.5] and batch.sampled_versions == [3, 3, 3]
     assert batch.advantages == pytest.approx([1.0, 0.0, -1.0], abs=1e-5)
+    assert batch.rewards == pytest.approx([1.0, 0.5, 0.0])  # the reward-weighted loss's targets
     # nothing left to credit: no batch
     scored.skipped.update({1: "x", 2: "y"})
     assert Trainer(cfg).credit_pages(draws, scored) is None
