@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--loss", choices=["reward_weighted", "reinforce", "supervised"], default="reward_weighted")
     parser.add_argument("--temperature", type=float, default=4.0, help="of the draws (supervised: of its softmax)")
     parser.add_argument("--contrastive-temperature", type=float, default=0.25)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--questions-per-step", type=int, default=16)
