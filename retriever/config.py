@@ -52,7 +52,7 @@ class RetrieverLearnConfig(Section):
     contrastive_temperature: float = Field(0.25, gt=0.0)
     reward_temperature: float = Field(0.1, gt=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
-    weight_cap: float = Field(2.0, ge=1.0)  # truncated importance weights of pages drawn by an older version
+    weight_cap: float = Field(2.0, ge=1.0)  # reinforce: truncated importance weights of pages drawn by an older version
 
 
 class RetrieverConfig(Section):
