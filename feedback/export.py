@@ -16,7 +16,7 @@ Rules, per rated answer:
   by adding it to `data.extra_sources`.
 
 A docqa answer's gold page is the cited page its rater marked as holding the answer; without a
-mark, the first page it cited (the retriever's best: `feedback.gold_page` says which rule gave
+mark, the first page it cited (the retriever's best: the record's "feedback" object says which rule gave
 it). Marked "none" (no cited page holds the answer), the question has no gold page: its document
 is the cited pages' document where they share one, else none (docvqa/loaders.py reads both). The
 other cited pages join the corpus. A chat answer's pages are its uploaded images from the store,

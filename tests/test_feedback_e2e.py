@@ -35,7 +35,8 @@ BACKENDS = ("sqlite", "postgresql")
 RULES = {"sqlite": {"on_duplicate": "replace", "require_correction_on_down": False},
          "postgresql": {"on_duplicate": "refuse", "require_correction_on_down": True}}
 MAX_CORRECTION, MAX_COMMENT = 200, 300
-BODY_LIMIT = 12 * (MAX_CORRECTION + MAX_COMMENT + 128) + 4096  # deploy.feedback_api.feedback_body_limit
+# deploy.feedback_api.feedback_body_limit: the texts, the response id (128) and a page label (1000)
+BODY_LIMIT = 12 * (MAX_CORRECTION + MAX_COMMENT + 128 + 1000) + 4096
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +188,8 @@ def test_answers_are_rated_and_exported_as_training_data(app, feedback_apps):
     assert r.status_code == 200, r.text
     assert r.json() | {"created_at": None, "updated_at": None} == {
         "object": "feedback", "response_id": a["id"], "rating": "up", "correction": None,
-        "comment": "right page, right total", "created_at": None, "updated_at": None, "replaced": False}
+        "comment": "right page, right total", "answer_page": None, "created_at": None, "updated_at": None,
+        "replaced": False}
     fb = client.post("/feedback", cast_to=object, body={"response_id": c.id, "rating": "down", "correction": "March 3, 2026"})
     assert fb["rating"] == "down" and fb["correction"] == "March 3, 2026" and fb["replaced"] is False
     assert _rate(app, d_id, "up").status_code == 200

@@ -280,7 +280,7 @@ def test_feedback_errors_keep_their_status_in_the_openai_error_shape():
         err = feedback_api_error(exc)
         assert err.status == status and err.body()["error"]["code"] == code and err.body()["error"]["message"] == exc.message
     cfg = FeedbackConfig(max_correction_chars=100, max_comment_chars=100)
-    assert feedback_body_limit(cfg, 8 * 1024 * 1024) == 12 * (100 + 100 + 128) + 4096
+    assert feedback_body_limit(cfg, 8 * 1024 * 1024) == 12 * (100 + 100 + 128 + 1000) + 4096
     assert feedback_body_limit(FeedbackConfig(max_correction_chars=10**6), 65536) == 65536
 
 
