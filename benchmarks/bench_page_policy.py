@@ -34,6 +34,7 @@ def main() -> None:
     from cluster.config import load_config
     from docvqa.data import load_train_eval
     from docvqa.tiny_models import resolve_model
+    from learner.ppo import group_advantages
     from retriever.encoder import PageEncoder
     from retriever.page_policy import AdapterLearner, PageUpdateBatch, draw_pages, page_logprobs
 
@@ -96,12 +97,9 @@ def main() -> None:
                     entries["q"].append(q)
                     entries["draw"].append(d)
                     entries["reward"].append(sum(rng.random() < right for _ in range(args.answers)) / args.answers)
-            # the question's other draws as the baseline (group_advantages' grpo without the std)
-            by_question: dict[str, list[float]] = {}
-            for q, r in zip(entries["q"], entries["reward"]):
-                by_question.setdefault(q.question_id, []).append(r)
-            advantages = [r - sum(by_question[q.question_id]) / len(by_question[q.question_id])
-                          for q, r in zip(entries["q"], entries["reward"])]
+            # the question's other draws as the baseline, as the driver's credit_pages computes it
+            advantages = group_advantages(torch.tensor(entries["reward"]), [i // args.draws for i in range(len(entries["q"]))],
+                                          scale_by_std=False).tolist()
             batch = PageUpdateBatch.from_draws([q.question for q in entries["q"]], entries["draw"], advantages,
                                                entries["reward"])
             learner.update(batch, [query_vectors[q.question_id] for q in entries["q"]],

@@ -31,11 +31,9 @@ A question whose draws all earned the same reward (or drew one page) says nothin
 Measured offline on the tiny retriever's sections pages (benchmarks/bench_page_policy.py, three
 seeds, 300 steps of 16 questions, a reward marking the gold page, learning rate 1e-3), it took
 held-out recall@1 from 0.225 to 0.86 / 0.70 / 0.88 where REINFORCE reached 0.35 / 0.45 / 0.38:
-T_c sharp (0.25) gives the scores a large gradient, while the draws stay
-spread (T) so that every page gets read. It is not a
-policy gradient, so no importance weights apply to draws of an older version: their rewards are
-targets whichever version drew them. A candidate
-that is not there (padding of a batch of questions with fewer pages) has score -inf: probability 0,
+T_c sharp (0.25) gives the scores a large gradient, while the draws stay spread (T) so that every
+page gets read. It is not a policy gradient, so no importance weights apply to draws of an older
+version: their rewards are targets whichever version drew them. A candidate that is not there (padding of a batch of questions with fewer pages) has score -inf: probability 0,
 never sampled, no gradient.
 
 What learns is a query-side adapter (`QueryAdapter`): a residual linear map on the retriever's
